@@ -1,0 +1,195 @@
+"""From a model and a corpus to activations: configuration, the forward pass and exclusions.
+
+:class:`ActivationHarvester` is the one place where a batch of contexts becomes kept activations;
+the on-disk harvest (:mod:`saeguard.activations.harvest`) and the cache-free streaming source
+(:class:`ModelActivationSource`) both go through it, so they apply identical rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from saeguard.activations.exclusion import ExclusionRules, median_norms
+from saeguard.configs import config_to_dict
+from saeguard.data import iter_contexts, load_corpus, packing_spec, select_split
+from saeguard.data.tokenize import PackingSpec
+from saeguard.errors import ConfigError
+from saeguard.models import HookPoint, LoadedModel, load_model, run_to_hooks
+
+log = logging.getLogger(__name__)
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(kw_only=True)
+class ActivationSourceConfig:
+    """Where activations come from: model, hook points, corpus and exclusion rules."""
+
+    model: str = "smollm2-135m"
+    """Model: an embedded name (smollm2-135m, gemma3-270m), a Hugging Face id or a local directory."""
+    hooks: list[str] = field(default_factory=lambda: ["resid_post.15"])
+    """Hook points to read, e.g. resid_post.15 (repeat the flag or separate with commas)."""
+    corpus: str = "wiki-en"
+    """Corpus: a registered name (see `saeguard corpora`), a .txt/.jsonl/.csv file or hf:DATASET."""
+    split: Literal["train", "validation", "test", "all"] = "train"
+    """Document split to read; splits are fixed by a seeded hash of each document's text."""
+    split_seed: int = 0
+    """Seed of the document-hash split (change it only to study split variance)."""
+    seed: int = 0
+    """Seed of the document order before packing."""
+    ctx_len: int = 128
+    """Tokens per packed context, start token included."""
+    prepend_bos: bool = True
+    """Start every context with the BOS (or separator) token, as in pre-training."""
+    batch_size: int = 32
+    """Contexts per forward pass."""
+    dtype: DType = "float32"
+    """Dtype of the model forward pass (bfloat16 is faster on recent CPUs and GPUs)."""
+    device: str = "cpu"
+    """Torch device of the model forward pass."""
+    exclude_special: bool = True
+    """Drop activations at special tokens (BOS, separators, pad, chat markers)."""
+    outlier_multiple: float = 10.0
+    """Drop activations whose norm exceeds this multiple of the median norm (0 disables)."""
+    calibration_contexts: int = 64
+    """Contexts (the first of the stream) used to measure the median norm."""
+    repeat: bool = True
+    """When the split runs out, start another pass in a new order instead of stopping."""
+    threads: int = 0
+    """CPU threads for torch (0 keeps torch's default)."""
+
+    def __post_init__(self) -> None:
+        if not self.hooks:
+            raise ConfigError("at least one hook point is needed (--hook resid_post.15)")
+        if self.ctx_len < 2:
+            raise ConfigError(f"--ctx-len must be at least 2, got {self.ctx_len}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.outlier_multiple != 0 and self.outlier_multiple <= 1:
+            raise ConfigError(
+                f"--outlier-multiple must be 0 (off) or above 1, got {self.outlier_multiple}: "
+                "a threshold at or below the median norm would drop most activations"
+            )
+        if self.calibration_contexts < 1:
+            raise ConfigError("--calibration-contexts must be at least 1")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise ConfigError(f"hook points are repeated: {self.hooks}")
+
+
+class ActivationHarvester:
+    """Runs a model up to its deepest requested hook and applies the exclusion rules."""
+
+    def __init__(self, loaded: LoadedModel, hooks: list[str], rules: ExclusionRules) -> None:
+        self.loaded = loaded
+        self.points: list[HookPoint] = [loaded.hook_point(h) for h in hooks]
+        self.rules = rules
+
+    @property
+    def hooks(self) -> list[str]:
+        return [p.name for p in self.points]
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw activations [batch, seq, d] per hook, as float32 on the CPU."""
+        out = run_to_hooks(self.loaded.model, tokens.to(self.loaded.device), self.points)
+        return {name: t.float().cpu() for name, t in out.items()}
+
+    def kept(
+        self, tokens: torch.Tensor, first_context: int
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per hook: kept activations [n, d] and their global indices (context * ctx_len + pos)."""
+        raw = self.forward(tokens)
+        batch, seq = tokens.shape
+        positions = (
+            torch.arange(first_context, first_context + batch).unsqueeze(1) * seq
+            + torch.arange(seq).unsqueeze(0)
+        )
+        result = {}
+        for name, acts in raw.items():
+            keep = self.rules.keep_mask(tokens, acts, name)
+            result[name] = (acts[keep], positions[keep])
+        return result
+
+    def calibrate(self, contexts: list[list[int]], batch_size: int) -> None:
+        """Measure the median norm per hook on ``contexts`` and fix the outlier thresholds."""
+        acts: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
+        masks = []
+        for start in range(0, len(contexts), batch_size):
+            tokens = torch.tensor(contexts[start : start + batch_size], dtype=torch.long)
+            for name, a in self.forward(tokens).items():
+                acts[name].append(a)
+            masks.append(self.rules.special_mask(tokens))
+        self.rules.median_norms = median_norms(acts, masks)
+
+
+def prepare(
+    cfg: ActivationSourceConfig, loaded: LoadedModel | None = None
+) -> tuple[LoadedModel, PackingSpec, Iterator[list[int]], ExclusionRules]:
+    """Load what a config names: the model, the packing rule, the context stream and the rules."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    for hook in cfg.hooks:
+        loaded.hook_point(hook)  # unknown hooks fail before any long work
+    corpus = load_corpus(cfg.corpus)
+    documents = select_split(corpus.documents, cfg.split, seed=cfg.split_seed)
+    if not documents:
+        raise ConfigError(f"the {cfg.split!r} split of corpus {cfg.corpus!r} has no document")
+    spec = packing_spec(loaded.tokenizer, cfg.ctx_len, cfg.prepend_bos)
+    contexts = iter_contexts(loaded.tokenizer, documents, spec, seed=cfg.seed, repeat=cfg.repeat)
+    rules = ExclusionRules(
+        exclude_special=cfg.exclude_special,
+        special_ids=loaded.special_token_ids(),
+        outlier_multiple=cfg.outlier_multiple,
+    )
+    return loaded, spec, contexts, rules
+
+
+class ModelActivationSource:
+    """Streams kept activations [n, d] of one hook straight from the model (no cache).
+
+    Iterating yields one tensor per forward batch; wrap it in a :class:`ShuffleBuffer` to get
+    shuffled training batches.
+    """
+
+    def __init__(
+        self, cfg: ActivationSourceConfig, hook: str | None = None, loaded: LoadedModel | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.hook = hook or cfg.hooks[0]
+        self.loaded, self.spec, self._contexts, rules = prepare(cfg, loaded)
+        self.harvester = ActivationHarvester(self.loaded, [self.hook], rules)
+        self._calibration = list(itertools.islice(self._contexts, cfg.calibration_contexts))
+        if cfg.outlier_multiple > 0:
+            self.harvester.calibrate(self._calibration, cfg.batch_size)
+
+    @property
+    def d_model(self) -> int:
+        return self.loaded.d_model
+
+    def describe(self) -> dict[str, object]:
+        """Provenance of the activations, for saved metadata."""
+        return {
+            "source": config_to_dict(self.cfg),
+            "hook": self.hook,
+            "exclusions": self.harvester.rules.to_dict(),
+        }
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        stream = itertools.chain(self._calibration, self._contexts)
+        context_id = 0
+        while True:
+            batch = list(itertools.islice(stream, self.cfg.batch_size))
+            if not batch:
+                return
+            tokens = torch.tensor(batch, dtype=torch.long)
+            acts, _ = self.harvester.kept(tokens, context_id)[self.hook]
+            context_id += len(batch)
+            if len(acts):
+                yield acts

