@@ -1,6 +1,7 @@
 # The two set-up commands of the README:
 #   make run    install everything, then run the main job on the embedded default (SmolLM2 + wiki-en)
-#   make test   install everything, then run the whole test suite (unit + integration)
+#   make test   install everything, then lint, type-check and run the whole test suite
+#               (unit + integration)
 PYTHON ?= python3
 RUN_DIR ?= runs/default
 
@@ -14,6 +15,8 @@ run: install
 		--split train --tokens 200000 --out $(RUN_DIR)/acts
 
 test: install
+	$(PYTHON) -m ruff check saeguard tests benchmarks
+	$(PYTHON) -m mypy saeguard
 	$(PYTHON) -m pytest -q tests
 
 lint:

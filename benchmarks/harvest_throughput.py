@@ -65,7 +65,8 @@ def main() -> None:
     rate = {k: tokens_per_batch / statistics.median(v) for k, v in times.items()}
     print(
         f"model={args.model} hook={args.hook} (runs {layer + 1} of {loaded.n_layers} blocks) "
-        f"batch={args.batch_size}x{args.ctx_len} dtype={args.dtype} threads={torch.get_num_threads()}"
+        f"batch={args.batch_size}x{args.ctx_len} dtype={args.dtype} "
+        f"threads={torch.get_num_threads()}"
     )
     print(f"harvest (stop after layer + exclusions): {rate['harvest']:10,.0f} tok/s")
     print(f"full forward, output_hidden_states=True: {rate['full']:10,.0f} tok/s")

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from saeguard import __version__
 from saeguard.configs import add_config_arguments, config_from_args
@@ -40,10 +41,12 @@ def _cmd_hooks(args: argparse.Namespace) -> int:
     from saeguard.models import capture_hooks, load_model
 
     loaded = load_model(args.model)
+    model: Any = loaded.model
+    tokenizer: Any = loaded.tokenizer
     points = [loaded.hook_point(h) for h in loaded.hook_names()]
-    probe = torch.tensor([loaded.tokenizer("Hello world")["input_ids"] or [0]], dtype=torch.long)
-    with torch.inference_mode(), capture_hooks(loaded.model, points, stop_early=False) as store:
-        loaded.model.base_model(input_ids=probe, use_cache=False)
+    probe = torch.tensor([tokenizer("Hello world")["input_ids"] or [0]], dtype=torch.long)
+    with torch.inference_mode(), capture_hooks(model, points, stop_early=False) as store:
+        model.base_model(input_ids=probe, use_cache=False)
     if args.json:
         print(json.dumps({p.name: list(store[p.name].shape[2:]) for p in points}, indent=2))
         return 0
@@ -73,9 +76,14 @@ def _cmd_corpora(args: argparse.Namespace) -> int:
         return 0
     for name, size, labels, lic, source, status in rows:
         print(f"{name:<18} {size}  labels: {labels}")
-        print(f"{'':<18} source: {source}; license: {lic}" + ("" if status == "ok" else f"; {status}"))
-    print("\nAlso accepted as --corpus: a .txt file (blank-line separated documents), a .jsonl file "
-          "(field 'text', optional 'label'), a .csv file (column 'text'), or hf:DATASET[:CONFIG][@SPLIT].")
+        print(
+            f"{'':<18} source: {source}; license: {lic}" + ("" if status == "ok" else f"; {status}")
+        )
+    print(
+        "\nAlso accepted as --corpus: a .txt file (blank-line separated documents), a .jsonl "
+        "file (field 'text', optional 'label'), a .csv file (column 'text'), or "
+        "hf:DATASET[:CONFIG][@SPLIT]."
+    )
     return 0
 
 

@@ -13,7 +13,7 @@ is the same for every batch and a resumed run applies exactly the same threshold
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -62,15 +62,13 @@ class ExclusionRules:
 
 
 def median_norms(
-    acts_by_hook: dict[str, Sequence[torch.Tensor]],
+    acts_by_hook: Mapping[str, Sequence[torch.Tensor]],
     special_masks: Sequence[torch.Tensor],
 ) -> dict[str, float]:
     """Median L2 norm of non-special positions, per hook, over a list of batches."""
     out = {}
     for hook, batches in acts_by_hook.items():
-        norms = [
-            a.float().norm(dim=-1)[~m] for a, m in zip(batches, special_masks, strict=True)
-        ]
+        norms = [a.float().norm(dim=-1)[~m] for a, m in zip(batches, special_masks, strict=True)]
         flat = torch.cat(norms)
         if flat.numel() == 0:
             raise ValueError("no non-special positions to estimate the median norm from")

