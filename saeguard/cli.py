@@ -35,6 +35,32 @@ def _cmd_harvest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from saeguard.activations import ActivationCache
+
+    cache = ActivationCache.open(args.directory)
+    if args.verify:
+        cache.verify()
+    manifest = cache.manifest
+    summary = {
+        "directory": str(cache.directory),
+        "model": manifest["model"],
+        "corpus": manifest["corpus"],
+        "split": manifest["split"],
+        "dtype": manifest["dtype"],
+        "cache_dtype": manifest["cache_dtype"],
+        "hooks": {h: cache.n_tokens(h) for h in cache.hooks},
+        "tokens_per_hook": manifest["tokens_per_hook"],
+        "shards": len(cache.shards),
+        "bytes": sum(int(s["bytes"]) for s in cache.shards),
+        "complete": cache.complete,
+        "verified": bool(args.verify),
+        "exclusions": manifest["exclusions"],
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _cmd_hooks(args: argparse.Namespace) -> int:
     import torch
 
@@ -111,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(p, HarvestConfig, aliases={"hooks": ["--hook"]})
     p.set_defaults(func=_cmd_harvest)
+
+    p = sub.add_parser(
+        "cache",
+        help="Summarise an activation cache and check its shard checksums.",
+        description=(
+            "Print what an activation cache holds (model, hooks, tokens, exclusions). With "
+            "--verify, recompute every shard's SHA-256 and name any corrupt shard."
+        ),
+    )
+    p.add_argument("directory", help="Directory written by `saeguard harvest`.")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Check every shard's SHA-256 against the manifest (default: on).",
+    )
+    p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser(
         "hooks",

@@ -28,6 +28,8 @@ from saeguard.errors import CorruptFileError, SaeguardError
 from saeguard.fileio import atomic_path, atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = Path(__file__).with_name("manifest.schema.json")
+"""JSON schema of ``manifest.json``."""
 FORMAT = "saeguard-activation-cache"
 FORMAT_VERSION = 1
 

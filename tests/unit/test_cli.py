@@ -63,6 +63,27 @@ def test_errors_are_one_line_messages_with_status_2(
     assert rc == 2 and "--tokens must be positive" in capsys.readouterr().err
 
 
+def test_cache_command_summarises_and_verifies(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "c"
+    argv = [
+        "harvest", "--model", str(tiny_llama_dir), "--hook", "resid_post.3", "--corpus",
+        str(text_corpus), "--split", "all", "--ctx-len", "16", "--tokens", "200",
+        "--shard-tokens", "64", "--calibration-contexts", "4", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["cache", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["hooks"] == {"resid_post.3": 200} and summary["verified"] is True
+    shard = out / "shard_00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-3] + b"xyz")
+    assert main(["cache", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "shard_00000.safetensors" in err and "SHA-256 mismatch" in err
+
+
 def test_hooks_command_lists_shapes(tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["hooks", str(tiny_llama_dir), "--json"]) == 0
     shapes = json.loads(capsys.readouterr().out)

@@ -61,6 +61,22 @@ def test_harvest_matches_full_forward(tiny_llama_dir: Path, text_corpus: Path, t
     assert all(len(e["sha256"]) == 64 for e in manifest["shards"])
 
 
+def test_manifest_validates_against_its_schema(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    import jsonschema
+
+    from saeguard.activations.cache import MANIFEST_SCHEMA
+
+    schema = json.loads(MANIFEST_SCHEMA.read_text())
+    harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "c"))
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    jsonschema.validate(manifest, schema)
+    manifest["shards"][0]["sha256"] = "not-a-digest"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(manifest, schema)
+
+
 def test_outlier_rule_drops_high_norm_rows() -> None:
     rules = ExclusionRules(special_ids=[0], outlier_multiple=10.0, median_norms={"h": 2.0})
     tokens = torch.tensor([[0, 5, 6, 7]])
