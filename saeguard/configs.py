@@ -60,6 +60,19 @@ def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+_SCALARS: tuple[type, ...] = (int, float, str)
+
+
+def _optional_scalar(kind: type) -> Any:
+    """argparse type that reads 'none' as None (for ``X | None`` fields)."""
+
+    def parse(value: str) -> Any:
+        return None if value.lower() == "none" else kind(value)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -70,8 +83,10 @@ def add_config_arguments(
 ) -> None:
     """Add one option per dataclass field, with the field's docstring as help text.
 
-    ``list[str]`` fields accept repeated flags and comma-separated values; ``bool`` fields get
-    ``--flag/--no-flag``; ``Literal`` fields become choices.
+    Supported field types: ``int``, ``float``, ``str``, ``bool`` (``--flag/--no-flag``),
+    ``Literal[...]`` (choices), ``list[int|float|str]`` (repeated flags and comma-separated
+    values) and ``X | None`` of a scalar (``none`` on the command line). Any other type is a
+    programming error and raises ``TypeError`` when the parser is built.
     """
     aliases = aliases or {}
     docs = field_docs(cls)
@@ -89,30 +104,36 @@ def add_config_arguments(
         help_text = docs.get(f.name, "")
         if not required and default not in (None, "", []):
             help_text += f" (default: {_show(default)})"
-        kwargs: dict[str, Any] = {"help": help_text, "dest": f.name}
+        kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%"), "dest": f.name}
         origin = get_origin(tp)
-        if tp is bool:
+        if tp is bool and not optional:
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["default"] = default
-        elif origin is list:
+        elif origin is list and get_args(tp) and get_args(tp)[0] in _SCALARS:
             kwargs["action"] = _ExtendSplitAction
+            kwargs["type"] = get_args(tp)[0]
             kwargs["default"] = None
             kwargs["metavar"] = f.name.upper().rstrip("S")
         elif origin is Literal:
-            kwargs["choices"] = list(get_args(tp))
+            choices = list(get_args(tp))
+            kwargs["choices"] = choices
+            kwargs["type"] = type(choices[0])
             kwargs["default"] = default
-        else:
-            kwargs["type"] = tp if tp in (int, float, str) else str
+        elif tp in _SCALARS:
+            kwargs["type"] = _optional_scalar(tp) if optional else tp
             kwargs["default"] = default
             kwargs["metavar"] = f.name.upper()
+        else:
+            raise TypeError(
+                f"{cls.__name__}.{f.name}: field type {hints[f.name]} has no command-line form"
+            )
         if f.name in positional:
             kwargs.pop("dest")
-            if required:
-                parser.add_argument(f.name, **kwargs)
-            else:
-                parser.add_argument(f.name, nargs="?", **kwargs)
+            if not required:
+                kwargs["nargs"] = "?"
+            parser.add_argument(f.name, **kwargs)
             continue
-        flags = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, [])]
+        flags = [*aliases.get(f.name, []), "--" + f.name.replace("_", "-")]
         if required and not optional:
             kwargs["required"] = True
         parser.add_argument(*flags, **kwargs)
@@ -125,12 +146,27 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         if not f.init or not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)
-        if value is None and (
-            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        ):
-            continue
+        if value is None and f.default_factory is not dataclasses.MISSING:
+            continue  # an unset list option keeps the field's default
         values[f.name] = value
     return cls(**values)
+
+
+def validate_literals(config: Any) -> None:
+    """Raise ConfigError for a ``Literal`` field holding a value outside its choices."""
+    from saeguard.errors import ConfigError
+
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        tp, optional = _unwrap_optional(hints[f.name])
+        value = getattr(config, f.name)
+        if get_origin(tp) is Literal and not (optional and value is None):
+            choices = get_args(tp)
+            if value not in choices:
+                raise ConfigError(
+                    f"--{f.name.replace('_', '-')} must be one of "
+                    f"{', '.join(map(str, choices))}; got {value!r}"
+                )
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -147,6 +183,10 @@ def _show(value: Any) -> str:
 class _ExtendSplitAction(argparse.Action):
     """Accumulate values from repeated flags, each of which may hold a comma-separated list."""
 
+    def __init__(self, *args: Any, type: Any = str, **kwargs: Any) -> None:  # noqa: A002
+        super().__init__(*args, **kwargs)  # argparse must not convert the raw "a,b" string
+        self.item_type = type
+
     def __call__(
         self,
         parser: argparse.ArgumentParser,
@@ -154,5 +194,9 @@ class _ExtendSplitAction(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
+        try:
+            items = [self.item_type(v) for v in _split_list(str(values))]
+        except ValueError as exc:
+            raise argparse.ArgumentError(self, f"invalid value {values!r}: {exc}") from exc
         current = getattr(namespace, self.dest, None) or []
-        setattr(namespace, self.dest, [*current, *_split_list(str(values))])
+        setattr(namespace, self.dest, [*current, *items])

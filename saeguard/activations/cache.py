@@ -58,8 +58,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFileError(
-            f"{path} is corrupt ({exc}). Fix: delete the cache directory {directory} and run "
-            "the harvest again."
+            f"{path} is not valid JSON ({exc}). If {directory} is a saeguard activation cache, "
+            "its manifest is corrupt: move the folder aside and run the harvest again."
         ) from exc
     if manifest.get("format") != FORMAT:
         raise CorruptFileError(f"{path} is not a saeguard activation-cache manifest")

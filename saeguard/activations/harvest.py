@@ -8,11 +8,12 @@ cache whose checksums equal those of an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +33,12 @@ from saeguard.activations.cache import (
     write_manifest,
     write_shard,
 )
-from saeguard.activations.source import ActivationHarvester, ActivationSourceConfig, prepare
+from saeguard.activations.source import (
+    ActivationHarvester,
+    ActivationSourceConfig,
+    PreparedSource,
+    prepare,
+)
 from saeguard.configs import config_to_dict
 from saeguard.errors import ConfigError, SaeguardError
 from saeguard.fileio import remove_stale_temporaries, sha256_file
@@ -43,7 +49,9 @@ log = logging.getLogger(__name__)
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Settings that do not change a cache's content; every other field must match to resume.
+# (The device type is compared through the content fingerprint instead.)
 _NOT_IDENTITY = {"out", "overwrite", "device", "threads"}
+LOCK_FILE = ".saeguard.lock"
 
 
 @dataclass(kw_only=True)
@@ -59,7 +67,7 @@ class HarvestConfig(ActivationSourceConfig):
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Dtype of the stored activations (float16/bfloat16 halve the disk use)."""
     overwrite: bool = False
-    """Delete an existing cache made with different arguments instead of refusing."""
+    """Replace a cache in --out made with other arguments or inputs (only its files are deleted)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,40 +96,68 @@ def harvest(
 ) -> ActivationCache:
     """Run (or resume) a harvest and return the finished cache.
 
-    ``after_shard`` is called with each newly written shard's number (tests use it to simulate a
-    crash between shards).
+    A complete cache made with the same arguments is returned without loading anything. An
+    unfinished one is resumed if its arguments *and* content fingerprints (model weights, corpus
+    text, device type) match. ``after_shard`` is called with each newly written shard's number
+    (tests use it to simulate a crash between shards).
     """
     out = Path(cfg.out)
-    manifest = _existing_manifest(cfg, out)
-    if manifest is not None and manifest.get("complete"):
-        log.info("%s already holds a complete cache for these arguments", out)
-        return ActivationCache(out, manifest)
+    if out.exists() and not out.is_dir():
+        raise SaeguardError(f"--out {out} is an existing file; pass a directory for the cache")
+    previous = _peek_manifest(out)
+    if previous is not None and previous.get("config") == cfg.identity():
+        present = all((out / e["file"]).is_file() for e in previous["shards"])
+        if previous.get("complete") and present:
+            log.info("%s already holds a complete cache for these arguments", out)
+            return ActivationCache(out, previous)
+    elif previous is not None and not cfg.overwrite:
+        raise _different_arguments_error(out, previous, cfg)
 
-    loaded, spec, contexts, rules = prepare(cfg, loaded)
-    harvester = ActivationHarvester(loaded, cfg.hooks, rules)
-    calibration = list(itertools.islice(contexts, cfg.calibration_contexts))
-    if not calibration:
-        raise ConfigError(f"corpus {cfg.corpus!r} is shorter than one {cfg.ctx_len}-token context")
-
-    if manifest is None:
-        if cfg.outlier_multiple > 0:
-            harvester.calibrate(calibration, cfg.batch_size)
-        manifest = _new_manifest(cfg, loaded, spec.__dict__, harvester)
-        out.mkdir(parents=True, exist_ok=True)
-        write_manifest(out, manifest)
-    else:
-        rules.median_norms = {h: manifest["hooks"][h]["median_norm"] for h in cfg.hooks}
+    prepared = prepare(cfg, loaded)  # loads and checks everything before touching the disk
+    fingerprint = prepared.fingerprint()
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(out):
+        manifest = _resume_manifest(cfg, out, fingerprint)
         removed = remove_stale_temporaries(out)
-        log.info(
-            "resuming %s: %d shards done%s",
-            out,
-            len(manifest["shards"]),
-            f", {removed} partial files removed" if removed else "",
+        harvester = ActivationHarvester(prepared.loaded, cfg.hooks, prepared.rules)
+        contexts = prepared.contexts()
+        calibration = list(itertools.islice(contexts, cfg.calibration_contexts))
+        if not calibration:
+            raise ConfigError(
+                f"corpus {cfg.corpus!r} is shorter than one {cfg.ctx_len}-token context"
+            )
+        if manifest is None:
+            if cfg.outlier_multiple > 0:
+                harvester.calibrate(calibration, cfg.batch_size)
+            manifest = _new_manifest(cfg, prepared, harvester, fingerprint)
+            write_manifest(out, manifest)
+        else:
+            harvester.rules.median_norms = {
+                h: manifest["hooks"][h]["median_norm"] for h in cfg.hooks
+            }
+            log.info(
+                "resuming %s: %d shards done%s",
+                out,
+                len(manifest["shards"]),
+                f", {removed} partial files removed" if removed else "",
+            )
+        _fill_shards(
+            cfg, harvester, itertools.chain(calibration, contexts), manifest, out, after_shard
         )
+    return ActivationCache(out, manifest)
 
+
+def _fill_shards(
+    cfg: HarvestConfig,
+    harvester: ActivationHarvester,
+    stream: Iterator[list[int]],
+    manifest: dict[str, Any],
+    out: Path,
+    after_shard: Callable[[int], None] | None,
+) -> None:
+    """Walk the shards in order, computing the ones not on disk, until every hook is full."""
     done = {entry["index"]: entry for entry in manifest["shards"]}
     totals = dict.fromkeys(cfg.hooks, 0)
-    stream = itertools.chain(calibration, contexts)
     cache_dtype = CACHE_DTYPES[cfg.cache_dtype]
     bar = tqdm(
         total=cfg.tokens,
@@ -134,22 +170,22 @@ def harvest(
     shard = 0
     try:
         while min(totals.values()) < cfg.tokens:
-            batch_contexts = list(itertools.islice(stream, cfg.shard_contexts))
-            if not batch_contexts:
+            shard_contexts = list(itertools.islice(stream, cfg.shard_contexts))
+            if not shard_contexts:
                 raise SaeguardError(
                     f"corpus {cfg.corpus!r} ({cfg.split}) ran out after {min(totals.values())} "
                     f"of {cfg.tokens} tokens; pass --repeat, lower --tokens or use a larger corpus"
                 )
-            first_context = shard * cfg.shard_contexts
             entry = done.get(shard)
             if entry is None:
+                first_context = shard * cfg.shard_contexts
                 entry = _compute_shard(
-                    cfg, harvester, batch_contexts, first_context, totals, cache_dtype, out, shard
+                    cfg, harvester, shard_contexts, first_context, totals, cache_dtype, out, shard
                 )
                 manifest["shards"].append(entry)
                 manifest["shards"].sort(key=lambda e: e["index"])
                 write_manifest(out, manifest)
-                forward_tokens += len(batch_contexts) * cfg.ctx_len
+                forward_tokens += len(shard_contexts) * cfg.ctx_len
                 if after_shard is not None:
                     after_shard(shard)
             for hook in cfg.hooks:
@@ -161,10 +197,9 @@ def harvest(
             shard += 1
     finally:
         bar.close()
-
     manifest["complete"] = True
     manifest["token_counts"] = totals
-    manifest["contexts"] = shard * cfg.shard_contexts
+    manifest["contexts"] = sum(e["contexts"][1] - e["contexts"][0] for e in manifest["shards"])
     write_manifest(out, manifest)
     elapsed = time.perf_counter() - started
     log.info(
@@ -175,7 +210,6 @@ def harvest(
         elapsed,
         forward_tokens / max(elapsed, 1e-9),
     )
-    return ActivationCache(out, manifest)
 
 
 def _compute_shard(
@@ -222,16 +256,17 @@ def _compute_shard(
 
 def _new_manifest(
     cfg: HarvestConfig,
-    loaded: LoadedModel,
-    packing: dict[str, Any],
+    prepared: PreparedSource,
     harvester: ActivationHarvester,
+    fingerprint: dict[str, str],
 ) -> dict[str, Any]:
-    rules = harvester.rules
+    rules, loaded = harvester.rules, prepared.loaded
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "saeguard_version": __version__,
         "config": cfg.identity(),
+        "fingerprint": fingerprint,
         "model": cfg.model,
         "model_family": loaded.family,
         "n_layers": loaded.n_layers,
@@ -240,7 +275,7 @@ def _new_manifest(
         "dtype": cfg.dtype,
         "cache_dtype": cfg.cache_dtype,
         "ctx_len": cfg.ctx_len,
-        "packing": packing,
+        "packing": dataclasses.asdict(prepared.spec),
         "exclusions": rules.to_dict(),
         "hooks": {
             h: {
@@ -256,19 +291,46 @@ def _new_manifest(
     }
 
 
-def _existing_manifest(cfg: HarvestConfig, out: Path) -> dict[str, Any] | None:
-    """The manifest to resume from, or None to start fresh (after --overwrite checks)."""
+def _is_bookkeeping(path: Path) -> bool:
+    """Our lock file and temporaries left by an interrupted atomic write."""
+    return path.name == LOCK_FILE or (path.name.startswith(".") and path.name.endswith(".tmp"))
+
+
+def _peek_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest in ``out``, or None when there is no cache yet; refuses foreign folders."""
     if not out.exists():
         return None
     if not (out / MANIFEST).exists():
-        if any(out.iterdir()):
+        if any(not _is_bookkeeping(p) for p in out.iterdir()):
             raise SaeguardError(
                 f"{out} exists, is not empty and is not an activation cache; "
                 "choose another --out (nothing was written)"
             )
         return None
+    return read_manifest(out)
+
+
+def _different_arguments_error(
+    out: Path, manifest: dict[str, Any], cfg: HarvestConfig
+) -> SaeguardError:
+    old, new = manifest.get("config", {}), cfg.identity()
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return SaeguardError(
+        f"{out} holds a cache made with different arguments (differs in: {', '.join(diff)}). "
+        "Use another --out, or --overwrite to replace it."
+    )
+
+
+def _resume_manifest(
+    cfg: HarvestConfig, out: Path, fingerprint: dict[str, str]
+) -> dict[str, Any] | None:
+    """Under the lock: the manifest to resume from, or None to start a fresh cache."""
+    if not (out / MANIFEST).exists():
+        return None
     manifest = read_manifest(out)
-    if manifest.get("config") == cfg.identity():
+    same_args = manifest.get("config") == cfg.identity()
+    old_print = manifest.get("fingerprint", {})
+    if same_args and old_print == fingerprint:
         kept = []
         for entry in manifest["shards"]:
             path = out / entry["file"]
@@ -282,14 +344,44 @@ def _existing_manifest(cfg: HarvestConfig, out: Path) -> dict[str, Any] | None:
         manifest["shards"] = kept
         return manifest
     if not cfg.overwrite:
-        old = manifest.get("config", {})
-        diff = sorted(
-            k for k in set(old) | set(cfg.identity()) if old.get(k) != cfg.identity().get(k)
-        )
+        if not same_args:
+            raise _different_arguments_error(out, manifest, cfg)
+        changed = sorted(k for k in fingerprint if old_print.get(k) != fingerprint[k])
         raise SaeguardError(
-            f"{out} holds a cache made with different arguments (differs in: {', '.join(diff)}). "
-            "Use another --out, or --overwrite to delete it."
+            f"{out} holds an unfinished cache whose inputs changed since it was started "
+            f"({', '.join(changed)} differ): resuming would mix old and new activations. "
+            "Use another --out, or --overwrite to start it again."
         )
-    log.warning("--overwrite: deleting the cache in %s made with other arguments", out)
-    shutil.rmtree(out)
+    log.warning("--overwrite: replacing the cache in %s", out)
+    _delete_cache_files(out, manifest)
     return None
+
+
+def _delete_cache_files(out: Path, manifest: dict[str, Any]) -> None:
+    """Remove the manifest and shards of a cache, and nothing else in the folder."""
+    names = {e["file"] for e in manifest.get("shards", [])}
+    names |= {p.name for p in out.glob("shard_*.safetensors")}
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
+@contextmanager
+def _exclusive_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` so two harvests never write one cache."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no advisory locks on this platform
+        yield
+        return
+    with open(out / LOCK_FILE, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise SaeguardError(
+                f"another harvest is writing to {out}; wait for it to finish or use another --out"
+            ) from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

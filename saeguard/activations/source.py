@@ -16,8 +16,15 @@ from typing import Literal
 import torch
 
 from saeguard.activations.exclusion import ExclusionRules, median_norms
-from saeguard.configs import config_to_dict
-from saeguard.data import iter_contexts, load_corpus, packing_spec, select_split
+from saeguard.configs import config_to_dict, validate_literals
+from saeguard.data import (
+    Document,
+    corpus_fingerprint,
+    iter_contexts,
+    load_corpus,
+    packing_spec,
+    select_split,
+)
 from saeguard.data.tokenize import PackingSpec
 from saeguard.errors import ConfigError
 from saeguard.models import HookPoint, LoadedModel, load_model, run_to_hooks
@@ -65,6 +72,7 @@ class ActivationSourceConfig:
     """CPU threads for torch (0 keeps torch's default)."""
 
     def __post_init__(self) -> None:
+        validate_literals(self)
         if not self.hooks:
             raise ConfigError("at least one hook point is needed (--hook resid_post.15)")
         if self.ctx_len < 2:
@@ -127,10 +135,41 @@ class ActivationHarvester:
         self.rules.median_norms = median_norms(acts, masks)
 
 
-def prepare(
-    cfg: ActivationSourceConfig, loaded: LoadedModel | None = None
-) -> tuple[LoadedModel, PackingSpec, Iterator[list[int]], ExclusionRules]:
-    """Load what a config names: the model, the packing rule, the context stream and the rules."""
+@dataclass
+class PreparedSource:
+    """Everything a config names, loaded and checked: model, documents, packing and rules."""
+
+    loaded: LoadedModel
+    documents: list[Document]
+    spec: PackingSpec
+    rules: ExclusionRules
+    cfg: ActivationSourceConfig
+
+    def contexts(self) -> Iterator[list[int]]:
+        """A fresh, deterministic stream of packed contexts (each call starts over)."""
+        return iter_contexts(
+            self.loaded.tokenizer,
+            self.documents,
+            self.spec,
+            seed=self.cfg.seed,
+            repeat=self.cfg.repeat,
+        )
+
+    def fingerprint(self) -> dict[str, str]:
+        """Content fingerprints of the model and the selected documents.
+
+        A resume compares these, not just names, so that a corpus file or model directory that
+        changed between a crash and the re-run is refused instead of mixed into one cache.
+        """
+        return {
+            "corpus_sha256": corpus_fingerprint(self.documents),
+            "model_sha256": self.loaded.fingerprint(),
+            "device_type": torch.device(self.cfg.device).type,
+        }
+
+
+def prepare(cfg: ActivationSourceConfig, loaded: LoadedModel | None = None) -> PreparedSource:
+    """Load what a config names; bad corpora, splits and hooks fail before any long work."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     corpus = load_corpus(cfg.corpus)  # cheap: bad corpora fail before the model loads
@@ -139,9 +178,8 @@ def prepare(
         raise ConfigError(f"the {cfg.split!r} split of corpus {cfg.corpus!r} has no document")
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     for hook in cfg.hooks:
-        loaded.hook_point(hook)  # unknown hooks fail before any long work
+        loaded.hook_point(hook)
     spec = packing_spec(loaded.tokenizer, cfg.ctx_len, cfg.prepend_bos)
-    contexts = iter_contexts(loaded.tokenizer, documents, spec, seed=cfg.seed, repeat=cfg.repeat)
     rules = ExclusionRules(
         exclude_special=cfg.exclude_special,
         special_ids=sorted(
@@ -150,14 +188,14 @@ def prepare(
         ),
         outlier_multiple=cfg.outlier_multiple,
     )
-    return loaded, spec, contexts, rules
+    return PreparedSource(loaded, documents, spec, rules, cfg)
 
 
 class ModelActivationSource:
     """Streams kept activations [n, d] of one hook straight from the model (no cache).
 
     Iterating yields one tensor per forward batch; wrap it in a :class:`ShuffleBuffer` to get
-    shuffled training batches.
+    shuffled training batches. With ``repeat`` (the default) the stream is endless.
     """
 
     def __init__(
@@ -168,11 +206,12 @@ class ModelActivationSource:
     ) -> None:
         self.cfg = cfg
         self.hook = hook or cfg.hooks[0]
-        self.loaded, self.spec, self._contexts, rules = prepare(cfg, loaded)
-        self.harvester = ActivationHarvester(self.loaded, [self.hook], rules)
-        self._calibration = list(itertools.islice(self._contexts, cfg.calibration_contexts))
+        self.prepared = prepare(cfg, loaded)
+        self.loaded = self.prepared.loaded
+        self.harvester = ActivationHarvester(self.loaded, [self.hook], self.prepared.rules)
         if cfg.outlier_multiple > 0:
-            self.harvester.calibrate(self._calibration, cfg.batch_size)
+            calibration = list(itertools.islice(self.prepared.contexts(), cfg.calibration_contexts))
+            self.harvester.calibrate(calibration, cfg.batch_size)
 
     @property
     def d_model(self) -> int:
@@ -187,7 +226,8 @@ class ModelActivationSource:
         }
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        stream = itertools.chain(self._calibration, self._contexts)
+        """One pass over the stream; every iteration starts again from the first context."""
+        stream = self.prepared.contexts()
         context_id = 0
         while True:
             batch = list(itertools.islice(stream, self.cfg.batch_size))

@@ -1,7 +1,7 @@
 """Corpora, splits, tokenisation and packing."""
 
 from saeguard.data.corpora import CORPORA, Corpus, CorpusInfo, load_corpus
-from saeguard.data.splits import SPLITS, Document, select_split, split_of
+from saeguard.data.splits import SPLITS, Document, corpus_fingerprint, select_split, split_of
 from saeguard.data.tokenize import PackingSpec, iter_contexts, packing_spec, tokenize_documents
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Corpus",
     "CorpusInfo",
     "Document",
+    "corpus_fingerprint",
     "PackingSpec",
     "iter_contexts",
     "load_corpus",

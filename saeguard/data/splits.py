@@ -26,6 +26,15 @@ class Document:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
+def corpus_fingerprint(documents: list[Document]) -> str:
+    """SHA-256 of the documents' texts in order: changes whenever any text changes."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(doc.text.encode("utf-8", errors="surrogatepass"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
 def split_unit(text: str, seed: int) -> float:
     """A uniform number in [0, 1) fixed by the text and the seed."""
     digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()

@@ -53,11 +53,15 @@ def packing_spec(tokenizer: Any, ctx_len: int, prepend_bos: bool = True) -> Pack
 
 
 def tokenize_documents(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens."""
+    """Token ids of each text; special-token strings in the text are tokenised as plain text."""
     out: list[list[int]] = []
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
         chunk = list(texts[start : start + _TOKENIZE_CHUNK])
-        out.extend(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"])
+        # split_special_tokens: a literal "<|endoftext|>" in a document is text, not a separator.
+        encoded = tokenizer(
+            chunk, add_special_tokens=False, split_special_tokens=True, verbose=False
+        )
+        out.extend(encoded["input_ids"])
     return out
 
 

@@ -4,6 +4,10 @@ Hook points are named ``resid_pre.L`` (input of block L), ``resid_post.L`` (outp
 ``attn_out.L`` and ``mlp_out.L`` (what the attention and MLP sub-blocks add to the residual
 stream; for Gemma that is after its post-attention / post-feed-forward norms).
 
+``resid_post.L`` equals Hugging Face's ``output_hidden_states[L + 1]`` for every block but the
+last: HF applies the final norm to its last hidden state, while ``resid_post`` of the last block
+is the raw residual stream, before that norm.
+
 :func:`run_to_hooks` runs only as far as the deepest requested hook: once every requested hook
 has fired it raises an internal exception that unwinds the forward pass, so the layers above it,
 the final norm and the LM head are never computed.
@@ -11,6 +15,7 @@ the final norm and the LM head are never computed.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -21,6 +26,8 @@ import torch
 from torch import nn
 
 from saeguard.errors import SaeguardError
+
+log = logging.getLogger(__name__)
 
 HOOK_KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 _HOOK_RE = re.compile(r"^(resid_pre|resid_post|mlp_out|attn_out)\.(\d+)$")
@@ -109,9 +116,10 @@ def family_layout(model: nn.Module) -> FamilyLayout:
         if isinstance(module, nn.ModuleList) and path and len(module) == n_layers:
             block = module[0]
             names = dict(block.named_children())
-            attn = next((n for n in names if "attn" in n or "attention" in n), None)
-            mlp = next((n for n in names if "mlp" in n or "feed_forward" in n), None)
+            attn = next((n for n in ("self_attn", "attention", "attn") if n in names), None)
+            mlp = next((n for n in ("mlp", "feed_forward", "ffn") if n in names), None)
             if attn and mlp:
+                log.info("model type %r: blocks at %s, using %s / %s", model_type, path, attn, mlp)
                 return FamilyLayout(path, attn, mlp)
     raise SaeguardError(
         f"saeguard does not know where the blocks of model type {model_type!r} are. "

@@ -8,6 +8,7 @@ later loads read that directory directly.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -140,6 +141,17 @@ class LoadedModel:
 
     def hook_names(self) -> list[str]:
         return all_hook_names(self.n_layers)
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the config and a sample of every weight tensor (cheap, content-based)."""
+        config: Any = self.model.config
+        digest = hashlib.sha256(config.to_json_string(use_diff=False).encode())
+        for name, param in self.model.state_dict().items():
+            flat = param.detach().reshape(-1)
+            sample = torch.cat([flat[:512], flat[-512:]]).float().cpu().contiguous()
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            digest.update(sample.numpy().tobytes())
+        return digest.hexdigest()
 
     def special_token_ids(self) -> list[int]:
         """Ids of BOS/EOS/pad and every other special token."""

@@ -67,5 +67,7 @@ def test_model_source_streams_the_same_activations_as_the_cache(
         live.describe()["exclusions"]["median_norms"]
         == cache.manifest["exclusions"]["median_norms"]
     )
+    # Each iteration starts over (a second epoch sees the same stream, not an exhausted one).
+    torch.testing.assert_close(torch.cat(list(live))[:300], from_cache)
     batches = list(ShuffleBuffer(CachedActivationSource(cache.directory), 32, 128))
     assert len(batches) == 300 // 32 and batches[0].shape == (32, live.d_model)

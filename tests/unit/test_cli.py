@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from saeguard.activations import HarvestConfig
 from saeguard.cli import build_parser, main
-from saeguard.configs import field_docs
+from saeguard.configs import add_config_arguments, config_from_args, field_docs
 
 
 def test_every_config_field_has_a_docstring_and_a_help_line(capsys: pytest.CaptureFixture):
@@ -31,8 +34,6 @@ def test_hook_flag_accepts_repeats_and_commas() -> None:
     )
     assert args.hooks == ["resid_post.1", "mlp_out.2", "attn_out.0"]
     defaults = build_parser().parse_args(["harvest", "--out", "x"])
-    from saeguard.configs import config_from_args
-
     assert config_from_args(HarvestConfig, defaults).hooks == ["resid_post.15"]
 
 
@@ -91,3 +92,35 @@ def test_hooks_command_lists_shapes(tiny_llama_dir: Path, capsys: pytest.Capture
     assert main(["hooks", str(tiny_llama_dir)]) == 0
     out = capsys.readouterr().out
     assert "4 layers, d_model=32" in out and "mlp_out.2" in out and "[batch, seq, 32]" in out
+
+
+def test_config_types_map_to_options() -> None:
+    @dataclass(kw_only=True)
+    class Demo:
+        rates: list[float] = field(default_factory=lambda: [0.05])
+        """Typo rates, e.g. 5% and 10% of words."""
+        k: Literal[1, 2, 5] = 2
+        """Probe size."""
+        limit: int | None = 3
+        """Optional cap."""
+        flag: bool = False
+        """A switch."""
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Demo)
+    assert "5% and 10%" in parser.format_help()
+    cfg = config_from_args(
+        Demo, parser.parse_args(["--rates", "0.1,0.2", "--k", "5", "--limit", "none", "--flag"])
+    )
+    assert cfg == Demo(rates=[0.1, 0.2], k=5, limit=None, flag=True)
+    assert config_from_args(Demo, parser.parse_args([])) == Demo()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--k", "3"])
+
+    @dataclass
+    class Unsupported:
+        pair: tuple[int, int] = (1, 2)
+        """Not expressible as one option."""
+
+    with pytest.raises(TypeError, match="no command-line form"):
+        add_config_arguments(argparse.ArgumentParser(), Unsupported)

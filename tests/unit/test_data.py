@@ -193,3 +193,12 @@ def test_hf_dataset_without_datasets_package(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(MissingPackageError, match="pip install datasets"):
         load_corpus("hf:anything")
+
+
+def test_special_token_strings_in_text_stay_text(tiny_llama_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    (ids,) = tokenize_documents(tok, ["a <|endoftext|> b"])
+    assert sep not in ids and len(ids) > 3

@@ -144,7 +144,7 @@ def test_corrupt_manifest_and_foreign_directories(
     cfg = _cfg(tiny_llama_dir, text_corpus, tmp_path / "c")
     harvest(cfg)
     (tmp_path / "c" / "manifest.json").write_text("{ truncated")
-    with pytest.raises(CorruptFileError, match="manifest.json is corrupt"):
+    with pytest.raises(CorruptFileError, match="manifest.json is not valid JSON.*move the folder"):
         ActivationCache.open(tmp_path / "c")
     other = tmp_path / "other"
     other.mkdir()
@@ -198,3 +198,70 @@ def test_unknown_hook_fails_before_work(
     with pytest.raises(SaeguardError, match="unknown hook point 'resid_post.9'"):
         harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "c", hooks=["resid_post.9"]))
     assert not (tmp_path / "c").exists()
+
+
+def test_crash_while_writing_the_first_manifest_is_resumable(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / ".manifest.json.x1y2.tmp").write_text('{"half": ')  # killed before the rename
+    cache = harvest(_cfg(tiny_llama_dir, text_corpus, out))
+    assert cache.complete and not list(out.glob(".*.tmp"))
+
+
+def test_overwrite_checks_first_and_deletes_only_cache_files(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "c"
+    harvest(_cfg(tiny_llama_dir, text_corpus, out))
+    (out / "notes.txt").write_text("mine")
+    before = _checksums(out)
+    bad = _cfg(tiny_llama_dir, text_corpus, out, hooks=["resid_post.9"], overwrite=True)
+    with pytest.raises(SaeguardError, match="unknown hook point"):
+        harvest(bad)
+    assert _checksums(out) == before  # the good cache survived the failed overwrite
+    harvest(_cfg(tiny_llama_dir, text_corpus, out, tokens=200, overwrite=True))
+    assert ActivationCache.open(out).n_tokens("resid_post.1") == 200
+    assert (out / "notes.txt").read_text() == "mine"
+    assert len(list(out.glob("shard_*.safetensors"))) == len(ActivationCache.open(out).shards)
+
+
+def test_changed_corpus_between_crash_and_resume_is_refused(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "c"
+
+    def crash(shard: int) -> None:
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        harvest(_cfg(tiny_llama_dir, text_corpus, out), after_shard=crash)
+    text_corpus.write_text(text_corpus.read_text().replace("river", "ocean"))
+    with pytest.raises(SaeguardError, match="corpus_sha256.*would mix"):
+        harvest(_cfg(tiny_llama_dir, text_corpus, out))
+    cache = harvest(_cfg(tiny_llama_dir, text_corpus, out, overwrite=True))
+    assert cache.complete
+
+
+def test_out_is_a_file_or_locked(tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(SaeguardError, match="is an existing file"):
+        harvest(_cfg(tiny_llama_dir, text_corpus, a_file))
+    import fcntl
+
+    out = tmp_path / "c"
+    out.mkdir()
+    with open(out / ".saeguard.lock", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(SaeguardError, match="another harvest is writing"):
+            harvest(_cfg(tiny_llama_dir, text_corpus, out))
+    assert harvest(_cfg(tiny_llama_dir, text_corpus, out)).complete
+
+
+def test_invalid_choices_through_the_python_api() -> None:
+    with pytest.raises(ConfigError, match="--cache-dtype must be one of"):
+        HarvestConfig(out="x", cache_dtype="int8")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="--split must be one of"):
+        HarvestConfig(out="x", split="dev")  # type: ignore[arg-type]
