@@ -34,8 +34,9 @@ def main() -> None:
     cfg = ActivationSourceConfig(
         model=args.model, hooks=[args.hook], ctx_len=args.ctx_len, dtype=args.dtype
     )
-    loaded, _, contexts, rules = prepare(cfg)
-    harvester = ActivationHarvester(loaded, [args.hook], rules)
+    prepared = prepare(cfg)
+    loaded, contexts = prepared.loaded, prepared.contexts()
+    harvester = ActivationHarvester(loaded, [args.hook], prepared.rules)
     calibration = list(itertools.islice(contexts, cfg.calibration_contexts))
     harvester.calibrate(calibration, args.batch_size)
     batches = [

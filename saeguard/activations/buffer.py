@@ -9,6 +9,7 @@ iterable of ``[n, d]`` tensors: a cache (:class:`CachedActivationSource`) or a l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import torch
 
 from saeguard.activations.cache import ActivationCache
 from saeguard.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class CachedActivationSource:
@@ -68,6 +71,7 @@ class ShuffleBuffer:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
+        yielded = 0
         pool: list[torch.Tensor] = []
         pooled = 0
         chunks = iter(self.source)
@@ -90,11 +94,18 @@ class ShuffleBuffer:
             hand_out = len(data) if exhausted else max(self.batch_size, len(data) // 2)
             hand_out -= hand_out % self.batch_size if not exhausted else 0
             for start in range(0, hand_out - self.batch_size + 1, self.batch_size):
+                yielded += 1
                 yield data[start : start + self.batch_size]
             tail_start = (hand_out // self.batch_size) * self.batch_size
             if exhausted:
                 if not self.drop_last and tail_start < len(data):
                     yield data[tail_start:]
+                elif yielded == 0:
+                    log.warning(
+                        "the source held %d activations, fewer than one batch of %d: no batch",
+                        len(data),
+                        self.batch_size,
+                    )
                 return
             rest = data[tail_start:]
             pool, pooled = ([rest], len(rest)) if len(rest) else ([], 0)

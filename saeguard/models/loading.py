@@ -8,6 +8,7 @@ later loads read that directory directly.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -216,12 +217,23 @@ def _hub_reachable() -> bool:
     return True
 
 
+_CACHE_FORMAT = 2  # bump when the dequantized cache must be rebuilt
+
+
 def ensure_embedded_cached(name: str) -> Path:
     """Dequantize an embedded GGUF once into a safetensors directory; return that directory."""
     entry = EMBEDDED_MODELS[name]
     target = cache_root() / "models" / name
-    if (target / "saeguard_source.json").is_file():
-        return target
+    marker = target / "saeguard_source.json"
+    if marker.is_file():
+        try:
+            current = json.loads(marker.read_text()).get("cache_format") == _CACHE_FORMAT
+        except (OSError, json.JSONDecodeError):
+            current = False
+        if current:
+            return target
+        log.info("the cached %s was written by an older saeguard: rebuilding it", name)
+        shutil.rmtree(target)
     gguf = entry.locate_gguf()
     log.info("first use of %s: dequantizing %s into %s (once)", name, gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -234,7 +246,11 @@ def ensure_embedded_cached(name: str) -> Path:
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
         # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from config + weights.
-        config = quantized.config
+        # The GGUF quantization_config must go, or every later load would attach the GGUF
+        # quantizer to what is by then an ordinary float model.
+        config = copy.deepcopy(quantized.config)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
@@ -247,7 +263,14 @@ def ensure_embedded_cached(name: str) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "saeguard_source.json").write_text(
-            json.dumps({"embedded": name, "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size})
+            json.dumps(
+                {
+                    "embedded": name,
+                    "gguf": str(gguf),
+                    "gguf_bytes": gguf.stat().st_size,
+                    "cache_format": _CACHE_FORMAT,
+                }
+            )
         )
         if target.exists():  # a concurrent process won the race
             shutil.rmtree(tmp)

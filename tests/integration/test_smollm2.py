@@ -31,6 +31,9 @@ def smollm2():
 def test_smollm2_shape_and_hooks(smollm2) -> None:
     assert smollm2.family == "llama" and smollm2.n_layers == 30 and smollm2.d_model == 576
     assert len(smollm2.hook_names()) == 120
+    # The cache holds a plain float model: no GGUF quantizer rides along into later loads.
+    assert getattr(smollm2.model, "hf_quantizer", None) is None
+    assert getattr(smollm2.model.config, "quantization_config", None) is None
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         logits = smollm2.model(ids).logits[0, -1]
@@ -61,7 +64,8 @@ def test_harvest_is_exact_and_excludes_attention_sinks(smollm2, tmp_path: Path) 
 
 def test_bfloat16_forward_is_close(smollm2) -> None:
     cfg = ActivationSourceConfig(hooks=[HOOK], calibration_contexts=2)
-    _, _, contexts, rules = prepare(cfg, smollm2)
+    prepared = prepare(cfg, smollm2)
+    rules, contexts = prepared.rules, prepared.contexts()
     batch = torch.tensor([next(contexts) for _ in range(2)])
     rules.median_norms = {HOOK: 173.0}
     full = ActivationHarvester(smollm2, [HOOK], rules).forward(batch)[HOOK]
