@@ -95,39 +95,23 @@ def build_tiny_model(family: str, vocab_size: int, seed: int = 0):
     )
 
     torch.manual_seed(seed)
-    common = {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    ids = {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    shape = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+    }
     if family == "llama":
-        config = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            **common,
-        )
+        config = LlamaConfig(num_key_value_heads=2, **shape, **ids)
     elif family == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=256, **common)
+        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=256, **ids)
     elif family == "gpt_neox":
-        config = GPTNeoXConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-            **common,
-        )
+        config = GPTNeoXConfig(**shape, **ids)
     elif family == "gemma3_text":
         config = Gemma3TextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=256,
-            sliding_window=16,
-            **common,
+            num_key_value_heads=2, head_dim=8, sliding_window=16, **shape, **ids
         )
     else:
         raise ValueError(family)
