@@ -1,0 +1,180 @@
+"""The SAE base class shared by every architecture.
+
+Every SAE reconstructs ``x_hat = f(x) @ W_dec + b_dec`` with SAELens-compatible parameters
+``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in], ``b_dec`` [d_in]. Subclasses
+say how latents are computed (:meth:`encode`) and how they are trained
+(:meth:`training_step`). ``encode``/``decode``/``forward`` accept any batch shape ``(..., d_in)``.
+
+"Active" means ``f_i != 0`` everywhere (AbsTopK latents can be negative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from saeguard.errors import SaeguardError
+from saeguard.sae.config import SAEConfig
+
+
+@dataclass
+class StepOutput:
+    """What one training forward returns to the trainer."""
+
+    loss: torch.Tensor
+    """Scalar loss to back-propagate."""
+    x_hat: torch.Tensor
+    """Reconstruction [N, d_in]."""
+    fired: torch.Tensor
+    """Boolean [d_sae]: latents active on at least one token of the batch."""
+    l0: float
+    """Mean number of active latents per token."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Loss terms to log (detached scalars)."""
+
+
+def dense_step_stats(f: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(fired [d_sae], mean L0) of a dense latent matrix."""
+    active = f != 0
+    return active.any(0), float(active.sum()) / max(f.shape[0], 1)
+
+
+def sparse_step_stats(
+    values: torch.Tensor, indices: torch.Tensor, n_latents: int
+) -> tuple[torch.Tensor, float]:
+    """(fired [d_sae], mean L0) of (values, indices) latents."""
+    active = values != 0
+    fired = torch.zeros(n_latents, dtype=torch.bool, device=values.device)
+    fired[indices[active]] = True
+    return fired, float(active.sum()) / max(values.shape[0], 1)
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class: parameters, shapes, decoder-norm maintenance and input-scale folding."""
+
+    architecture: ClassVar[str] = ""
+    unit_norm_decoder: ClassVar[bool] = True
+    """Whether decoder rows are kept at unit norm during training."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d, n))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder rows and the encoder tied to the decoder's transpose."""
+        with torch.no_grad():
+            w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)
+            w /= w.norm(dim=-1, keepdim=True)
+            self.W_dec.copy_(w * (0.1 if not self.unit_norm_decoder else 1.0))
+            self.W_enc.copy_(self.W_dec.t())
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    # --- shape handling -------------------------------------------------------------------
+    def _flat(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if x.shape[-1] != self.cfg.d_in:
+            raise SaeguardError(
+                f"activations have width {x.shape[-1]} but this SAE reads d_in={self.cfg.d_in}: "
+                "was it trained on another model or hook point?"
+            )
+        return x.reshape(-1, self.cfg.d_in), tuple(x.shape[:-1])
+
+    # --- inference --------------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations ``(x - b_dec) @ W_enc + b_enc`` for a flat batch [N, d_in]."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+
+    def encode_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents [N, d_sae] of a flat batch; subclasses define the activation."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [..., d_sae] of activations [..., d_in]."""
+        flat, lead = self._flat(x)
+        return self.encode_flat(flat).reshape(*lead, self.cfg.d_sae)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction [..., d_in] of latents [..., d_sae]."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of activations [..., d_in]."""
+        return self.decode(self.encode(x))
+
+    # --- training -----------------------------------------------------------------------------
+    def training_step(
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float
+    ) -> StepOutput:
+        """Loss and reconstruction of a flat batch; ``dead_mask`` marks latents dead so far and
+        ``sparsity_scale`` (0..1) warms up the sparsity coefficient."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Project out the gradient component along each (unit) decoder row."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def after_step_(self) -> None:
+        """Hook for state updated after each optimiser step (e.g. running thresholds)."""
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """Make an SAE trained on ``x * scale`` read raw ``x`` and reconstruct raw ``x``.
+
+        Encoder: ``(x s - b) W + c = (x - b/s)(s W) + c``; decoder: ``(f W_d + b) / s``. Latent
+        values are unchanged, so thresholds stay valid.
+        """
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Architecture-specific tensors to save beside the four standard ones."""
+        return {}
+
+    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`extra_tensors`."""
+
+
+def mse_sum(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the squared reconstruction error."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+def normalized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Squared error over the batch variance (FVU of the batch): scale-free."""
+    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def auxk_loss(
+    sae: SparseAutoencoder, x: torch.Tensor, x_hat: torch.Tensor, dead_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the dead latents' top-k_aux pre-activations reconstruct the
+    residual ``x - x_hat``; only the dead latents' encoder columns are computed."""
+    if dead_mask is None or sae.cfg.aux_coef == 0 or not bool(dead_mask.any()):
+        return x.new_zeros(())
+    from saeguard.sae.kernels import sparse_decode
+
+    dead = dead_mask.nonzero().squeeze(1)
+    k_aux = min(sae.cfg.effective_k_aux, len(dead))
+    pre = torch.addmm(sae.b_enc[dead], x - sae.b_dec, sae.W_enc[:, dead])
+    vals, idx = pre.topk(k_aux, dim=-1, sorted=False)
+    aux = sparse_decode(vals.clamp_min(0), idx, sae.W_dec[dead], torch.zeros_like(sae.b_dec))
+    return sae.cfg.aux_coef * normalized_mse((x - x_hat).detach(), aux)

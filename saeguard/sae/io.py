@@ -1,0 +1,214 @@
+"""Saving and loading SAEs: ``cfg.json`` + ``sae_weights.safetensors``, SAELens-compatible.
+
+Tensors keep SAELens's names and shapes (``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in],
+``b_enc``, ``b_dec``, ``threshold``), and ``cfg.json`` carries the keys SAELens reads
+(``architecture``, ``d_in``, ``d_sae``, ``k``, ``hook_name``, ``apply_b_dec_to_input``,
+``normalize_activations``, ``metadata``) beside a ``saeguard`` block with everything else (our
+architecture config, masking, exclusions, the folded normalisation, training tokens, version).
+We also read SAEs written by SAELens and by EleutherAI's sparsify (``cfg.json`` +
+``sae.safetensors``). Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from saeguard import __version__
+from saeguard.errors import CorruptFileError, SaeguardError
+from saeguard.fileio import atomic_path, atomic_write_json
+from saeguard.sae.base import SparseAutoencoder
+from saeguard.sae.config import SAEConfig
+from saeguard.sae.registry import create_sae
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+
+# SAELens architecture names <-> ours.
+_TO_SAELENS = {"relu": "standard"}
+_FROM_SAELENS = {"standard": "relu"}
+_SAELENS_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
+
+
+def to_saelens_hook(hook: str) -> str:
+    """``resid_post.15`` -> ``blocks.15.hook_resid_post`` (TransformerLens naming)."""
+    kind, _, layer = hook.partition(".")
+    return f"blocks.{layer}.hook_{kind}" if layer.isdigit() else hook
+
+
+def from_saelens_hook(name: str) -> str:
+    """``blocks.15.hook_resid_post`` -> ``resid_post.15``; other names are kept."""
+    match = _SAELENS_HOOK.match(name or "")
+    return f"{match.group(2)}.{match.group(1)}" if match else name
+
+
+def save_sae(sae: SparseAutoencoder, directory: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write ``cfg.json`` and ``sae_weights.safetensors`` atomically (weights first)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "W_enc": sae.W_enc.detach(),
+        "b_enc": sae.b_enc.detach(),
+        "W_dec": sae.W_dec.detach(),
+        "b_dec": sae.b_dec.detach(),
+        **sae.extra_tensors(),
+    }
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    cfg = sae.cfg
+    hook = str(metadata.get("hook", ""))
+    layer = hook.partition(".")[2]
+    saelens_meta = {
+        "model_name": metadata.get("model", ""),
+        "hook_name": to_saelens_hook(hook),
+        "hook_layer": int(layer) if layer.isdigit() else None,
+        "context_size": metadata.get("ctx_len"),
+        "prepend_bos": metadata.get("prepend_bos", True),
+        "dataset_path": metadata.get("corpus", ""),
+    }
+    document = {
+        "architecture": _TO_SAELENS.get(cfg.architecture, cfg.architecture),
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "k": cfg.k,
+        "activation_fn_str": "topk" if cfg.architecture in ("topk", "abstopk") else "relu",
+        "activation_fn_kwargs": {"k": cfg.k} if cfg.architecture in ("topk", "abstopk") else {},
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",  # any input scale is folded into the weights
+        **saelens_meta,
+        "metadata": saelens_meta,
+        "saeguard": {
+            "version": __version__,
+            "sae_config": cfg.to_dict(),
+            **metadata,
+        },
+    }
+    atomic_write_json(directory / CFG_FILE, document)
+    return directory
+
+
+def load_sae(directory: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """Load a saeguard, SAELens or sparsify SAE directory; returns (sae, metadata)."""
+    directory = Path(directory)
+    cfg_path = directory / CFG_FILE
+    if not cfg_path.is_file():
+        raise SaeguardError(
+            f"{directory} holds no {CFG_FILE}: not an SAE directory (saeguard, SAELens or sparsify)"
+        )
+    try:
+        document = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{cfg_path} is not valid JSON ({exc})") from exc
+    if (directory / WEIGHTS_FILE).is_file():
+        tensors = _load_tensors(directory / WEIGHTS_FILE)
+        if "saeguard" in document:
+            return _load_saeguard(document, tensors)
+        return _load_saelens(document, tensors)
+    if (directory / SPARSIFY_WEIGHTS).is_file():
+        return _load_sparsify(document, _load_tensors(directory / SPARSIFY_WEIGHTS))
+    raise SaeguardError(
+        f"{directory} has {CFG_FILE} but neither {WEIGHTS_FILE} (SAELens/saeguard) nor "
+        f"{SPARSIFY_WEIGHTS} (sparsify)"
+    )
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(
+            f"{path} is not a readable safetensors file ({exc}); re-save or re-train the SAE"
+        ) from exc
+
+
+def _config_from(values: dict[str, Any]) -> SAEConfig:
+    known = {f.name for f in fields(SAEConfig)}
+    return SAEConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def _fill(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor]) -> SparseAutoencoder:
+    expected = {
+        "W_enc": (sae.cfg.d_in, sae.cfg.d_sae),
+        "b_enc": (sae.cfg.d_sae,),
+        "W_dec": (sae.cfg.d_sae, sae.cfg.d_in),
+        "b_dec": (sae.cfg.d_in,),
+    }
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CorruptFileError(f"SAE weights lack the tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise CorruptFileError(
+                f"SAE tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                "from cfg.json"
+            )
+        if not torch.isfinite(tensors[name]).all():
+            raise CorruptFileError(f"SAE tensor {name} holds NaN or inf values")
+    with torch.no_grad():
+        for name in expected:
+            getattr(sae, name).copy_(tensors[name].float())
+    sae.load_extra_tensors({k: v.float() for k, v in tensors.items() if k not in expected})
+    sae.eval()
+    return sae
+
+
+def _load_saeguard(
+    document: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    block = dict(document["saeguard"])
+    sae = _fill(create_sae(_config_from(block.pop("sae_config"))), tensors)
+    return sae, block
+
+
+def _load_saelens(
+    document: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    arch = _FROM_SAELENS.get(document.get("architecture", "standard"), document["architecture"])
+    k = document.get("k") or (document.get("activation_fn_kwargs") or {}).get("k") or 1
+    if document.get("normalize_activations", "none") not in ("none", None):
+        raise SaeguardError(
+            f"this SAELens SAE normalises its inputs ({document['normalize_activations']!r}) "
+            "with a scale saeguard cannot recover from cfg.json; fold it into the weights first"
+        )
+    cfg = _config_from(
+        {"architecture": arch, "d_in": document["d_in"], "d_sae": document["d_sae"], "k": int(k)}
+    )
+    tensors = dict(tensors)
+    if not document.get("apply_b_dec_to_input", True):
+        # x W + b = (x - b_dec) W + (b + b_dec W): move b_dec into the encoder bias.
+        tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
+    meta = document.get("metadata") or document
+    metadata = {
+        "format": "saelens",
+        "model": meta.get("model_name", ""),
+        "hook": from_saelens_hook(meta.get("hook_name", "")),
+    }
+    return _fill(create_sae(cfg), tensors), metadata
+
+
+def _load_sparsify(
+    document: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    if "W_skip" in tensors or document.get("skip_connection"):
+        raise SaeguardError("sparsify SAEs with a skip connection (transcoders) are not supported")
+    encoder = tensors["encoder.weight"]  # [num_latents, d_in]
+    d_sae, d_in = encoder.shape
+    cfg = _config_from(
+        {"architecture": "topk", "d_in": int(d_in), "d_sae": int(d_sae), "k": int(document["k"])}
+    )
+    mapped = {
+        "W_enc": encoder.t().contiguous(),
+        "b_enc": tensors["encoder.bias"],
+        "W_dec": tensors["W_dec"],
+        "b_dec": tensors["b_dec"],
+    }
+    return _fill(create_sae(cfg), mapped), {"format": "sparsify"}

@@ -1,0 +1,87 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024): ``f = z * H(z - theta)`` with a learnable threshold per
+latent, trained through straight-through estimators with a rectangle kernel of width epsilon."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from saeguard.sae.base import SparseAutoencoder, StepOutput, dense_step_stats, mse_sum
+from saeguard.sae.config import SAEConfig
+from saeguard.sae.registry import register
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
+        z, theta = ctx.saved_tensors
+        grad_z = grad * (z > theta)
+        grad_theta = (-(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps) * grad).sum(0)
+        return grad_z, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
+        z, theta = ctx.saved_tensors
+        grad_theta = (-(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * grad).sum(0)
+        return torch.zeros_like(z), grad_theta, None
+
+
+@register("jumprelu")
+class JumpReLUSAE(SparseAutoencoder):
+    """Loss ``|x - x_hat|^2 + lambda L0``, or ``lambda (L0/target - 1)^2`` with ``l0_target``."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.log_threshold = nn.Parameter(
+            torch.full((cfg.d_sae,), float(torch.log(torch.tensor(cfg.jumprelu_init_threshold))))
+        )
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def encode_flat(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(self.pre_acts(x))
+        return z * (z > self.threshold)
+
+    def training_step(
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float
+    ) -> StepOutput:
+        z = torch.relu(self.pre_acts(x))
+        theta = self.threshold
+        f = _JumpReLU.apply(z, theta, self.cfg.jumprelu_bandwidth)
+        x_hat = f @ self.W_dec + self.b_dec
+        mse = mse_sum(x, x_hat)
+        l0 = _Step.apply(z, theta, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+        coef = self.cfg.sparsity_coef(1.0) * sparsity_scale
+        penalty = (l0 / self.cfg.l0_target - 1) ** 2 if self.cfg.l0_target > 0 else l0
+        fired, l0_value = dense_step_stats(f)
+        return StepOutput(mse + coef * penalty, x_hat, fired, l0_value, {"mse": mse.detach()})
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {"threshold": self.threshold.detach()}
+
+    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "threshold" in tensors:
+            with torch.no_grad():
+                self.log_threshold.copy_(tensors["threshold"].clamp_min(1e-12).log())

@@ -1,0 +1,37 @@
+"""Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024): BatchTopK whose dictionary prefixes must
+each reconstruct the input on their own, so early latents learn general features and later ones
+specialise instead of absorbing them."""
+
+from __future__ import annotations
+
+import torch
+
+from saeguard.sae.base import StepOutput, auxk_loss, dense_step_stats, normalized_mse
+from saeguard.sae.batchtopk import BatchTopKSAE
+from saeguard.sae.registry import register
+
+
+@register("matryoshka")
+class MatryoshkaSAE(BatchTopKSAE):
+    """Loss: mean over prefixes m of the normalised MSE of ``f[:, :m] W_dec[:m] + b_dec``; AuxK."""
+
+    def training_step(
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float
+    ) -> StepOutput:
+        f = self.batch_topk(self.pre_acts(x))
+        losses = []
+        x_hat = self.b_dec.expand_as(x)
+        start = 0
+        for size in self.cfg.prefixes():
+            x_hat = x_hat + f[:, start:size] @ self.W_dec[start:size]
+            losses.append(normalized_mse(x, x_hat))
+            start = size
+        mse = torch.stack(losses).mean()
+        aux = auxk_loss(self, x, x_hat, dead_mask)
+        fired, l0 = dense_step_stats(f)
+        metrics = {
+            "mse": losses[-1].detach(),
+            "prefix_mse": mse.detach(),
+            "auxk": aux.detach(),
+        }
+        return StepOutput(mse + aux, x_hat, fired, l0, metrics)

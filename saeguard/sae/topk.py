@@ -1,0 +1,44 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations (through a ReLU), plus AuxK.
+
+Training runs on the sparse kernels: the decode and every gradient touch only the k kept latents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saeguard.sae.base import (
+    SparseAutoencoder,
+    StepOutput,
+    auxk_loss,
+    normalized_mse,
+    sparse_step_stats,
+)
+from saeguard.sae.kernels import scatter_dense, sparse_decode, sparse_topk_encode
+from saeguard.sae.registry import register
+
+
+@register("topk")
+class TopKSAE(SparseAutoencoder):
+    """``f = TopK_k(ReLU(W_enc (x - b_dec) + b_enc))``; loss normalised MSE + AuxK."""
+
+    signed = False
+    """Keep the largest |pre-activation| with its sign instead (AbsTopK)."""
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [N, k], indices [N, k]) of a flat batch."""
+        return sparse_topk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.signed)
+
+    def encode_flat(self, x: torch.Tensor) -> torch.Tensor:
+        values, indices = self.encode_sparse(x)
+        return scatter_dense(values, indices, self.cfg.d_sae)
+
+    def training_step(
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float
+    ) -> StepOutput:
+        values, indices = self.encode_sparse(x)
+        x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
+        mse = normalized_mse(x, x_hat)
+        aux = auxk_loss(self, x, x_hat, dead_mask)
+        fired, l0 = sparse_step_stats(values, indices, self.cfg.d_sae)
+        return StepOutput(mse + aux, x_hat, fired, l0, {"mse": mse.detach(), "auxk": aux.detach()})
