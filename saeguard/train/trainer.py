@@ -1,0 +1,392 @@
+"""Train one or several SAEs from any iterator of activation batches.
+
+The trainer knows nothing about where batches come from (a cache, a live model, a test's random
+tensors). It implements what makes short SAE runs work: Adam with LR warm-up and a final linear
+decay, a sparsity-coefficient warm-up, unit-norm decoder rows with the parallel gradient removed,
+``b_dec`` initialised at the geometric median (or mean) of the first batch, inputs scaled so that
+E|x|^2 = d_in (folded into the weights at save), dead-latent tracking feeding AuxK, gradient
+clipping, checkpoints that resume to bit-identical weights, a progress bar, a JSONL metrics log
+and optional TensorBoard / W&B logging.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from saeguard.configs import config_to_dict, validate_literals
+from saeguard.errors import ConfigError, MissingPackageError, SaeguardError
+from saeguard.fileio import atomic_path, atomic_write_json, atomic_write_text
+from saeguard.sae import SparseAutoencoder
+from saeguard.sae.io import save_sae
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """Optimisation settings shared by every SAE trained in one pass."""
+
+    tokens: int = 2_000_000
+    """Training activations per SAE (after exclusions and masking drops)."""
+    batch_tokens: int = 4096
+    """Activations per optimisation step."""
+    lr: float = 4e-4
+    """Adam learning rate."""
+    lr_warmup_steps: int = 50
+    """Steps of linear LR warm-up from 0."""
+    lr_decay_fraction: float = 0.2
+    """Final fraction of the steps over which the LR decays linearly to 0."""
+    sparsity_warmup_steps: int = 100
+    """Steps of linear warm-up of the sparsity coefficient (relu, jumprelu)."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """Initial decoder bias: geometric median or mean of the first batch, or zeros."""
+    normalize: bool = True
+    """Scale inputs so E|x|^2 = d_in during training (folded into the saved weights)."""
+    grad_clip: float = 1.0
+    """Clip each SAE's gradient norm to this (0 disables)."""
+    checkpoint_every: int = 100
+    """Write a resumable checkpoint every this many steps (0 disables)."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    train_seed: int = 0
+    """Seed of the SAE initialisation and of the shuffle buffer."""
+    buffer_tokens: int = 262_144
+    """Activations mixed in the shuffle buffer."""
+    logger: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also log metrics to TensorBoard or Weights & Biases (needs the package)."""
+    autocast_bf16: bool = False
+    """Run SAE forward/backward under bfloat16 autocast (weights and Adam stay fp32)."""
+
+    def __post_init__(self) -> None:
+        validate_literals(self)
+        if self.tokens < 1 or self.batch_tokens < 1:
+            raise ConfigError("--tokens and --batch-tokens must be positive")
+        if self.tokens < self.batch_tokens:
+            raise ConfigError(
+                f"--tokens ({self.tokens}) is less than one batch (--batch-tokens "
+                f"{self.batch_tokens}): nothing would be trained"
+            )
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.lr_decay_fraction <= 1:
+            raise ConfigError("--lr-decay-fraction must lie in [0, 1]")
+        if self.buffer_tokens < 2 * self.batch_tokens:
+            raise ConfigError("--buffer-tokens must hold at least two batches")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_tokens
+
+
+def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> float:
+    """Linear warm-up, constant, then linear decay to 0 over the last ``decay_fraction``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    decay_start = int(total * (1 - decay_fraction))
+    if decay_fraction > 0 and step >= decay_start:
+        return max(0.0, (total - step) / max(total - decay_start, 1))
+    return 1.0
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 50, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=-1).clamp_min(eps)
+        new = (weights.unsqueeze(1) * points).sum(0) / weights.sum()
+        if (new - median).norm() < eps * max(float(median.norm()), 1.0):
+            return new
+        median = new
+    return median
+
+
+class Trainer:
+    """Trains named SAEs side by side on one stream of activation batches."""
+
+    def __init__(
+        self,
+        saes: dict[str, SparseAutoencoder],
+        cfg: TrainerConfig,
+        out: str | Path,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if not saes:
+            raise ConfigError("nothing to train: no SAE given")
+        widths = {s.cfg.d_in for s in saes.values()}
+        if len(widths) != 1:
+            raise ConfigError(f"SAEs trained in one pass must share d_in, got {sorted(widths)}")
+        self.saes = saes
+        self.cfg = cfg
+        self.out = Path(out)
+        self.metadata = metadata or {}
+        self.d_in = widths.pop()
+        self.optimizers = {
+            name: torch.optim.Adam(sae.parameters(), lr=cfg.lr) for name, sae in saes.items()
+        }
+        self.since_fired = {
+            name: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for name, sae in saes.items()
+        }
+        self.step = 0
+        self.scale = 1.0
+        self.history: dict[str, dict[str, float]] = {}
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "trainer": config_to_dict(self.cfg),
+            "saes": {n: s.cfg.to_dict() for n, s in self.saes.items()},
+        }
+
+    def save_checkpoint(self) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, sae in self.saes.items():
+            for key, value in sae.state_dict().items():
+                tensors[f"{name}/param/{key}"] = value.detach().clone()
+            for index, state in self.optimizers[name].state_dict()["state"].items():
+                for key, value in state.items():
+                    tensors[f"{name}/adam/{index}/{key}"] = torch.as_tensor(value).clone()
+            tensors[f"{name}/since_fired"] = self.since_fired[name].clone()
+        tensors["rng/torch"] = torch.get_rng_state()
+        directory = self.out / CHECKPOINT_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / "state.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        atomic_write_json(
+            directory / "state.json",
+            {"step": self.step, "scale": self.scale, "identity": self._identity()},
+        )
+
+    def try_resume(self) -> bool:
+        """Load the checkpoint in ``out`` if it was made with the same settings."""
+        directory = self.out / CHECKPOINT_DIR
+        if not (directory / "state.json").is_file():
+            return False
+        state = json.loads((directory / "state.json").read_text())
+        if state.get("identity") != json.loads(json.dumps(self._identity())):
+            raise SaeguardError(
+                f"{directory} holds a checkpoint of a run with other settings; use another --out "
+                "or delete the checkpoint to start over"
+            )
+        tensors = load_file(str(directory / "state.safetensors"))
+        for name, sae in self.saes.items():
+            prefix = f"{name}/param/"
+            sae.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
+            opt_state = self.optimizers[name].state_dict()
+            restored: dict[int, dict[str, torch.Tensor]] = {}
+            adam_prefix = f"{name}/adam/"
+            for key, value in tensors.items():
+                if key.startswith(adam_prefix):
+                    index, field_name = key[len(adam_prefix) :].split("/")
+                    restored.setdefault(int(index), {})[field_name] = value
+            opt_state["state"] = restored
+            self.optimizers[name].load_state_dict(opt_state)
+            self.since_fired[name] = tensors[f"{name}/since_fired"].clone()
+        torch.set_rng_state(tensors["rng/torch"])
+        self.step, self.scale = int(state["step"]), float(state["scale"])
+        log.info("resumed from %s at step %d", directory, self.step)
+        return True
+
+    # --- training -------------------------------------------------------------------------------
+    def _initialise(self, first: torch.Tensor) -> None:
+        self.scale = (
+            math.sqrt(self.d_in) / float(first.norm(dim=-1).pow(2).mean().sqrt())
+            if self.cfg.normalize
+            else 1.0
+        )
+        sample = first * self.scale
+        if self.cfg.b_dec_init == "geometric_median":
+            centre = geometric_median(sample)
+        elif self.cfg.b_dec_init == "mean":
+            centre = sample.mean(0)
+        else:
+            centre = torch.zeros(self.d_in)
+        generator = torch.Generator().manual_seed(self.cfg.train_seed)
+        for sae in self.saes.values():
+            sae.reset_parameters(generator)
+            with torch.no_grad():
+                sae.b_dec.copy_(centre)
+
+    def _check(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.ndim != 2 or batch.shape[1] != self.d_in:
+            raise SaeguardError(
+                f"activation batch has shape {tuple(batch.shape)}, but the SAEs read "
+                f"[n, {self.d_in}]: check the hook point and model"
+            )
+        batch = batch.float()
+        if not torch.isfinite(batch).all():
+            bad = int((~torch.isfinite(batch)).any(-1).sum())
+            raise SaeguardError(
+                f"{bad} activations in the batch of step {self.step} are NaN or inf; check the "
+                "model dtype (try --dtype float32) and the source"
+            )
+        return batch
+
+    def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, dict[str, float]]:
+        """Train until ``cfg.tokens`` per SAE or the end of ``batches``; save every SAE."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self.try_resume()
+        stream: Iterator[torch.Tensor] = iter(batches)
+        first = self._check(next(stream))
+        if not resumed:
+            self._initialise(first)
+        stream = _chain_first(first, stream)
+        for _ in range(self.step):  # fast-forward the deterministic stream
+            next(stream, None)
+        metrics_path = self.out / "metrics.jsonl"
+        _truncate_metrics(metrics_path, self.step)
+        writer = _external_logger(self.cfg, self.out)
+        total = self.cfg.steps
+        bar = tqdm(total=total, initial=self.step, unit="step", desc="train", dynamic_ncols=True)
+        started, trained_tokens = time.perf_counter(), 0
+        try:
+            with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+                while self.step < total:
+                    batch = next(stream, None)
+                    if batch is None:
+                        log.warning(
+                            "the activation stream ended at step %d of %d", self.step, total
+                        )
+                        break
+                    x = self._check(batch) * self.scale
+                    row = self._train_step(x)
+                    trained_tokens += len(x)
+                    self.step += 1
+                    rate = trained_tokens / max(time.perf_counter() - started, 1e-9)
+                    if self.step % self.cfg.log_every == 0 or self.step == total:
+                        line = {"step": self.step, "tokens": self.step * self.cfg.batch_tokens,
+                                "tokens_per_s": rate, **row}  # fmt: skip
+                        metrics_file.write(json.dumps(line) + "\n")
+                        metrics_file.flush()
+                        if writer is not None:
+                            writer(line)
+                    first_name = next(iter(self.saes))
+                    bar.set_postfix(
+                        loss=f"{row[f'{first_name}/loss']:.4f}",
+                        fvu=f"{row[f'{first_name}/fvu']:.3f}",
+                        l0=f"{row[f'{first_name}/l0']:.1f}",
+                        dead=f"{100 * row[f'{first_name}/dead_frac']:.1f}%",
+                        tok_s=f"{rate:,.0f}",
+                    )
+                    bar.update(1)
+                    if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        self.tokens_per_s = trained_tokens / max(time.perf_counter() - started, 1e-9)
+        self.save_all()
+        return self.history
+
+    def _train_step(self, x: torch.Tensor) -> dict[str, float]:
+        row: dict[str, float] = {}
+        factor = lr_factor(self.step, self.cfg.steps, self.cfg.lr_warmup_steps,
+                           self.cfg.lr_decay_fraction)  # fmt: skip
+        sparsity = min(1.0, (self.step + 1) / max(self.cfg.sparsity_warmup_steps, 1))
+        for name, sae in self.saes.items():
+            opt = self.optimizers[name]
+            for group in opt.param_groups:
+                group["lr"] = self.cfg.lr * factor
+            dead = self.since_fired[name] >= sae.cfg.dead_tokens
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
+                out = sae.training_step(x, dead, sparsity)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            sae.remove_parallel_decoder_grad_()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+            opt.step()
+            sae.normalize_decoder_()
+            sae.after_step_()
+            self.since_fired[name] += len(x)
+            self.since_fired[name][out.fired] = 0
+            with torch.no_grad():
+                fvu = float((out.x_hat.float() - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+            stats = {
+                "loss": float(out.loss.detach()),
+                "fvu": fvu,
+                "l0": out.l0,
+                "dead_frac": float(dead.float().mean()),
+                "lr": self.cfg.lr * factor,
+                **{k: float(v) for k, v in out.metrics.items()},
+            }
+            row.update({f"{name}/{k}": v for k, v in stats.items()})
+            self.history[name] = stats
+        return row
+
+    def folded(self, name: str) -> SparseAutoencoder:
+        """A copy of an SAE that reads and reconstructs raw (unscaled) activations."""
+        sae = copy.deepcopy(self.saes[name])
+        sae.fold_input_scale_(self.scale)
+        return sae.eval()
+
+    def save_all(self) -> None:
+        """Save each SAE (scale folded in) into ``out`` (one SAE) or ``out/NAME`` (several)."""
+        single = len(self.saes) == 1
+        for name in self.saes:
+            directory = self.out if single else self.out / name
+            metadata = {
+                **self.metadata,
+                "name": name,
+                "normalization": {"train_scale": self.scale, "folded": True},
+                "training_tokens": self.step * self.cfg.batch_tokens,
+                "trainer": config_to_dict(self.cfg),
+                "final_train_metrics": self.history.get(name, {}),
+            }
+            save_sae(self.folded(name), directory, metadata)
+
+
+def _chain_first(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    yield first
+    yield from rest
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _external_logger(cfg: TrainerConfig, out: Path) -> Any:
+    if cfg.logger == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise MissingPackageError("TensorBoard", "tensorboard") from exc
+        writer = SummaryWriter(str(out / "tensorboard"))
+
+        def write(line: dict[str, float]) -> None:
+            for key, value in line.items():
+                if key != "step":
+                    writer.add_scalar(key, value, int(line["step"]))
+
+        return write
+    if cfg.logger == "wandb":
+        try:
+            import wandb  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise MissingPackageError("Weights & Biases", "wandb") from exc
+        run = wandb.init(project="saeguard", dir=str(out), config=config_to_dict(cfg))
+        return lambda line: run.log(line, step=line["step"])
+    return None
