@@ -35,6 +35,15 @@ def _cmd_harvest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from saeguard.train import TrainJobConfig, run_training
+
+    job = config_from_args(TrainJobConfig, args)
+    results = run_training(job)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from saeguard.activations import ActivationCache
 
@@ -137,6 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(p, HarvestConfig, aliases={"hooks": ["--hook"]})
     p.set_defaults(func=_cmd_harvest)
+
+    from saeguard.train import TrainJobConfig
+
+    p = sub.add_parser(
+        "train",
+        help="Train one or several SAEs, straight from the model or from a harvest cache.",
+        description=(
+            "Train SAEs on a model's activations at one hook point. Several --arch, --k or "
+            "--expansion values train several SAEs from one activation stream in one pass. "
+            "Masked regularization (--mask-prob) replaces input tokens by a mask token before "
+            "the model runs. Checkpoints every --checkpoint-every steps: running the same "
+            "command again resumes with bit-identical results. Writes cfg.json + "
+            "sae_weights.safetensors (SAELens-compatible), metrics.jsonl and train_results.json."
+        ),
+    )
+    add_config_arguments(
+        p, TrainJobConfig, aliases={"hooks": ["--hook"], "architectures": ["--arch"]}
+    )
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
         "cache",

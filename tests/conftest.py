@@ -64,7 +64,7 @@ def make_tokenizer(directory: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<s>", "</s>", "<pad>"]
+    specials = ["<|endoftext|>", "<s>", "</s>", "<pad>", "<mask>"]
     trainer = trainers.BpeTrainer(
         vocab_size=400,
         special_tokens=specials,
@@ -78,7 +78,7 @@ def make_tokenizer(directory: Path):
         eos_token="</s>",
         pad_token="<pad>",
         unk_token=None,
-        additional_special_tokens=["<|endoftext|>"],
+        additional_special_tokens=["<|endoftext|>", "<mask>"],
     )
     fast.save_pretrained(directory)
     return fast

@@ -24,11 +24,18 @@ log = logging.getLogger(__name__)
 class CachedActivationSource:
     """Streams one hook's activations shard by shard from an activation cache."""
 
-    def __init__(self, directory: str | Path, hook: str | None = None, verify: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        hook: str | None = None,
+        verify: bool = True,
+        cycle: bool = False,
+    ) -> None:
         self.cache = ActivationCache.open(directory)
         self.hook = hook or self.cache.hooks[0]
         self.cache.d_model(self.hook)  # unknown hook -> clear error now
         self.verify = verify
+        self.cycle = cycle
 
     @property
     def d_model(self) -> int:
@@ -38,7 +45,14 @@ class CachedActivationSource:
         return self.cache.n_tokens(self.hook)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return self.cache.iter_shards(self.hook, verify=self.verify)
+        """One pass over the shards, or endless passes with ``cycle`` (each pass logged)."""
+        passes = 0
+        while True:
+            yield from self.cache.iter_shards(self.hook, verify=self.verify and passes == 0)
+            passes += 1
+            if not self.cycle:
+                return
+            log.warning("activation cache exhausted: starting pass %d over it", passes + 1)
 
 
 class ShuffleBuffer:

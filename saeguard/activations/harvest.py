@@ -119,7 +119,9 @@ def harvest(
     with _exclusive_lock(out):
         manifest = _resume_manifest(cfg, out, fingerprint)
         removed = remove_stale_temporaries(out)
-        harvester = ActivationHarvester(prepared.loaded, cfg.hooks, prepared.rules)
+        harvester = ActivationHarvester(
+            prepared.loaded, cfg.hooks, prepared.rules, prepared.masking
+        )
         contexts = prepared.contexts()
         calibration = list(itertools.islice(contexts, cfg.calibration_contexts))
         if not calibration:

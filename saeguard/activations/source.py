@@ -11,7 +11,7 @@ import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -70,6 +70,16 @@ class ActivationSourceConfig:
     """When the split runs out, start another pass in a new order instead of stopping."""
     threads: int = 0
     """CPU threads for torch (0 keeps torch's default)."""
+    mask_prob: float = 0.0
+    """Masked regularization: replace each eligible input token by the mask token with this
+    probability before the model runs (0 = off, exactly the baseline)."""
+    mask_token: str = ""
+    """Mask token string; must encode to one token id ('' = the tokenizer's own mask token, else
+    a rarely used special token)."""
+    keep_masked_positions: bool = False
+    """Keep the activations at masked positions themselves (dropped by default)."""
+    mask_seed: int = 0
+    """Seed of the masking draws (each context's draw depends only on it and the context)."""
 
     def __post_init__(self) -> None:
         validate_literals(self)
@@ -88,15 +98,26 @@ class ActivationSourceConfig:
             raise ConfigError("--calibration-contexts must be at least 1")
         if len(set(self.hooks)) != len(self.hooks):
             raise ConfigError(f"hook points are repeated: {self.hooks}")
+        if not 0 <= self.mask_prob < 1:
+            raise ConfigError(f"--mask-prob must lie in [0, 1), got {self.mask_prob}")
 
 
 class ActivationHarvester:
     """Runs a model up to its deepest requested hook and applies the exclusion rules."""
 
-    def __init__(self, loaded: LoadedModel, hooks: list[str], rules: ExclusionRules) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        hooks: list[str],
+        rules: ExclusionRules,
+        masking: MaskingSpec | None = None,
+    ) -> None:
         self.loaded = loaded
         self.points: list[HookPoint] = [loaded.hook_point(h) for h in hooks]
         self.rules = rules
+        self.masking = masking
+        self.masked_tokens = 0
+        self.eligible_tokens = 0
 
     @property
     def hooks(self) -> list[str]:
@@ -111,17 +132,35 @@ class ActivationHarvester:
     def kept(
         self, tokens: torch.Tensor, first_context: int
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per hook: kept activations [n, d] and their global indices (context * ctx_len + pos)."""
-        raw = self.forward(tokens)
+        """Per hook: kept activations [n, d] and their global indices (context * ctx_len + pos).
+
+        With masking on, the model reads the masked tokens; special-token exclusion still looks
+        at the original tokens, and masked positions are dropped unless asked to keep them.
+        """
         batch, seq = tokens.shape
+        dropped = torch.zeros_like(tokens, dtype=torch.bool)
+        model_tokens = tokens
+        if self.masking is not None and self.masking.prob > 0:
+            masked = self.masking.draw(tokens, first_context, ~self.rules.special_mask(tokens))
+            model_tokens = tokens.masked_fill(masked, self.masking.token_id)
+            self.masked_tokens += int(masked.sum())
+            self.eligible_tokens += int((~self.rules.special_mask(tokens)).sum())
+            if not self.masking.keep_positions:
+                dropped = masked
+        raw = self.forward(model_tokens)
         positions = torch.arange(first_context, first_context + batch).unsqueeze(
             1
         ) * seq + torch.arange(seq).unsqueeze(0)
         result = {}
         for name, acts in raw.items():
-            keep = self.rules.keep_mask(tokens, acts, name)
+            keep = self.rules.keep_mask(tokens, acts, name) & ~dropped
             result[name] = (acts[keep], positions[keep])
         return result
+
+    @property
+    def masked_fraction(self) -> float:
+        """Fraction of eligible tokens replaced by the mask token so far."""
+        return self.masked_tokens / max(self.eligible_tokens, 1)
 
     def calibrate(self, contexts: list[list[int]], batch_size: int) -> None:
         """Measure the median norm per hook on ``contexts`` and fix the outlier thresholds."""
@@ -135,6 +174,64 @@ class ActivationHarvester:
         self.rules.median_norms = median_norms(acts, masks)
 
 
+@dataclass(frozen=True)
+class MaskingSpec:
+    """Masked regularization (SPEC section 3), a property of the activation source."""
+
+    prob: float
+    token: str
+    token_id: int
+    keep_positions: bool
+    seed: int
+
+    def draw(
+        self, tokens: torch.Tensor, first_context: int, eligible: torch.Tensor
+    ) -> torch.Tensor:
+        """Which positions to mask: each context's draw depends only on the seed and its index,
+        so resumed and re-batched runs mask exactly the same tokens."""
+        rows = []
+        for row in range(tokens.shape[0]):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + first_context + row)
+            rows.append(torch.rand(tokens.shape[1], generator=generator) < self.prob)
+        return torch.stack(rows) & eligible
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "mask_prob": self.prob,
+            "mask_token": self.token,
+            "mask_token_id": self.token_id,
+            "keep_masked_positions": self.keep_positions,
+            "mask_seed": self.seed,
+        }
+
+
+# Rarely used special tokens that can stand in as a mask token, by preference.
+_FALLBACK_MASK_TOKENS = ("<mask>", "<empty_output>", "<jupyter_script>", "<reponame>")
+
+
+def resolve_mask_token(tokenizer: Any, requested: str) -> tuple[str, int]:
+    """The mask token string and its id; it must encode to exactly one token."""
+    candidates = [requested] if requested else []
+    if not requested:
+        if getattr(tokenizer, "mask_token", None):
+            candidates.append(tokenizer.mask_token)
+        vocab = tokenizer.get_vocab()
+        candidates += [t for t in _FALLBACK_MASK_TOKENS if t in vocab]
+    for token in candidates:
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return token, int(ids[0])
+        if requested:
+            raise ConfigError(
+                f"--mask-token {token!r} encodes to {len(ids)} tokens {ids}; it must be exactly "
+                "one token (e.g. a special token of the vocabulary)"
+            )
+    raise ConfigError(
+        "this tokenizer has no mask token and none of the fallback special tokens "
+        f"({', '.join(_FALLBACK_MASK_TOKENS)}); pass --mask-token with a single-token string"
+    )
+
+
 @dataclass
 class PreparedSource:
     """Everything a config names, loaded and checked: model, documents, packing and rules."""
@@ -144,6 +241,7 @@ class PreparedSource:
     spec: PackingSpec
     rules: ExclusionRules
     cfg: ActivationSourceConfig
+    masking: MaskingSpec | None = None
 
     def contexts(self) -> Iterator[list[int]]:
         """A fresh, deterministic stream of packed contexts (each call starts over)."""
@@ -188,7 +286,13 @@ def prepare(cfg: ActivationSourceConfig, loaded: LoadedModel | None = None) -> P
         ),
         outlier_multiple=cfg.outlier_multiple,
     )
-    return PreparedSource(loaded, documents, spec, rules, cfg)
+    masking = None
+    if cfg.mask_prob > 0:
+        token, token_id = resolve_mask_token(loaded.tokenizer, cfg.mask_token)
+        masking = MaskingSpec(
+            cfg.mask_prob, token, token_id, cfg.keep_masked_positions, cfg.mask_seed
+        )
+    return PreparedSource(loaded, documents, spec, rules, cfg, masking)
 
 
 class ModelActivationSource:
@@ -208,7 +312,9 @@ class ModelActivationSource:
         self.hook = hook or cfg.hooks[0]
         self.prepared = prepare(cfg, loaded)
         self.loaded = self.prepared.loaded
-        self.harvester = ActivationHarvester(self.loaded, [self.hook], self.prepared.rules)
+        self.harvester = ActivationHarvester(
+            self.loaded, [self.hook], self.prepared.rules, self.prepared.masking
+        )
         if cfg.outlier_multiple > 0:
             calibration = list(itertools.islice(self.prepared.contexts(), cfg.calibration_contexts))
             self.harvester.calibrate(calibration, cfg.batch_size)
@@ -219,10 +325,15 @@ class ModelActivationSource:
 
     def describe(self) -> dict[str, object]:
         """Provenance of the activations, for saved metadata."""
+        masking = self.prepared.masking
         return {
             "source": config_to_dict(self.cfg),
             "hook": self.hook,
             "exclusions": self.harvester.rules.to_dict(),
+            "masking": {
+                **(masking.to_dict() if masking else {"mask_prob": 0.0}),
+                "masked_fraction": self.harvester.masked_fraction,
+            },
         }
 
     def __iter__(self) -> Iterator[torch.Tensor]:

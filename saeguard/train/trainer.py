@@ -93,7 +93,11 @@ class TrainerConfig:
 
 
 def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> float:
-    """Linear warm-up, constant, then linear decay to 0 over the last ``decay_fraction``."""
+    """Linear warm-up, constant, then linear decay to 0 over the last ``decay_fraction``.
+
+    The warm-up is capped at a tenth of the run so short runs still reach the full rate.
+    """
+    warmup = min(warmup, total // 10)
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     decay_start = int(total * (1 - decay_fraction))

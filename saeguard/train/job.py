@@ -1,0 +1,201 @@
+"""`saeguard train`: activation source + SAE grid + trainer, then a held-out evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saeguard import __version__
+from saeguard.activations import (
+    ActivationSourceConfig,
+    CachedActivationSource,
+    ModelActivationSource,
+    ShuffleBuffer,
+)
+from saeguard.activations.cache import ActivationCache
+from saeguard.errors import ConfigError
+from saeguard.fileio import atomic_write_json
+from saeguard.sae import ARCHITECTURES, SAEConfig, SparseAutoencoder, create_sae
+from saeguard.train.trainer import Trainer, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
+    """A training run: where activations come from, which SAEs, and how to optimise them."""
+
+    out: str
+    """Output directory: the SAE (or one sub-directory per SAE), metrics and checkpoints."""
+    acts: str = ""
+    """Train from this activation cache (from `saeguard harvest`) instead of running the model."""
+    architectures: list[str] = field(default_factory=lambda: ["topk"])
+    """SAE architectures; several values train several SAEs from one activation stream."""
+    k: list[int] = field(default_factory=lambda: [32])
+    """Active latents per token (TopK, MP; mean for BatchTopK, Matryoshka); several allowed."""
+    expansion: list[int] = field(default_factory=lambda: [16])
+    """Latents per input dimension (d_sae = expansion x d_in); several allowed."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss on dead latents (0 disables it)."""
+    k_aux: int = 0
+    """Latents in the AuxK loss (0: d_in / 2)."""
+    dead_tokens: int = 262_144
+    """Tokens without firing after which a latent counts as dead."""
+    l1_coef: float | None = None
+    """Sparsity coefficient of relu/jumprelu (none: their defaults 5 and 1)."""
+    l0_target: float = 0.0
+    """JumpReLU: target L0 for the (L0/target - 1)^2 penalty (0: plain L0 penalty)."""
+    eval_tokens: int = 16_384
+    """Held-out activations (validation split, no masking) for the final FVU / L0 / dead report."""
+
+    def __post_init__(self) -> None:
+        ActivationSourceConfig.__post_init__(self)
+        TrainerConfig.__post_init__(self)
+        unknown = [a for a in self.architectures if a not in ARCHITECTURES]
+        if unknown:
+            raise ConfigError(
+                f"unknown SAE architecture(s) {unknown}; choose from {', '.join(ARCHITECTURES)}"
+            )
+        if any(e < 1 for e in self.expansion):
+            raise ConfigError(f"--expansion must be a positive integer, got {self.expansion}")
+        if any(k < 1 for k in self.k):
+            raise ConfigError(f"--k must be at least 1, got {self.k}")
+        if self.eval_tokens < 0:
+            raise ConfigError("--eval-tokens must be >= 0")
+
+    def sae_configs(self, d_in: int) -> dict[str, SAEConfig]:
+        """One SAE config per (architecture, k, expansion); impossible ones fail here."""
+        configs = {}
+        for arch, k, expansion in itertools.product(self.architectures, self.k, self.expansion):
+            configs[f"{arch}_k{k}_x{expansion}"] = SAEConfig(
+                architecture=arch,
+                d_in=d_in,
+                d_sae=d_in * expansion,
+                k=k,
+                k_aux=self.k_aux,
+                aux_coef=self.aux_coef,
+                dead_tokens=self.dead_tokens,
+                l1_coef=self.l1_coef,
+                l0_target=self.l0_target,
+            )
+        return configs
+
+
+def _source_config_from_cache(job: TrainJobConfig, cache: ActivationCache) -> TrainJobConfig:
+    """The job with its source fields replaced by those the cache was harvested with."""
+    recorded = cache.manifest["config"]
+    fields = {f.name for f in dataclasses.fields(ActivationSourceConfig)}
+    overrides = {k: v for k, v in recorded.items() if k in fields}
+    return dataclasses.replace(job, **overrides)
+
+
+def run_training(job: TrainJobConfig) -> dict[str, Any]:
+    """Train every SAE of the job, evaluate on held-out text, write ``train_results.json``."""
+    hook = job.hooks[0]
+    if job.acts:
+        cached = CachedActivationSource(
+            job.acts, hook=hook if hook in _cache_hooks(job) else None, cycle=job.repeat
+        )
+        hook = cached.hook
+        source_job = _source_config_from_cache(job, cached.cache)
+        source: Any = cached
+        d_in = cached.d_model
+        provenance = {
+            "source": "cache",
+            "acts": str(job.acts),
+            "exclusions": cached.cache.manifest["exclusions"],
+            "masking": cached.cache.manifest.get("masking", {"mask_prob": 0.0}),
+        }
+    else:
+        live = ModelActivationSource(job, hook=hook)
+        source_job, source, d_in = job, live, live.d_model
+        provenance = {"source": "model"}
+    saes: dict[str, SparseAutoencoder] = {
+        name: create_sae(cfg) for name, cfg in job.sae_configs(d_in).items()
+    }
+    metadata = {
+        "model": source_job.model,
+        "hook": hook,
+        "corpus": source_job.corpus,
+        "split": source_job.split,
+        "ctx_len": source_job.ctx_len,
+        "prepend_bos": source_job.prepend_bos,
+        "saeguard_version": __version__,
+        **provenance,
+    }
+    batches = ShuffleBuffer(source, job.batch_tokens, job.buffer_tokens, seed=job.train_seed)
+    trainer = Trainer(saes, job, job.out, metadata)
+    if isinstance(source, ModelActivationSource):
+        trainer.metadata["masking"] = source.describe()["masking"]
+    trainer.fit(batches)
+    if isinstance(source, ModelActivationSource):  # final masked fraction, after training
+        trainer.metadata["masking"] = source.describe()["masking"]
+        trainer.metadata["exclusions"] = source.describe()["exclusions"]
+        trainer.save_all()
+    masking = trainer.metadata.get("masking", {})
+    if masking.get("mask_prob", 0) > 0:
+        log.info(
+            "masked regularization: %.4f of eligible tokens were masked (p=%s)",
+            masking.get("masked_fraction", float("nan")),
+            masking["mask_prob"],
+        )
+    results: dict[str, Any] = {
+        "training_tokens": trainer.step * job.batch_tokens,
+        "tokens_per_s": trainer.tokens_per_s,
+        "masking": masking,
+        "saes": {},
+    }
+    held_out = _held_out_activations(source_job, hook, job.eval_tokens)
+    for name in saes:
+        entry: dict[str, Any] = {"final_train": trainer.history.get(name, {})}
+        if held_out is not None:
+            entry["held_out"] = evaluate_reconstruction(trainer.folded(name), held_out)
+        results["saes"][name] = entry
+    atomic_write_json(Path(job.out) / "train_results.json", results)
+    return results
+
+
+def _cache_hooks(job: TrainJobConfig) -> list[str]:
+    return ActivationCache.open(job.acts).hooks
+
+
+def _held_out_activations(job: TrainJobConfig, hook: str, tokens: int) -> torch.Tensor | None:
+    if tokens <= 0:
+        return None
+    cfg = ActivationSourceConfig(
+        **{
+            **{f.name: getattr(job, f.name) for f in dataclasses.fields(ActivationSourceConfig)},
+            "split": "validation",
+            "mask_prob": 0.0,
+            "hooks": [hook],
+        }
+    )
+    chunks, total = [], 0
+    for chunk in ModelActivationSource(cfg, hook=hook):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total >= tokens:
+            break
+    return torch.cat(chunks)[:tokens]
+
+
+@torch.no_grad()
+def evaluate_reconstruction(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, float]:
+    """FVU over the whole set, mean L0 and the fraction of latents never active on it."""
+    f = torch.cat([sae.encode(chunk) for chunk in x.split(4096)])
+    x_hat = torch.cat([sae.decode(chunk) for chunk in f.split(4096)])
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    active = f != 0
+    return {
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "l0": float(active.sum(-1).float().mean()),
+        "dead_frac": float((~active.any(0)).float().mean()),
+        "tokens": len(x),
+    }

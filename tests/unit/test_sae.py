@@ -1,0 +1,197 @@
+"""SAE architectures: shapes, save/load, foreign formats, sparse kernels and input checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from saeguard.errors import ConfigError, SaeguardError
+from saeguard.sae import ARCHITECTURES, SAEConfig, create_sae
+from saeguard.sae.io import load_sae, save_sae
+from saeguard.sae.kernels import sparse_decode, sparse_topk_encode
+
+REQUIRED = {"relu", "topk", "batchtopk", "jumprelu", "abstopk", "matryoshka", "mp"}
+
+
+def _sae(arch: str, d: int = 8, n: int = 32, k: int = 3):
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(architecture=arch, d_in=d, d_sae=n, k=k))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+def test_registry_holds_every_required_architecture() -> None:
+    assert REQUIRED <= set(ARCHITECTURES)
+    with pytest.raises(SaeguardError, match="unknown SAE architecture 'nope'.*topk"):
+        create_sae(SAEConfig(architecture="nope", d_in=4, d_sae=8, k=2))
+
+
+@pytest.mark.parametrize("arch", sorted(REQUIRED))
+def test_any_batch_shape_and_sparsity(arch: str) -> None:
+    sae = _sae(arch)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        f = sae.encode(x)
+        assert f.shape == (2, 5, 32) and sae(x).shape == (2, 5, 8)
+        assert sae.encode(x[0, 0]).shape == (32,)
+        torch.testing.assert_close(sae.decode(f), sae(x))
+    if arch in ("topk", "abstopk", "mp"):
+        assert ((f != 0).sum(-1) <= 3).all()
+    if arch == "abstopk":
+        assert (f < 0).any()  # signs are kept
+
+
+@pytest.mark.parametrize("arch", sorted(REQUIRED))
+def test_save_load_round_trip_is_exact(arch: str, tmp_path: Path) -> None:
+    sae = _sae(arch)
+    if arch in ("batchtopk", "matryoshka"):
+        sae.threshold.fill_(0.05)
+    save_sae(sae, tmp_path, {"hook": "resid_post.3", "model": "tiny"})
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert (
+        cfg["d_in"] == 8 and cfg["d_sae"] == 32 and cfg["hook_name"] == "blocks.3.hook_resid_post"
+    )
+    loaded, meta = load_sae(tmp_path)
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        assert torch.equal(sae(x), loaded(x))
+    assert type(loaded) is type(sae) and meta["hook"] == "resid_post.3"
+
+
+def test_saelens_fixtures_load_and_match_their_formulas(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    d, n = 6, 20
+    tensors = {
+        "W_enc": torch.randn(d, n),
+        "b_enc": torch.randn(n) * 0.1,
+        "W_dec": torch.randn(n, d),
+        "b_dec": torch.randn(d),
+    }
+    x = torch.randn(10, d)
+    # A standard (ReLU) SAE written without b_dec applied to the input.
+    std = tmp_path / "standard"
+    std.mkdir()
+    save_file(tensors, str(std / "sae_weights.safetensors"))
+    (std / "cfg.json").write_text(json.dumps({
+        "architecture": "standard", "d_in": d, "d_sae": n, "apply_b_dec_to_input": False,
+        "normalize_activations": "none", "hook_name": "blocks.4.hook_resid_pre",
+        "model_name": "gpt2",
+    }))  # fmt: skip
+    sae, meta = load_sae(std)
+    expected = (
+        torch.relu(x @ tensors["W_enc"] + tensors["b_enc"]) @ tensors["W_dec"] + tensors["b_dec"]
+    )
+    torch.testing.assert_close(sae(x).detach(), expected, atol=1e-5, rtol=1e-5)
+    assert meta["format"] == "saelens" and meta["hook"] == "resid_pre.4"
+    # A JumpReLU SAE (v6 layout: metadata block, threshold tensor).
+    jr = tmp_path / "jumprelu"
+    jr.mkdir()
+    threshold = torch.rand(n) * 0.5
+    save_file({**tensors, "threshold": threshold}, str(jr / "sae_weights.safetensors"))
+    (jr / "cfg.json").write_text(json.dumps({
+        "architecture": "jumprelu", "d_in": d, "d_sae": n, "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "metadata": {"hook_name": "blocks.2.hook_mlp_out"},
+    }))  # fmt: skip
+    sae, meta = load_sae(jr)
+    pre = (x - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
+    feats = torch.relu(pre) * (pre > threshold)
+    torch.testing.assert_close(
+        sae(x).detach(), feats @ tensors["W_dec"] + tensors["b_dec"], atol=1e-5, rtol=1e-5
+    )
+    assert meta["hook"] == "mlp_out.2"
+
+
+def test_sparsify_fixture_loads_and_matches_its_formula(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    d, n, k = 6, 24, 3
+    enc_w, enc_b = torch.randn(n, d), torch.randn(n) * 0.1
+    w_dec, b_dec = torch.randn(n, d), torch.randn(d)
+    save_file(
+        {"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": w_dec, "b_dec": b_dec},
+        str(tmp_path / "sae.safetensors"),
+    )
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "expansion_factor": 4, "normalize_decoder": True, "num_latents": 0, "k": k,
+        "multi_topk": False, "skip_connection": False, "d_in": d,
+    }))  # fmt: skip
+    sae, meta = load_sae(tmp_path)
+    x = torch.randn(9, d)
+    pre = torch.relu((x - b_dec) @ enc_w.t() + enc_b)
+    vals, idx = pre.topk(k, dim=-1)
+    expected = (vals.unsqueeze(-1) * w_dec[idx]).sum(1) + b_dec
+    torch.testing.assert_close(sae(x).detach(), expected, atol=1e-5, rtol=1e-5)
+    assert meta["format"] == "sparsify"
+
+
+def test_corrupt_or_mismatched_weights_are_named(tmp_path: Path) -> None:
+    sae = _sae("topk")
+    save_sae(sae, tmp_path, {"hook": "resid_post.1"})
+    (tmp_path / "sae_weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SaeguardError, match="sae_weights.safetensors is not a readable"):
+        load_sae(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["saeguard"]["sae_config"]["d_sae"] = 64
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    save_file({"W_enc": torch.zeros(8, 32), "b_enc": torch.zeros(32), "W_dec": torch.zeros(32, 8),
+               "b_dec": torch.zeros(8)}, str(tmp_path / "sae_weights.safetensors"))  # fmt: skip
+    with pytest.raises(SaeguardError, match=r"W_enc has shape \(8, 32\), expected \(8, 64\)"):
+        load_sae(tmp_path)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_sparse_kernels_match_dense_gradients(signed: bool) -> None:
+    torch.manual_seed(0)
+    n_rows, d, n, k = 40, 12, 64, 5
+    acts = torch.randn(n_rows, d, dtype=torch.float64)
+
+    def params():
+        g = torch.Generator().manual_seed(3)
+        shapes = [(d,), (d, n), (n,), (n, d)]
+        return [torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+
+    b_dec, w_enc, b_enc, w_dec = sparse_params = params()
+    vals, idx = sparse_topk_encode(acts, b_dec, w_enc, b_enc, k, signed)
+    (sparse_decode(vals, idx, w_dec, b_dec) - acts).pow(2).sum().backward()
+    b_dec2, w_enc2, b_enc2, w_dec2 = dense_params = params()
+    pre = (acts - b_dec2) @ w_enc2 + b_enc2
+    if signed:
+        _, top = pre.abs().topk(k, -1)
+        top_vals = pre.gather(-1, top)
+    else:
+        top_vals, top = pre.topk(k, -1)
+        top_vals = top_vals.relu()
+    f = torch.zeros(n_rows, n, dtype=torch.float64).scatter(-1, top, top_vals)
+    (f @ w_dec2 + b_dec2 - acts).pow(2).sum().backward()
+    for a, b in zip(sparse_params, dense_params, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_width_mismatch_and_impossible_configs() -> None:
+    sae = _sae("topk")
+    with pytest.raises(SaeguardError, match="width 7 but this SAE reads d_in=8"):
+        sae.encode(torch.randn(3, 7))
+    with pytest.raises(ConfigError, match=r"--k \(40\) cannot exceed"):
+        SAEConfig(architecture="topk", d_in=8, d_sae=32, k=40)
+    with pytest.raises(ConfigError, match="d_sae must be positive"):
+        SAEConfig(architecture="topk", d_in=8, d_sae=-8, k=4)
+
+
+@pytest.mark.parametrize("arch", sorted(REQUIRED))
+def test_folding_the_input_scale_is_exact(arch: str) -> None:
+    sae = _sae(arch)
+    if arch in ("batchtopk", "matryoshka"):
+        sae.threshold.fill_(0.05)
+    x = torch.randn(16, 8) * 7
+    scale = 0.3
+    with torch.no_grad():
+        reference_f = sae.encode(x * scale)
+        reference = sae(x * scale) / scale
+        sae.fold_input_scale_(scale)
+        torch.testing.assert_close(sae.encode(x), reference_f, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sae(x), reference, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,202 @@
+"""The trainer: learning, bit-exact resume, several SAEs per pass, masking, the train command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from saeguard.activations import ActivationSourceConfig, ModelActivationSource
+from saeguard.errors import ConfigError, SaeguardError
+from saeguard.sae import SAEConfig, create_sae
+from saeguard.sae.io import load_sae
+from saeguard.train import (
+    TrainerConfig,
+    TrainJobConfig,
+    Trainer,
+    geometric_median,
+    lr_factor,
+    run_training,
+)
+
+D, N_FEATURES = 16, 64
+
+
+def _features() -> torch.Tensor:
+    w = torch.randn(N_FEATURES, D, generator=torch.Generator().manual_seed(123))
+    return w / w.norm(dim=-1, keepdim=True)
+
+
+def _batches(n_batches: int, size: int = 256, seed: int = 0) -> list[torch.Tensor]:
+    """Sparse combinations of 64 directions plus an offset: an SAE can learn them."""
+    feats, out = _features(), []
+    for i in range(n_batches):
+        g = torch.Generator().manual_seed(seed + i)
+        on = torch.rand(size, N_FEATURES, generator=g) < 0.05
+        coef = on * (1 + 2 * torch.rand(size, N_FEATURES, generator=g))
+        out.append(coef @ feats + 0.5)
+    return out
+
+
+def _trainer(out: Path, archs: tuple[str, ...] = ("topk",), **kw: object) -> Trainer:
+    saes = {a: create_sae(SAEConfig(architecture=a, d_in=D, d_sae=128, k=4)) for a in archs}
+    base: dict[str, object] = {
+        "tokens": 256 * 40, "batch_tokens": 256, "buffer_tokens": 512, "lr": 3e-3,
+        "checkpoint_every": 5, "lr_warmup_steps": 4, "sparsity_warmup_steps": 5,
+    }  # fmt: skip
+    base.update(kw)
+    return Trainer(saes, TrainerConfig(**base), out)  # type: ignore[arg-type]
+
+
+def test_topk_beats_pca_with_k_components(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, tokens=256 * 80)
+    trainer.fit(_batches(80))
+    x = _batches(1, 4096, seed=10_000)[0]  # held out
+    sae, _ = load_sae(tmp_path)
+    with torch.no_grad():
+        fvu = float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    train = torch.cat(_batches(80))
+    mean = train.mean(0)
+    _, _, v = torch.linalg.svd(train - mean, full_matrices=False)
+    basis = v[:4].t()  # PCA with k = 4 components, fitted on the training data
+    pca = (x - mean) @ basis @ basis.t() + mean
+    pca_fvu = float((pca - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu < pca_fvu, (fvu, pca_fvu)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["topk/fvu"] > lines[-1]["topk/fvu"]
+    assert {"topk/l0", "topk/dead_frac", "tokens_per_s"} <= set(lines[-1])
+
+
+def test_resume_gives_bit_identical_weights(tmp_path: Path) -> None:
+    archs = ("topk", "batchtopk")
+    reference = _trainer(tmp_path / "ref", archs)
+    reference.fit(_batches(40))
+
+    def crashing(n: int):
+        for i, batch in enumerate(_batches(40)):
+            if i == n:
+                raise KeyboardInterrupt  # a kill between steps
+            yield batch
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path / "run", archs).fit(crashing(23))
+    assert json.loads((tmp_path / "run/checkpoint/state.json").read_text())["step"] == 20
+    resumed = _trainer(tmp_path / "run", archs)
+    resumed.fit(_batches(40))
+    for name in archs:
+        a, b = reference.saes[name].state_dict(), resumed.saes[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no duplicated metric lines after the resume
+
+
+def test_bad_batches_fail_clearly(tmp_path: Path) -> None:
+    bad = _batches(3)
+    bad[1][5, 3] = float("nan")
+    with pytest.raises(SaeguardError, match="NaN or inf"):
+        _trainer(tmp_path / "a").fit(bad)
+    with pytest.raises(SaeguardError, match=r"shape \(256, 12\)"):
+        _trainer(tmp_path / "b").fit([torch.randn(256, 12)])
+    with pytest.raises(ConfigError, match="less than one batch"):
+        TrainerConfig(tokens=10, batch_tokens=256)
+
+
+def test_schedule_and_geometric_median() -> None:
+    assert lr_factor(0, 100, 10, 0.2) == pytest.approx(0.1)
+    assert lr_factor(50, 100, 10, 0.2) == 1.0
+    assert lr_factor(90, 100, 10, 0.2) == pytest.approx(0.5)
+    assert lr_factor(0, 20, 50, 0.2) == pytest.approx(0.5)  # warm-up capped at a tenth of the run
+    points = torch.cat([torch.zeros(50, 2), torch.full((5, 2), 100.0)])
+    assert geometric_median(points).norm() < 1.0 < points.mean(0).norm()
+
+
+def _job(model_dir: Path, corpus: Path, out: Path, **kw: object) -> TrainJobConfig:
+    base: dict[str, object] = {
+        "model": str(model_dir), "hooks": ["resid_post.2"], "corpus": str(corpus),
+        "split": "all", "ctx_len": 16, "batch_size": 8, "calibration_contexts": 4,
+        "tokens": 1024, "batch_tokens": 128, "buffer_tokens": 256, "expansion": [2], "k": [4],
+        "eval_tokens": 0, "out": str(out), "checkpoint_every": 0,
+    }  # fmt: skip
+    base.update(kw)
+    return TrainJobConfig(**base)  # type: ignore[arg-type]
+
+
+def test_mask_prob_zero_reproduces_baseline_exactly(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    run_training(_job(tiny_llama_dir, text_corpus, tmp_path / "base"))
+    run_training(_job(tiny_llama_dir, text_corpus, tmp_path / "p0", mask_prob=0.0, mask_seed=7))
+    a, _ = load_sae(tmp_path / "base")
+    b, _ = load_sae(tmp_path / "p0")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_masking_masks_the_asked_fraction_and_is_recorded(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    common = {
+        "model": str(tiny_llama_dir), "hooks": ["resid_post.2"], "corpus": str(text_corpus),
+        "split": "all", "ctx_len": 16, "batch_size": 8, "calibration_contexts": 4,
+        "repeat": False, "outlier_multiple": 0.0,
+    }  # fmt: skip
+    base = sum(len(c) for c in ModelActivationSource(ActivationSourceConfig(**common)))
+    masked = ModelActivationSource(ActivationSourceConfig(**common, mask_prob=0.15))
+    kept = sum(len(c) for c in masked)
+    fraction = masked.harvester.masked_fraction
+    assert 0.12 < fraction < 0.18
+    assert kept == pytest.approx(base * (1 - fraction), rel=0.02)  # masked positions dropped
+    info = masked.describe()["masking"]
+    assert info["mask_prob"] == 0.15 and info["mask_token"] == "<mask>"
+    kept_all = ModelActivationSource(
+        ActivationSourceConfig(**common, mask_prob=0.15, keep_masked_positions=True)
+    )
+    assert sum(len(c) for c in kept_all) == base
+    # The saved SAE records the settings and the measured fraction.
+    run_training(_job(tiny_llama_dir, text_corpus, tmp_path / "m", mask_prob=0.15))
+    _, meta = load_sae(tmp_path / "m")
+    assert meta["masking"]["mask_prob"] == 0.15 and 0.1 < meta["masking"]["masked_fraction"] < 0.2
+
+
+def test_mask_token_must_be_one_token(tiny_llama_dir: Path, text_corpus: Path) -> None:
+    cfg = ActivationSourceConfig(
+        model=str(tiny_llama_dir), corpus=str(text_corpus), hooks=["resid_post.1"],
+        mask_prob=0.1, mask_token="two words here",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="must be exactly one token"):
+        ModelActivationSource(cfg)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=r"--mask-prob must lie in \[0, 1\)"):
+            ActivationSourceConfig(mask_prob=bad)
+
+
+def test_several_saes_in_one_pass_and_from_a_cache(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    from saeguard.activations import HarvestConfig, harvest
+
+    cache = tmp_path / "acts"
+    harvest(HarvestConfig(model=str(tiny_llama_dir), hooks=["resid_post.2"],
+                          corpus=str(text_corpus), split="all", ctx_len=16,
+                          calibration_contexts=4, tokens=1500, shard_tokens=256,
+                          out=str(cache)))  # fmt: skip
+    job = _job(tiny_llama_dir, text_corpus, tmp_path / "grid", acts=str(cache),
+               architectures=["topk", "relu"], k=[2, 4], eval_tokens=256)  # fmt: skip
+    results = run_training(job)
+    names = {"topk_k2_x2", "topk_k4_x2", "relu_k2_x2", "relu_k4_x2"}
+    assert set(results["saes"]) == names
+    for name in names:
+        sae, meta = load_sae(tmp_path / "grid" / name)
+        assert meta["source"] == "cache" and meta["hook"] == "resid_post.2"
+        assert 0 <= results["saes"][name]["held_out"]["fvu"] < 2
+    assert results["saes"]["topk_k2_x2"]["held_out"]["l0"] <= 2
+
+
+def test_impossible_job_configs() -> None:
+    with pytest.raises(ConfigError, match="--expansion must be a positive"):
+        TrainJobConfig(out="x", expansion=[-2])
+    with pytest.raises(ConfigError, match="unknown SAE architecture"):
+        TrainJobConfig(out="x", architectures=["bogus"])
+    with pytest.raises(ConfigError, match="cannot exceed"):
+        TrainJobConfig(out="x", k=[100], expansion=[1]).sae_configs(64)
