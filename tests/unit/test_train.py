@@ -13,9 +13,9 @@ from saeguard.errors import ConfigError, SaeguardError
 from saeguard.sae import SAEConfig, create_sae
 from saeguard.sae.io import load_sae
 from saeguard.train import (
+    Trainer,
     TrainerConfig,
     TrainJobConfig,
-    Trainer,
     geometric_median,
     lr_factor,
     run_training,
@@ -88,7 +88,8 @@ def test_resume_gives_bit_identical_weights(tmp_path: Path) -> None:
     for name in archs:
         a, b = reference.saes[name].state_dict(), resumed.saes[name].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    steps = [json.loads(x)["step"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
     assert steps == sorted(set(steps))  # no duplicated metric lines after the resume
 
 
@@ -130,7 +131,8 @@ def test_mask_prob_zero_reproduces_baseline_exactly(
     run_training(_job(tiny_llama_dir, text_corpus, tmp_path / "p0", mask_prob=0.0, mask_seed=7))
     a, _ = load_sae(tmp_path / "base")
     b, _ = load_sae(tmp_path / "p0")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
 
 
 def test_masking_masks_the_asked_fraction_and_is_recorded(
