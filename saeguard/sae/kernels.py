@@ -51,7 +51,7 @@ class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_vals: torch.Tensor, _grad_idx: Any) -> Any:  # type: ignore[override]
         x, idx, live = ctx.saved_tensors
-        g = grad_vals * live
+        g = (grad_vals * live).to(x.dtype)  # under bf16 autocast the gradients stay fp32
         n_rows, k = idx.shape
         rows = torch.arange(n_rows, device=idx.device).repeat_interleave(k)
         sparse_g = torch.sparse_coo_tensor(
@@ -87,6 +87,7 @@ def sparse_decode(
     values: torch.Tensor, indices: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor
 ) -> torch.Tensor:
     """``sum_j values[:, j] * w_dec[indices[:, j]] + b_dec`` without a dense latent matrix."""
+    values = values.to(w_dec.dtype)  # bf16 autocast: the cheap sparse decode stays in fp32
     out = F.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum")
     return out + b_dec
 
