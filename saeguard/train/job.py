@@ -151,7 +151,7 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
         "masking": masking,
         "saes": {},
     }
-    held_out = _held_out_activations(source_job, hook, job.eval_tokens)
+    held_out = held_out_activations(source_job, hook, job.eval_tokens)
     for name in saes:
         entry: dict[str, Any] = {"final_train": trainer.history.get(name, {})}
         if held_out is not None:
@@ -165,7 +165,10 @@ def _cache_hooks(job: TrainJobConfig) -> list[str]:
     return ActivationCache.open(job.acts).hooks
 
 
-def _held_out_activations(job: TrainJobConfig, hook: str, tokens: int) -> torch.Tensor | None:
+def held_out_activations(
+    job: ActivationSourceConfig, hook: str, tokens: int
+) -> torch.Tensor | None:
+    """``tokens`` activations of the validation split, unmasked, with the job's source rules."""
     if tokens <= 0:
         return None
     cfg = ActivationSourceConfig(

@@ -124,3 +124,24 @@ def test_config_types_map_to_options() -> None:
 
     with pytest.raises(TypeError, match="no command-line form"):
         add_config_arguments(argparse.ArgumentParser(), Unsupported)
+
+
+def test_train_command_end_to_end(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = [
+        "train", "--model", str(tiny_llama_dir), "--hook", "resid_post.2", "--corpus",
+        str(text_corpus), "--split", "all", "--ctx-len", "16", "--calibration-contexts", "4",
+        "--arch", "topk", "--k", "4", "--expansion", "2", "--tokens", "1024",
+        "--batch-tokens", "128", "--buffer-tokens", "256", "--eval-tokens", "128",
+        "--mask-prob", "0.1", "--out", str(tmp_path / "sae"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["training_tokens"] == 1024
+    assert 0.05 < results["masking"]["masked_fraction"] < 0.15
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["d_sae"] == 64
+    assert cfg["saeguard"]["masking"]["mask_token"] == "<mask>"
+    assert main(["train", "--out", str(tmp_path / "x"), "--k", "0"]) == 2
+    assert "--k must be at least 1" in capsys.readouterr().err
