@@ -201,6 +201,10 @@ def _fill_shards(
         bar.close()
     manifest["complete"] = True
     manifest["token_counts"] = totals
+    if manifest.get("masking", {}).get("mask_prob", 0) > 0:
+        masked = sum(e.get("masked_tokens", 0) for e in manifest["shards"])
+        eligible = sum(e.get("eligible_tokens", 0) for e in manifest["shards"])
+        manifest["masking"]["masked_fraction"] = masked / max(eligible, 1)
     manifest["contexts"] = sum(e["contexts"][1] - e["contexts"][0] for e in manifest["shards"])
     write_manifest(out, manifest)
     elapsed = time.perf_counter() - started
@@ -226,6 +230,7 @@ def _compute_shard(
 ) -> dict[str, Any]:
     """Run the model over one shard's contexts and write the shard; return its manifest entry."""
     pending = [h for h in cfg.hooks if totals[h] < cfg.tokens]
+    masked_before, eligible_before = harvester.masked_tokens, harvester.eligible_tokens
     acts: dict[str, list[torch.Tensor]] = {h: [] for h in pending}
     index: dict[str, list[torch.Tensor]] = {h: [] for h in pending}
     for start in range(0, len(contexts), cfg.batch_size):
@@ -247,6 +252,8 @@ def _compute_shard(
     name = shard_name(shard)
     digest = write_shard(out / name, tensors)
     return {
+        "masked_tokens": harvester.masked_tokens - masked_before,
+        "eligible_tokens": harvester.eligible_tokens - eligible_before,
         "index": shard,
         "file": name,
         "contexts": [first_context, first_context + len(contexts)],
@@ -290,6 +297,7 @@ def _new_manifest(
         "tokens_per_hook": cfg.tokens,
         "shards": [],
         "complete": False,
+        "masking": prepared.masking.to_dict() if prepared.masking else {"mask_prob": 0.0},
     }
 
 

@@ -265,3 +265,15 @@ def test_invalid_choices_through_the_python_api() -> None:
         HarvestConfig(out="x", cache_dtype="int8")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="--split must be one of"):
         HarvestConfig(out="x", split="dev")  # type: ignore[arg-type]
+
+
+def test_masked_harvest_records_settings_and_fraction(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    cache = harvest(_cfg(tiny_llama_dir, text_corpus, tmp_path / "m", mask_prob=0.2))
+    masking = cache.manifest["masking"]
+    assert masking["mask_prob"] == 0.2 and masking["mask_token"] == "<mask>"
+    assert 0.15 < masking["masked_fraction"] < 0.25
+    tokens = cache.tokens()
+    _, index = cache.load("resid_post.1")
+    assert not (tokens.reshape(-1)[index] == masking["mask_token_id"]).any()  # stored: originals
