@@ -13,6 +13,8 @@ install:
 run: install
 	$(PYTHON) -m saeguard harvest --model smollm2-135m --hook resid_post.15 --corpus wiki-en \
 		--split train --tokens 200000 --out $(RUN_DIR)/acts
+	$(PYTHON) -m saeguard train --acts $(RUN_DIR)/acts --arch topk --k 32 --expansion 16 \
+		--tokens 2000000 --out $(RUN_DIR)/sae
 
 test: install
 	$(PYTHON) -m ruff check saeguard tests benchmarks

@@ -46,7 +46,7 @@ def main() -> None:
         held = entry["held_out"]
         rows.append((arch, tokens, held["fvu"], held["l0"], held["dead_frac"],
                      result["tokens_per_s"]))  # fmt: skip
-        print(json.dumps({"arch": arch, "tokens": tokens, **held,
+        print(json.dumps({"arch": arch, "training_tokens": tokens, "held_out": held,
                           "tokens_per_s": result["tokens_per_s"]}))  # fmt: skip
     lines = [
         "| architecture | training tokens | held-out FVU | L0 | dead % | train tok/s |",

@@ -34,6 +34,8 @@ from saeguard.sae.io import save_sae
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+# Settings that may change between an interrupted run and its resume.
+_NOT_IDENTITY = {"out", "eval_tokens", "threads", "logger", "log_every", "checkpoint_every"}
 
 
 @dataclass(kw_only=True)
@@ -150,8 +152,11 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
+        settings = config_to_dict(self.cfg)
+        for key in _NOT_IDENTITY:
+            settings.pop(key, None)
         return {
-            "trainer": config_to_dict(self.cfg),
+            "trainer": settings,
             "saes": {n: s.cfg.to_dict() for n, s in self.saes.items()},
         }
 
