@@ -37,12 +37,18 @@ class ExclusionRules:
             return None
         return self.outlier_multiple * self.median_norms[hook]
 
-    def special_mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        """True where a position holds a special token (and the rule is on)."""
-        if not self.exclude_special or not self.special_ids:
+    def is_special(self, tokens: torch.Tensor) -> torch.Tensor:
+        """True where a position holds a special token, whether or not the rule is on."""
+        if not self.special_ids:
             return torch.zeros_like(tokens, dtype=torch.bool)
         ids = torch.tensor(self.special_ids, device=tokens.device, dtype=tokens.dtype)
         return torch.isin(tokens, ids)
+
+    def special_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """True where a position holds a special token and the rule excludes it."""
+        if not self.exclude_special:
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        return self.is_special(tokens)
 
     def keep_mask(self, tokens: torch.Tensor, acts: torch.Tensor, hook: str) -> torch.Tensor:
         """Boolean [batch, seq] mask of the positions to keep for one hook."""

@@ -141,10 +141,11 @@ class ActivationHarvester:
         dropped = torch.zeros_like(tokens, dtype=torch.bool)
         model_tokens = tokens
         if self.masking is not None and self.masking.prob > 0:
-            masked = self.masking.draw(tokens, first_context, ~self.rules.special_mask(tokens))
+            eligible = ~self.rules.is_special(tokens)  # never BOS, separators, pad
+            masked = self.masking.draw(tokens, first_context, eligible)
             model_tokens = tokens.masked_fill(masked, self.masking.token_id)
             self.masked_tokens += int(masked.sum())
-            self.eligible_tokens += int((~self.rules.special_mask(tokens)).sum())
+            self.eligible_tokens += int(eligible.sum())
             if not self.masking.keep_positions:
                 dropped = masked
         raw = self.forward(model_tokens)
@@ -307,7 +308,10 @@ class ModelActivationSource:
         cfg: ActivationSourceConfig,
         hook: str | None = None,
         loaded: LoadedModel | None = None,
+        median_norms: dict[str, float] | None = None,
     ) -> None:
+        """``median_norms`` reuses recorded outlier thresholds (evaluation must apply the rules
+        the SAE was trained with) instead of measuring them on this stream."""
         self.cfg = cfg
         self.hook = hook or cfg.hooks[0]
         self.prepared = prepare(cfg, loaded)
@@ -315,7 +319,9 @@ class ModelActivationSource:
         self.harvester = ActivationHarvester(
             self.loaded, [self.hook], self.prepared.rules, self.prepared.masking
         )
-        if cfg.outlier_multiple > 0:
+        if median_norms is not None and self.hook in median_norms:
+            self.harvester.rules.median_norms = {self.hook: float(median_norms[self.hook])}
+        elif cfg.outlier_multiple > 0:
             calibration = list(itertools.islice(self.prepared.contexts(), cfg.calibration_contexts))
             self.harvester.calibrate(calibration, cfg.batch_size)
 

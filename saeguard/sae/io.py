@@ -33,7 +33,9 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 
 # SAELens architecture names <-> ours.
-_TO_SAELENS = {"relu": "standard"}
+# BatchTopK and Matryoshka infer as a JumpReLU with their stored threshold, which is how SAELens
+# itself saves BatchTopK SAEs for inference.
+_TO_SAELENS = {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
 _FROM_SAELENS = {"standard": "relu"}
 _SAELENS_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
 
@@ -81,7 +83,7 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, metadata: dict[str, 
         "dtype": "float32",
         "device": "cpu",
         "k": cfg.k,
-        "activation_fn_str": "topk" if cfg.architecture in ("topk", "abstopk") else "relu",
+        "activation_fn_str": {"topk": "topk", "abstopk": "abstopk"}.get(cfg.architecture, "relu"),
         "activation_fn_kwargs": {"k": cfg.k} if cfg.architecture in ("topk", "abstopk") else {},
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",  # any input scale is folded into the weights
@@ -174,6 +176,13 @@ def _load_saelens(
 ) -> tuple[SparseAutoencoder, dict[str, Any]]:
     arch = _FROM_SAELENS.get(document.get("architecture", "standard"), document["architecture"])
     k = document.get("k") or (document.get("activation_fn_kwargs") or {}).get("k") or 1
+    if arch == "relu" and document.get("activation_fn_str") == "topk":
+        arch = "topk"  # SAELens before v5 saved TopK SAEs as "standard" + activation_fn_str
+    elif arch == "relu" and document.get("activation_fn_str") not in (None, "relu"):
+        raise SaeguardError(
+            f"SAELens activation {document['activation_fn_str']!r} is not supported "
+            "(supported: relu, topk, jumprelu)"
+        )
     if document.get("normalize_activations", "none") not in ("none", None):
         raise SaeguardError(
             f"this SAELens SAE normalises its inputs ({document['normalize_activations']!r}) "
@@ -198,8 +207,14 @@ def _load_saelens(
 def _load_sparsify(
     document: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    if "W_skip" in tensors or document.get("skip_connection"):
-        raise SaeguardError("sparsify SAEs with a skip connection (transcoders) are not supported")
+    if "W_skip" in tensors or document.get("skip_connection") or document.get("transcode"):
+        raise SaeguardError(
+            "sparsify transcoders and SAEs with a skip connection are not supported"
+        )
+    if document.get("activation", "topk") != "topk":
+        raise SaeguardError(
+            f"sparsify activation {document['activation']!r} is not supported (only topk)"
+        )
     encoder = tensors["encoder.weight"]  # [num_latents, d_in]
     d_sae, d_in = encoder.shape
     cfg = _config_from(

@@ -18,8 +18,9 @@ from torch.nn import functional as F
 class _SparseTopKEncode(torch.autograd.Function):
     """(values, indices) of the top-k pre-activations, with a sparse backward pass.
 
-    Inputs: activations x [N, d] (treated as data: no gradient), b_dec [d] (subtracted before the
-    encoder, so it gets the exact gradient -W_enc @ grad_b_enc), W_enc [d, n], b_enc [n].
+    Inputs: activations x [N, d] (their gradient is computed only when they require one),
+    b_dec [d] (subtracted before the encoder, so it gets -W_enc @ grad_b_enc), W_enc [d, n],
+    b_enc [n].
     """
 
     @staticmethod
@@ -42,16 +43,16 @@ class _SparseTopKEncode(torch.autograd.Function):
             vals, idx = pre.topk(k, dim=-1, sorted=False)
             live = vals > 0
             vals = vals.clamp_min(0)
-        ctx.save_for_backward(x, idx, live)
+        ctx.save_for_backward(x, idx, live, w_enc)
         ctx.n_latents = w_enc.shape[1]
-        ctx.w_enc = w_enc
         ctx.mark_non_differentiable(idx)
         return vals, idx
 
     @staticmethod
     def backward(ctx: Any, grad_vals: torch.Tensor, _grad_idx: Any) -> Any:  # type: ignore[override]
-        x, idx, live = ctx.saved_tensors
-        g = (grad_vals * live).to(x.dtype)  # under bf16 autocast the gradients stay fp32
+        x, idx, live, w_enc = ctx.saved_tensors
+        # Under bf16 autocast grad_vals arrives in bf16; the products below run in fp32.
+        g = (grad_vals * live).to(x.dtype)
         n_rows, k = idx.shape
         rows = torch.arange(n_rows, device=idx.device).repeat_interleave(k)
         sparse_g = torch.sparse_coo_tensor(
@@ -63,8 +64,11 @@ class _SparseTopKEncode(torch.autograd.Function):
         grad_w_enc = torch.sparse.mm(sparse_g, x).t()  # [d, n] via n x N (sparse) @ N x d
         grad_b_enc = torch.zeros(ctx.n_latents, dtype=g.dtype, device=g.device)
         grad_b_enc.index_add_(0, idx.reshape(-1), g.reshape(-1))
-        grad_b_dec = -(ctx.w_enc @ grad_b_enc)
-        return None, grad_b_dec, grad_w_enc, grad_b_enc, None, None
+        grad_b_dec = -(w_enc @ grad_b_enc)
+        grad_acts = None
+        if ctx.needs_input_grad[0]:  # e.g. a consistency loss back-propagating into the LM
+            grad_acts = torch.sparse.mm(sparse_g.t(), w_enc.t())
+        return grad_acts, grad_b_dec, grad_w_enc, grad_b_enc, None, None
 
 
 def sparse_topk_encode(

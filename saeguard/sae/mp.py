@@ -46,3 +46,8 @@ class MatchingPursuitSAE(SparseAutoencoder):
     @torch.no_grad()
     def after_step_(self) -> None:
         self.W_enc.copy_(self.W_dec.t())  # kept for SAELens-format tools that read W_enc
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        super().fold_input_scale_(scale)
+        self.W_enc.copy_(self.W_dec.t())

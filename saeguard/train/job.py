@@ -151,7 +151,14 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
         "masking": masking,
         "saes": {},
     }
-    held_out = held_out_activations(source_job, hook, job.eval_tokens)
+    if source_job.split in ("all", "validation") and job.eval_tokens > 0:
+        log.warning(
+            "the held-out report reads the validation split, which this run trained on "
+            "(--split %s): its numbers are not held out",
+            source_job.split,
+        )
+    medians = (trainer.metadata.get("exclusions") or {}).get("median_norms")
+    held_out = held_out_activations(source_job, hook, job.eval_tokens, medians)
     for name in saes:
         entry: dict[str, Any] = {"final_train": trainer.history.get(name, {})}
         if held_out is not None:
@@ -166,9 +173,13 @@ def _cache_hooks(job: TrainJobConfig) -> list[str]:
 
 
 def held_out_activations(
-    job: ActivationSourceConfig, hook: str, tokens: int
+    job: ActivationSourceConfig,
+    hook: str,
+    tokens: int,
+    median_norms: dict[str, float] | None = None,
 ) -> torch.Tensor | None:
-    """``tokens`` activations of the validation split, unmasked, with the job's source rules."""
+    """``tokens`` activations of the validation split, unmasked, with the job's source rules
+    (and, when given, the outlier thresholds recorded at training time)."""
     if tokens <= 0:
         return None
     cfg = ActivationSourceConfig(
@@ -180,7 +191,7 @@ def held_out_activations(
         }
     )
     chunks, total = [], 0
-    for chunk in ModelActivationSource(cfg, hook=hook):
+    for chunk in ModelActivationSource(cfg, hook=hook, median_norms=median_norms):
         chunks.append(chunk)
         total += len(chunk)
         if total >= tokens:

@@ -16,12 +16,14 @@ import json
 import logging
 import math
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 # Settings that may change between an interrupted run and its resume.
-_NOT_IDENTITY = {"out", "eval_tokens", "threads", "logger", "log_every", "checkpoint_every"}
+# (The thread count stays in: it changes reduction order, so resumed weights would differ.)
+_NOT_IDENTITY = {"out", "eval_tokens", "logger", "log_every", "checkpoint_every"}
 
 
 @dataclass(kw_only=True)
@@ -148,6 +151,7 @@ class Trainer:
         }
         self.step = 0
         self.scale = 1.0
+        self.tokens_per_s = 0.0
         self.history: dict[str, dict[str, float]] = {}
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -172,19 +176,26 @@ class Trainer:
         tensors["rng/torch"] = torch.get_rng_state()
         directory = self.out / CHECKPOINT_DIR
         directory.mkdir(parents=True, exist_ok=True)
+        # Step, scale and settings live in the same file as the weights, so a kill between two
+        # writes can never pair weights of one step with the step number of another.
+        state = {"step": self.step, "scale": self.scale, "identity": self._identity()}
+        metadata = {
+            "state": json.dumps(state),
+            "history": json.dumps(self.history),
+            "tokens_per_s": str(self.tokens_per_s),
+        }
         with atomic_path(directory / "state.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        atomic_write_json(
-            directory / "state.json",
-            {"step": self.step, "scale": self.scale, "identity": self._identity()},
-        )
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        atomic_write_json(directory / "state.json", state)  # for people; not read back
 
     def try_resume(self) -> bool:
         """Load the checkpoint in ``out`` if it was made with the same settings."""
         directory = self.out / CHECKPOINT_DIR
-        if not (directory / "state.json").is_file():
+        if not (directory / "state.safetensors").is_file():
             return False
-        state = json.loads((directory / "state.json").read_text())
+        with safe_open(str(directory / "state.safetensors"), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = json.loads(metadata.get("state", "{}"))
         if state.get("identity") != json.loads(json.dumps(self._identity())):
             raise SaeguardError(
                 f"{directory} holds a checkpoint of a run with other settings; use another --out "
@@ -208,6 +219,8 @@ class Trainer:
             self.since_fired[name] = tensors[f"{name}/since_fired"].clone()
         torch.set_rng_state(tensors["rng/torch"])
         self.step, self.scale = int(state["step"]), float(state["scale"])
+        self.history = json.loads(metadata.get("history", "{}"))
+        self.tokens_per_s = float(metadata.get("tokens_per_s", "0"))
         log.info("resumed from %s at step %d", directory, self.step)
         return True
 
@@ -225,9 +238,11 @@ class Trainer:
             centre = sample.mean(0)
         else:
             centre = torch.zeros(self.d_in)
-        generator = torch.Generator().manual_seed(self.cfg.train_seed)
-        for sae in self.saes.values():
-            sae.reset_parameters(generator)
+        for name, sae in self.saes.items():
+            # Each SAE's initial weights depend only on the seed and its own name, not on which
+            # other SAEs share the pass.
+            seed = self.cfg.train_seed * 1_000_003 + zlib.crc32(name.encode())
+            sae.reset_parameters(torch.Generator().manual_seed(seed))
             with torch.no_grad():
                 sae.b_dec.copy_(centre)
 
@@ -261,6 +276,7 @@ class Trainer:
         _truncate_metrics(metrics_path, self.step)
         writer = _external_logger(self.cfg, self.out)
         total = self.cfg.steps
+        already_done = self.step >= total
         bar = tqdm(total=total, initial=self.step, unit="step", desc="train", dynamic_ncols=True)
         started, trained_tokens = time.perf_counter(), 0
         try:
@@ -297,8 +313,11 @@ class Trainer:
                         self.save_checkpoint()
         finally:
             bar.close()
-        self.save_checkpoint()
+        if already_done:
+            log.info("%s already holds a finished run: nothing to train", self.out)
+            return self.history
         self.tokens_per_s = trained_tokens / max(time.perf_counter() - started, 1e-9)
+        self.save_checkpoint()
         self.save_all()
         return self.history
 
@@ -369,11 +388,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from."""
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+            continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -195,3 +195,39 @@ def test_folding_the_input_scale_is_exact(arch: str) -> None:
         sae.fold_input_scale_(scale)
         torch.testing.assert_close(sae.encode(x), reference_f, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(sae(x), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_older_saelens_topk_and_unsupported_sparsify(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    d, n = 6, 20
+    tensors = {"W_enc": torch.randn(d, n), "b_enc": torch.zeros(n), "W_dec": torch.randn(n, d),
+               "b_dec": torch.zeros(d)}  # fmt: skip
+    save_file(tensors, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "architecture": "standard", "d_in": d, "d_sae": n, "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 4}, "hook_name": "blocks.1.hook_resid_post",
+    }))  # fmt: skip
+    sae, _ = load_sae(tmp_path)
+    assert sae.architecture == "topk" and sae.cfg.k == 4
+    assert ((sae.encode(torch.randn(5, d)) != 0).sum(-1) <= 4).all()
+    sparsify = tmp_path / "groupmax"
+    sparsify.mkdir()
+    save_file({"encoder.weight": torch.randn(n, d), "encoder.bias": torch.zeros(n),
+               "W_dec": torch.randn(n, d), "b_dec": torch.zeros(d)},
+              str(sparsify / "sae.safetensors"))  # fmt: skip
+    (sparsify / "cfg.json").write_text(json.dumps({"k": 4, "activation": "groupmax"}))
+    with pytest.raises(SaeguardError, match="groupmax"):
+        load_sae(sparsify)
+
+
+def test_gradient_reaches_the_input_activations() -> None:
+    sae = _sae("topk")
+    x = torch.randn(10, 8, requires_grad=True)
+    sae(x).pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    x2 = x.detach().clone().requires_grad_()
+    pre = (x2 - sae.b_dec) @ sae.W_enc + sae.b_enc
+    vals, idx = pre.topk(3, -1)
+    f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    (f @ sae.W_dec + sae.b_dec).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)

@@ -202,3 +202,33 @@ def test_impossible_job_configs() -> None:
         TrainJobConfig(out="x", architectures=["bogus"])
     with pytest.raises(ConfigError, match="cannot exceed"):
         TrainJobConfig(out="x", k=[100], expansion=[1]).sae_configs(64)
+
+
+def test_torn_metrics_line_and_finished_rerun(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, tokens=256 * 10)
+    trainer.fit(_batches(10))
+    cfg_before = (tmp_path / "cfg.json").read_text()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 11, "topk/lo')  # a kill mid-write
+    again = _trainer(tmp_path, tokens=256 * 10)
+    again.fit(_batches(10))  # resumes at the end: nothing trained, nothing overwritten
+    assert (tmp_path / "cfg.json").read_text() == cfg_before
+    assert again.history["topk"]["fvu"] == trainer.history["topk"]["fvu"]
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
+def test_specials_are_never_masked_even_when_kept(tiny_llama_dir: Path, text_corpus: Path) -> None:
+    cfg = ActivationSourceConfig(
+        model=str(tiny_llama_dir), corpus=str(text_corpus), hooks=["resid_post.1"],
+        split="all", ctx_len=16, calibration_contexts=4, mask_prob=0.5,
+        exclude_special=False, outlier_multiple=0.0,
+    )  # fmt: skip
+    source = ModelActivationSource(cfg)
+    contexts = source.prepared.contexts()
+    tokens = torch.tensor([next(contexts) for _ in range(8)])
+    spec = source.prepared.masking
+    assert spec is not None
+    masked = spec.draw(tokens, 0, ~source.harvester.rules.is_special(tokens))
+    assert not masked[:, 0].any()  # position 0 holds the start token
+    assert masked.float().mean() > 0.3
