@@ -36,8 +36,10 @@ class SAEConfig:
     """JumpReLU: if > 0, penalise (L0 / target - 1)^2 instead of L0."""
     matryoshka_prefixes: list[int] = field(default_factory=list)
     """Matryoshka prefix sizes (empty: d_sae/16, d_sae/4, d_sae)."""
-    threshold_momentum: float = 0.99
-    """Momentum of the running BatchTopK inference threshold."""
+    threshold_momentum: float = 0.9
+    """Momentum of the running BatchTopK inference threshold (each batch's minimum kept
+    activation is already an average over k x batch values, so a short window suffices and
+    short runs are not anchored to the first steps' scale)."""
 
     def __post_init__(self) -> None:
         if self.d_in < 1:
