@@ -131,6 +131,10 @@ class SparseAutoencoder(nn.Module):
             self.W_dec.grad -= parallel * self.W_dec
 
     @torch.no_grad()
+    def init_from_batch_(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation on the first (scaled) training batch, after b_dec."""
+
+    @torch.no_grad()
     def after_step_(self) -> None:
         """Hook for state updated after each optimiser step (e.g. running thresholds)."""
 

@@ -28,10 +28,11 @@ class SAEConfig:
     """A latent that has not fired for this many training tokens counts as dead."""
     l1_coef: float | None = None
     """Sparsity coefficient lambda of relu (L1) and jumprelu (L0); None: 5 and 1 respectively."""
-    jumprelu_bandwidth: float = 0.001
-    """Width epsilon of the straight-through rectangle kernel of JumpReLU."""
-    jumprelu_init_threshold: float = 0.001
-    """Initial JumpReLU threshold."""
+    jumprelu_bandwidth: float = 0.05
+    """Width epsilon of the straight-through rectangle kernel of JumpReLU (inputs are scaled to
+    E|x|^2 = d_in in training, so pre-activations are of order 1)."""
+    jumprelu_init_threshold: float = 0.0
+    """Initial JumpReLU threshold; 0 = set from the first batch so that its mean L0 equals k."""
     l0_target: float = 0.0
     """JumpReLU: if > 0, penalise (L0 / target - 1)^2 instead of L0."""
     matryoshka_prefixes: list[int] = field(default_factory=list)

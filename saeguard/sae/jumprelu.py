@@ -3,6 +3,7 @@ latent, trained through straight-through estimators with a rectangle kernel of w
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,9 +53,8 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        self.log_threshold = nn.Parameter(
-            torch.full((cfg.d_sae,), float(torch.log(torch.tensor(cfg.jumprelu_init_threshold))))
-        )
+        initial = cfg.jumprelu_init_threshold if cfg.jumprelu_init_threshold > 0 else 0.1
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(initial)))
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -77,6 +77,17 @@ class JumpReLUSAE(SparseAutoencoder):
         penalty = (l0 / self.cfg.l0_target - 1) ** 2 if self.cfg.l0_target > 0 else l0
         fired, l0_value = dense_step_stats(f)
         return StepOutput(mse + coef * penalty, x_hat, fired, l0_value, {"mse": mse.detach()})
+
+    @torch.no_grad()
+    def init_from_batch_(self, x: torch.Tensor) -> None:
+        """Unless a threshold was given, start where the batch's mean L0 equals k: with a tiny
+        threshold half the latents fire and the short STE window cannot pull it up in time."""
+        if self.cfg.jumprelu_init_threshold > 0:
+            return
+        z = torch.relu(self.pre_acts(x)).reshape(-1)
+        keep = min(self.cfg.k * x.shape[0], z.numel())
+        theta = float(z.topk(keep, sorted=False).values.min().clamp_min(1e-3))
+        self.log_threshold.fill_(math.log(theta))
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {"threshold": self.threshold.detach()}

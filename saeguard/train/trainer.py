@@ -245,6 +245,7 @@ class Trainer:
             sae.reset_parameters(torch.Generator().manual_seed(seed))
             with torch.no_grad():
                 sae.b_dec.copy_(centre)
+            sae.init_from_batch_(sample)
 
     def _check(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.ndim != 2 or batch.shape[1] != self.d_in:
