@@ -25,6 +25,7 @@ from pathlib import Path
 
 from saeguard.data.splits import Document
 from saeguard.errors import CorpusError, MissingPackageError, UnknownChoiceError
+from saeguard.packages import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,8 @@ class Corpus:
         return sum(len(d.text) for d in self.documents)
 
 
-def _package_dir(module: str, pip_args: str, what: str) -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError(what, pip_args)
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _data_file(module: str, relative: str, pip_args: str, what: str) -> Path:
-    path = _package_dir(module, pip_args, what) / relative
+    path = package_dir(module, pip_args, what) / relative
     if not path.exists():
         raise MissingPackageError(f"{what} (file {relative} is missing)", pip_args)
     return path

