@@ -99,8 +99,11 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
     """Train every SAE of the job, evaluate on held-out text, write ``train_results.json``."""
     hook = job.hooks[0]
     if job.acts:
+        cache_hooks = _cache_hooks(job)
+        if hook not in cache_hooks:
+            log.warning("hook %s is not in %s: training on its %s", hook, job.acts, cache_hooks[0])
         cached = CachedActivationSource(
-            job.acts, hook=hook if hook in _cache_hooks(job) else None, cycle=job.repeat
+            job.acts, hook=hook if hook in cache_hooks else None, cycle=job.repeat
         )
         hook = cached.hook
         source_job = _source_config_from_cache(job, cached.cache)
@@ -134,7 +137,8 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
     if isinstance(source, ModelActivationSource):
         trainer.metadata["masking"] = source.describe()["masking"]
     trainer.fit(batches)
-    if isinstance(source, ModelActivationSource):  # final masked fraction, after training
+    if isinstance(source, ModelActivationSource) and trainer.trained_steps:
+        # The final masked fraction and thresholds, known once the stream has been read.
         trainer.metadata["masking"] = source.describe()["masking"]
         trainer.metadata["exclusions"] = source.describe()["exclusions"]
         trainer.save_all()

@@ -152,6 +152,7 @@ class Trainer:
         self.step = 0
         self.scale = 1.0
         self.tokens_per_s = 0.0
+        self.trained_steps = 0
         self.history: dict[str, dict[str, float]] = {}
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -266,6 +267,12 @@ class Trainer:
         """Train until ``cfg.tokens`` per SAE or the end of ``batches``; save every SAE."""
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.try_resume()
+        metrics_path = self.out / "metrics.jsonl"
+        _truncate_metrics(metrics_path, self.step)
+        self.trained_steps = 0
+        if resumed and self.step >= self.cfg.steps:
+            log.info("%s already holds a finished run: nothing to train", self.out)
+            return self.history
         stream: Iterator[torch.Tensor] = iter(batches)
         first = self._check(next(stream))
         if not resumed:
@@ -273,11 +280,8 @@ class Trainer:
         stream = _chain_first(first, stream)
         for _ in range(self.step):  # fast-forward the deterministic stream
             next(stream, None)
-        metrics_path = self.out / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.step)
         writer = _external_logger(self.cfg, self.out)
         total = self.cfg.steps
-        already_done = self.step >= total
         bar = tqdm(total=total, initial=self.step, unit="step", desc="train", dynamic_ncols=True)
         started, trained_tokens = time.perf_counter(), 0
         try:
@@ -293,6 +297,7 @@ class Trainer:
                     row = self._train_step(x)
                     trained_tokens += len(x)
                     self.step += 1
+                    self.trained_steps += 1
                     rate = trained_tokens / max(time.perf_counter() - started, 1e-9)
                     if self.step % self.cfg.log_every == 0 or self.step == total:
                         line = {"step": self.step, "tokens": self.step * self.cfg.batch_tokens,
@@ -314,9 +319,6 @@ class Trainer:
                         self.save_checkpoint()
         finally:
             bar.close()
-        if already_done:
-            log.info("%s already holds a finished run: nothing to train", self.out)
-            return self.history
         self.tokens_per_s = trained_tokens / max(time.perf_counter() - started, 1e-9)
         self.save_checkpoint()
         self.save_all()
