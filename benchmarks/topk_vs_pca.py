@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from saeguard.activations import ActivationCache, ActivationSourceConfig
+from saeguard.sae.base import normalized_mse
 from saeguard.sae.io import load_sae
 from saeguard.train import evaluate_reconstruction, held_out_activations
 
@@ -42,7 +43,7 @@ def main() -> None:
     _, _, basis = torch.pca_lowrank(train - mean, q=args.components + 8, center=False, niter=6)
     basis = basis[:, : args.components]
     recon = (held_out - mean) @ basis @ basis.t() + mean
-    pca_fvu = float((held_out - recon).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum())
+    pca_fvu = float(normalized_mse(held_out, recon))
     stats = evaluate_reconstruction(sae, held_out)
     print(f"held-out activations: {len(held_out)} (validation split), PCA fitted on {len(train)}")
     print(f"SAE  {meta.get('name', args.sae)}: FVU {stats['fvu']:.4f}  L0 {stats['l0']:.1f}  "

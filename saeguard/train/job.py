@@ -22,6 +22,7 @@ from saeguard.activations.cache import ActivationCache
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json
 from saeguard.sae import ARCHITECTURES, SAEConfig, SparseAutoencoder, create_sae
+from saeguard.sae.base import normalized_mse
 from saeguard.train.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def evaluate_reconstruction(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str
     """FVU over the whole set, mean L0 and the fraction of latents never active on it."""
     f = torch.cat([sae.encode(chunk) for chunk in x.split(4096)])
     x_hat = torch.cat([sae.decode(chunk) for chunk in f.split(4096)])
-    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    fvu = float(normalized_mse(x, x_hat))
     active = f != 0
     return {
         "fvu": fvu,

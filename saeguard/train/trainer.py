@@ -31,6 +31,7 @@ from saeguard.configs import config_to_dict, validate_literals
 from saeguard.errors import ConfigError, MissingPackageError, SaeguardError
 from saeguard.fileio import atomic_path, atomic_write_json, atomic_write_text
 from saeguard.sae import SparseAutoencoder
+from saeguard.sae.base import normalized_mse
 from saeguard.sae.io import save_sae
 
 log = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ class Trainer:
             self.since_fired[name] += len(x)
             self.since_fired[name][out.fired] = 0
             with torch.no_grad():
-                fvu = float((out.x_hat.float() - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+                fvu = float(normalized_mse(x, out.x_hat.float()))
             stats = {
                 "loss": float(out.loss.detach()),
                 "fvu": fvu,
