@@ -231,3 +231,28 @@ def test_gradient_reaches_the_input_activations() -> None:
     f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
     (f @ sae.W_dec + sae.b_dec).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("n_tokens", [3, 300])  # direct projections / Gram-matrix updates
+def test_matching_pursuit_matches_the_textbook_loop(n_tokens: int) -> None:
+    """The fast MP (no-grad atom choice, Gram updates) equals SPEC §2's loop, atoms of any norm."""
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(architecture="mp", d_in=32, d_sae=128, k=6))
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(128, 1) + 0.5)
+    x = torch.randn(n_tokens, 32)
+    residual, expected = x - sae.b_dec, torch.zeros(n_tokens, 128)
+    w, rows = sae.W_dec.detach(), torch.arange(n_tokens)
+    for _ in range(6):
+        proj = residual @ w.t()
+        j = (proj / w.norm(dim=-1)).argmax(-1)
+        coef = proj[rows, j] / w[j].pow(2).sum(-1)
+        expected[rows, j] += coef
+        residual = residual - coef[:, None] * w[j]
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), expected, atol=1e-5)
+        assert torch.allclose(sae(x), x - residual, atol=1e-4)
+    out = sae.training_step(x, None, 1.0)
+    out.loss.backward()
+    assert sae.W_dec.grad is not None and sae.W_dec.grad.abs().sum() > 0
+    assert out.l0 == pytest.approx(float((expected != 0).sum(-1).float().mean()))
