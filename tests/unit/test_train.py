@@ -232,3 +232,46 @@ def test_specials_are_never_masked_even_when_kept(tiny_llama_dir: Path, text_cor
     masked = spec.draw(tokens, 0, ~source.harvester.rules.is_special(tokens))
     assert not masked[:, 0].any()  # position 0 holds the start token
     assert masked.float().mean() > 0.3
+
+
+def test_tensorboard_logging_writes_the_metrics(tmp_path: Path) -> None:
+    """The TensorBoard event file holds the same per-step scalars as metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _trainer(tmp_path, tokens=256 * 10, logger="tensorboard").fit(_batches(10))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scalars = events.Scalars("topk/fvu")
+    assert [s.step for s in scalars] == [line["step"] for line in lines]
+    assert scalars[-1].value == pytest.approx(lines[-1]["topk/fvu"], rel=1e-6)
+
+
+def test_wandb_logging_sends_every_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B is optional; a stand-in module records what the trainer sends to ``run.log``."""
+    import sys
+    import types
+
+    sent: list[tuple[dict[str, float], int]] = []
+
+    class Run:
+        def log(self, data: dict[str, float], step: int) -> None:
+            sent.append((dict(data), step))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: Run()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    _trainer(tmp_path, tokens=256 * 6, logger="wandb").fit(_batches(6))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [step for _, step in sent] == [line["step"] for line in lines]
+    assert sent[-1][0]["topk/fvu"] == pytest.approx(lines[-1]["topk/fvu"])
+
+
+def test_missing_logger_package_names_the_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails as if not installed
+    with pytest.raises(SaeguardError, match="pip install wandb"):
+        _trainer(tmp_path, tokens=256 * 2, logger="wandb").fit(_batches(2))
