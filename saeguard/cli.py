@@ -44,6 +44,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from saeguard.evals import EvalConfig, run_eval
+
+    cfg = config_from_args(EvalConfig, args)
+    document = run_eval(args.sae_dir, cfg)
+    out = cfg.out or args.sae_dir
+    summary = {name: m["value"] for name, m in document["metrics"].items()}
+    print(json.dumps({"eval_json": f"{out}/eval.json", "eval_html": f"{out}/eval.html",
+                      "complete": document["complete"], "metrics": summary}, indent=2))  # fmt: skip
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from saeguard.report.compare import compare
+
+    result = compare(args.directories, args.out, args.metrics, args.seed)
+    print(result.terminal)
+    if args.markdown:
+        print()
+        print(result.markdown)
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from saeguard.activations import ActivationCache
 
@@ -165,6 +188,46 @@ def build_parser() -> argparse.ArgumentParser:
         p, TrainJobConfig, aliases={"hooks": ["--hook"], "architectures": ["--arch"]}
     )
     p.set_defaults(func=_cmd_train)
+
+    from saeguard.evals import EvalConfig
+
+    p = sub.add_parser(
+        "eval",
+        help="Evaluate an SAE: reconstruction, CE recovered, absorption, probing, OOD probing.",
+        description=(
+            "Run benchmark metrics (SPEC section 4) on one SAE directory and write eval.json "
+            "(validated against saeguard/evals/eval.schema.json), eval_samples.json (per-unit "
+            "values for `saeguard compare`) and a self-contained eval.html with plots. The model, "
+            "hook and exclusion rules come from the SAE's cfg.json; text comes from held-out "
+            "splits. Finished evals are kept: re-running the same command resumes."
+        ),
+    )
+    p.add_argument("sae_dir", help="Directory holding cfg.json + sae_weights.safetensors.")
+    add_config_arguments(p, EvalConfig)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "compare",
+        help="Compare evaluated SAEs side by side, with bootstrap intervals on differences.",
+        description=(
+            "Read the eval.json of each directory and print a side-by-side table. Each column "
+            "after the first shows its difference from the first SAE with a bootstrap 95%% "
+            "interval (paired over the same contexts, tasks or letters when both SAEs were "
+            "scored on the same ones). Writes compare.html (and compare.md) to --out."
+        ),
+    )
+    p.add_argument(
+        "directories", nargs="+", help="SAE (or eval output) directories with eval.json."
+    )
+    p.add_argument(
+        "--out", default="", help="Directory for compare.html and compare.md (empty: none)."
+    )
+    p.add_argument(
+        "--metrics", default="", help="Comma-separated metric names to show (empty: all)."
+    )
+    p.add_argument("--markdown", action="store_true", help="Also print the markdown table.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(
         "cache",

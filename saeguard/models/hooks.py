@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -205,3 +205,40 @@ def run_to_hooks(
     if missing:
         raise SaeguardError(f"hook points {missing} did not fire during the forward pass")
     return dict(store)
+
+
+@contextmanager
+def splice_hook(
+    model: nn.Module, point: HookPoint, replace: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Replace the activation [batch, seq, d] at ``point`` by ``replace(activation)`` for every
+    forward pass run inside the block (used to splice SAE reconstructions into the model)."""
+    layout = family_layout(model)
+    block = decoder_blocks(model)[point.layer]
+
+    def swap(output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return replace(output).to(output.dtype)
+        first = _first_tensor(output)
+        return (replace(first).to(first.dtype), *output[1:])
+
+    if point.kind == "resid_pre":
+
+        def pre_hook(_m: nn.Module, args: Any, kwargs: Any) -> Any:
+            if args:
+                return (swap(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": swap(kwargs["hidden_states"])}
+
+        handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        if point.kind == "resid_post":
+            module = block
+        elif point.kind == "attn_out":
+            module = getattr(block, layout.attn_out)
+        else:
+            module = getattr(block, layout.mlp_out)
+        handle = module.register_forward_hook(lambda _m, _i, output: swap(output))
+    try:
+        yield
+    finally:
+        handle.remove()

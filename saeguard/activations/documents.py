@@ -1,0 +1,119 @@
+"""Activations of whole documents, one context per document (for probing and OOD scoring).
+
+Unlike the packed harvest, each text gets its own context: the start token, then the text's
+first (or last) ``ctx_len - 1`` tokens. Rows are right-padded; with a causal model the padding
+never changes earlier positions, and padded positions are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from saeguard.activations.exclusion import ExclusionRules
+from saeguard.data.tokenize import packing_spec, tokenize_documents
+from saeguard.errors import CorpusError
+from saeguard.models.hooks import run_to_hooks
+from saeguard.models.loading import LoadedModel
+
+
+@dataclass
+class DocumentBatch:
+    """Activations of a batch of documents at one hook."""
+
+    acts: torch.Tensor
+    """[batch, seq, d] float32 activations."""
+    keep: torch.Tensor
+    """[batch, seq] bool: real, non-excluded positions."""
+    tokens: torch.Tensor
+    """[batch, seq] token ids (padding included)."""
+    first_index: int
+    """Index of the batch's first document in the input list."""
+
+
+def encode_documents(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    ctx_len: int,
+    truncate: Literal["head", "tail"] = "head",
+    prepend_bos: bool = True,
+) -> list[list[int]]:
+    """Token ids of each text as one context (start token + at most ``ctx_len - 1`` tokens)."""
+    spec = packing_spec(loaded.tokenizer, ctx_len, prepend_bos)
+    room = ctx_len - (spec.start_id is not None)
+    out = []
+    for i, ids in enumerate(tokenize_documents(loaded.tokenizer, list(texts))):
+        if not ids:
+            raise CorpusError(f"text {i} is empty after tokenisation; remove it or give it words")
+        ids = ids[:room] if truncate == "head" else ids[-room:]
+        out.append(([spec.start_id] if spec.start_id is not None else []) + ids)
+    return out
+
+
+def iter_document_activations(
+    loaded: LoadedModel,
+    hook: str,
+    contexts: Sequence[list[int]],
+    rules: ExclusionRules,
+    batch_size: int = 16,
+    progress: str | None = None,
+) -> Iterator[DocumentBatch]:
+    """Run the model to ``hook`` on each context; yield batches with their keep masks."""
+    point = loaded.hook_point(hook)
+    pad = rules.special_ids[0] if rules.special_ids else 0
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    bar = tqdm(total=len(contexts), desc=progress, unit="doc", disable=progress is None)
+    # Batches of similar length waste little padding; results come back in input order.
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(contexts[i]) for i in rows)
+        tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+        real = torch.zeros(len(rows), width, dtype=torch.bool)
+        for r, i in enumerate(rows):
+            tokens[r, : len(contexts[i])] = torch.tensor(contexts[i])
+            real[r, : len(contexts[i])] = True
+        with torch.inference_mode():
+            acts = run_to_hooks(loaded.model, tokens.to(loaded.device), [point])[hook]
+        acts = acts.float().cpu()
+        keep = rules.keep_mask(tokens, acts, hook) & real
+        for r, i in enumerate(rows):
+            yield DocumentBatch(acts[r : r + 1], keep[r : r + 1], tokens[r : r + 1], i)
+        bar.update(len(rows))
+    bar.close()
+
+
+def pooled_document_features(
+    loaded: LoadedModel,
+    hook: str,
+    texts: Sequence[str],
+    rules: ExclusionRules,
+    ctx_len: int = 128,
+    encoders: dict[str, object] | None = None,
+    truncate: Literal["head", "tail"] = "head",
+    batch_size: int = 16,
+    progress: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mean-pooled (over kept positions) features of each text, in input order.
+
+    Returns ``{"raw": [n, d]}`` plus one ``[n, width]`` entry per encoder, an encoder being any
+    callable mapping activations [m, d] to features [m, width] (an SAE's ``encode``).
+    """
+    encoders = encoders or {}
+    contexts = encode_documents(loaded, texts, ctx_len, truncate)
+    pooled: dict[str, list[torch.Tensor | None]] = {
+        name: [None] * len(texts) for name in ["raw", *encoders]
+    }
+    for batch in iter_document_activations(loaded, hook, contexts, rules, batch_size, progress):
+        kept = batch.acts[batch.keep]
+        if len(kept) == 0:  # every position excluded: fall back to all real positions
+            kept = batch.acts[0, 1:] if batch.acts.shape[1] > 1 else batch.acts[0]
+        pooled["raw"][batch.first_index] = kept.mean(0)
+        for name, encode in encoders.items():
+            with torch.no_grad():
+                feats = encode(kept)  # type: ignore[operator]
+            pooled[name][batch.first_index] = feats.float().mean(0)
+    return {name: torch.stack([r for r in rows if r is not None]) for name, rows in pooled.items()}

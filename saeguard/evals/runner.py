@@ -1,0 +1,242 @@
+"""``saeguard eval``: run the selected metrics on one SAE, write eval.json (+ schema) and eval.html.
+
+Each eval's results are written as soon as it finishes; a re-run with the same settings keeps
+finished evals and runs only the missing ones (``complete`` is false until all are done).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from saeguard import __version__
+from saeguard.configs import config_to_dict, validate_literals
+from saeguard.errors import ConfigError, CorruptFileError
+from saeguard.evals.absorption import AbsorptionConfig, run_absorption
+from saeguard.evals.ce import CEConfig, run_ce
+from saeguard.evals.core import CoreConfig, run_core
+from saeguard.evals.effective import run_effective
+from saeguard.evals.ood_probing import OODProbingConfig, run_ood_probing
+from saeguard.evals.probing import ProbingConfig, run_probing
+from saeguard.evals.results import MetricResult
+from saeguard.evals.subject import EvalSubject, load_subject
+from saeguard.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
+EVALS = ("core", "ce", "absorption", "probing", "ood_probing", "effective")
+EVAL_SCHEMA = Path(__file__).with_name("eval.schema.json")
+
+
+@dataclass
+class EvalConfig:
+    """What ``saeguard eval`` measures and how much text it reads."""
+
+    evals: list[str] = field(default_factory=lambda: list(EVALS))
+    """Metrics to run: core, ce, absorption, probing, ood_probing, effective."""
+    quick: bool = False
+    """Smoke-test scale: a few contexts, documents and words per eval (minutes, not a benchmark)."""
+    model: str = ""
+    """Model to evaluate with (empty: the one named in the SAE's cfg.json)."""
+    corpus: str = ""
+    """Corpus for core/ce/effective (empty: the SAE's training corpus; its test split is used)."""
+    out: str = ""
+    """Directory for eval.json and eval.html (empty: the SAE directory)."""
+    core_contexts: int = 256
+    """Packed contexts for core metrics and effective features."""
+    ce_contexts: int = 48
+    """Packed contexts for CE/KL recovered (three full forward passes each)."""
+    probing_per_class: int = 60
+    """Documents per class for sparse and OOD probing."""
+    probing_ks: list[int] = field(default_factory=lambda: [1, 2, 5, 20])
+    """k values for sparse probing."""
+    probing_sets: list[str] = field(
+        default_factory=lambda: ["wiki-en", "bbc", "language", "jailbreak"]
+    )
+    """Labelled sets for sparse probing: wiki-en, bbc, language, jailbreak."""
+    ood_shifts: list[str] = field(default_factory=lambda: ["typos", "wiki-es", "wiki-fr"])
+    """Shifts OOD probes are tested on: typos, wiki-es, wiki-fr."""
+    ood_k: int = 20
+    """Latents used by the OOD probes."""
+    typo_rate: float = 0.2
+    """Fraction of words given a typo in OOD probing."""
+    absorption_words: int = 1200
+    """Vocabulary words for the first-letter absorption task."""
+    seed: int = 0
+    """Seed of every sampled choice (documents, words, bootstrap)."""
+    threads: int = 0
+    """Torch CPU threads (0: library default)."""
+
+    def __post_init__(self) -> None:
+        validate_literals(self)
+        unknown = [e for e in self.evals if e not in EVALS]
+        if not self.evals or unknown:
+            raise ConfigError(f"unknown or empty --evals {unknown}; choose from {', '.join(EVALS)}")
+        if self.quick:
+            self.core_contexts = min(self.core_contexts, 24)
+            self.ce_contexts = min(self.ce_contexts, 6)
+            self.probing_per_class = min(self.probing_per_class, 12)
+            self.absorption_words = min(self.absorption_words, 400)
+        for name in ("core_contexts", "ce_contexts", "probing_per_class"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if "effective" in self.evals and "core" not in self.evals:
+            self.evals = [*self.evals, "core"]  # effective features reuse the core pass
+        self.sub_configs()  # their own checks fail here, before any model is loaded
+
+    def sub_configs(self) -> dict[str, Any]:
+        return {
+            "core": CoreConfig(contexts=self.core_contexts),
+            "ce": CEConfig(contexts=self.ce_contexts),
+            "absorption": AbsorptionConfig(words=self.absorption_words, seed=self.seed),
+            "probing": ProbingConfig(
+                ks=list(self.probing_ks),
+                per_class=self.probing_per_class,
+                sets=list(self.probing_sets),
+                seed=self.seed,
+            ),
+            "ood_probing": OODProbingConfig(
+                k=self.ood_k,
+                per_class=self.probing_per_class,
+                typo_rate=self.typo_rate,
+                shifts=list(self.ood_shifts),
+                seed=self.seed,
+            ),
+        }
+
+
+def _settings(cfg: EvalConfig) -> dict[str, Any]:
+    skip = {"evals", "out", "threads"}
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
+
+
+def _load_previous(path: Path, settings: dict[str, Any], sae_path: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{path} is not valid JSON ({exc}); delete it and re-run") from exc
+    if previous.get("settings") != settings or previous.get("sae", {}).get("path") != sae_path:
+        log.info("%s was computed with other settings: starting over", path)
+        return None
+    return dict(previous)
+
+
+def run_eval(
+    sae_dir: str | Path, cfg: EvalConfig, subject: EvalSubject | None = None
+) -> dict[str, Any]:
+    """Run ``cfg.evals`` on the SAE in ``sae_dir``; returns the eval.json document."""
+    import torch
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    sae_dir = Path(sae_dir)
+    out = Path(cfg.out) if cfg.out else sae_dir
+    out.mkdir(parents=True, exist_ok=True)
+    subject = subject or load_subject(sae_dir, cfg.model, cfg.corpus)
+    settings = _settings(cfg)
+    json_path, samples_path = out / "eval.json", out / "eval_samples.json"
+    document = _load_previous(json_path, settings, str(sae_dir)) or {
+        "format": "saeguard-eval",
+        "format_version": 1,
+        "saeguard_version": __version__,
+        "sae": _sae_summary(sae_dir, subject),
+        "settings": settings,
+        "metrics": {},
+        "details": {},
+        "timings_s": {},
+        "complete": False,
+    }
+    samples: dict[str, Any] = {}
+    if samples_path.exists() and document["metrics"]:
+        try:
+            samples = json.loads(samples_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            samples = {}
+    subs = cfg.sub_configs()
+    order = [e for e in EVALS if e in cfg.evals]
+    abs_per_context = None
+    for name in order:
+        done = name in document["timings_s"]
+        if done and not (
+            name == "core" and "effective" in order and "effective" not in document["timings_s"]
+        ):
+            log.info("eval %s: already in %s, kept", name, json_path)
+            continue
+        started = time.perf_counter()
+        results: list[MetricResult]
+        details: dict[str, Any] = {}
+        if name == "core":
+            results, details, abs_per_context = run_core(subject, subs["core"])
+        elif name == "effective":
+            assert abs_per_context is not None
+            results = run_effective(abs_per_context, subject.sae.cfg.d_in, cfg.seed)
+        elif name == "ce":
+            results, details = run_ce(subject, subs["ce"])
+        elif name == "absorption":
+            results, details = run_absorption(subject, subs["absorption"])
+        elif name == "probing":
+            results, details = run_probing(subject, subs["probing"])
+        else:
+            results, details = run_ood_probing(subject, subs["ood_probing"])
+        for result in results:
+            document["metrics"][result.name] = {**result.to_json(), "eval": name}
+            if result.samples:
+                samples[result.name] = {"statistic": result.statistic, "samples": result.samples}
+        document["details"][name] = details
+        document["timings_s"][name] = round(time.perf_counter() - started, 2)
+        document["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+        atomic_write_json(samples_path, samples)
+        atomic_write_json(json_path, document)  # finished evals survive an interruption
+        log.info("eval %s: %.1f s", name, document["timings_s"][name])
+    document["complete"] = all(e in document["timings_s"] for e in order)
+    jsonschema.validate(document, json.loads(EVAL_SCHEMA.read_text(encoding="utf-8")))
+    atomic_write_json(json_path, document)
+    from saeguard.report.eval_report import write_eval_report
+
+    write_eval_report(document, out / "eval.html")
+    return document
+
+
+def _sae_summary(sae_dir: Path, subject: EvalSubject) -> dict[str, Any]:
+    meta, cfg = subject.metadata, subject.sae.cfg
+    tokens = meta.get("training_tokens")
+    return {
+        "path": str(sae_dir),
+        "architecture": cfg.architecture,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "k": cfg.k,
+        "model": subject.loaded.name,
+        "hook": subject.hook,
+        "masking": meta.get("masking") or {"mask_prob": 0.0},
+        "training_tokens": int(tokens) if isinstance(tokens, int | float) else None,
+    }
+
+
+def load_eval(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(eval.json, eval_samples.json) of a directory, checked against the schema."""
+    directory = Path(directory)
+    path = directory / "eval.json" if directory.is_dir() else directory
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; run `saeguard eval {directory}` first")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        jsonschema.validate(document, json.loads(EVAL_SCHEMA.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, jsonschema.ValidationError) as exc:
+        raise CorruptFileError(
+            f"{path} is not a valid eval.json ({str(exc)[:200]}); re-run saeguard eval"
+        ) from exc
+    samples_path = path.with_name("eval_samples.json")
+    samples = json.loads(samples_path.read_text(encoding="utf-8")) if samples_path.exists() else {}
+    return document, samples
+
+
+__all__ = ["EVALS", "EvalConfig", "config_to_dict", "load_eval", "run_eval"]

@@ -1,0 +1,94 @@
+"""What an evaluation is run on: an SAE, its model, its hook and the rules it was trained with.
+
+The SAE's ``cfg.json`` names the model, hook, corpus and exclusion rules; evaluation reuses them
+(and the training-time outlier thresholds) so that an SAE is scored on the kind of activations it
+was trained on, drawn from the corpus's ``test`` split, which training never reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saeguard.activations.source import ActivationSourceConfig, PreparedSource, prepare
+from saeguard.errors import ConfigError
+from saeguard.models.loading import LoadedModel
+from saeguard.sae.base import SparseAutoencoder
+from saeguard.sae.io import load_sae
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSubject:
+    """A loaded SAE with the model, hook and prepared evaluation text it is measured on."""
+
+    sae: SparseAutoencoder
+    metadata: dict[str, Any]
+    hook: str
+    source: PreparedSource
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.source.loaded
+
+    @property
+    def ctx_len(self) -> int:
+        return self.source.spec.ctx_len
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.sae.encode(x)
+
+
+def load_subject(
+    sae_dir: str | Path,
+    model: str = "",
+    corpus: str = "",
+    split: str = "test",
+    loaded: LoadedModel | None = None,
+) -> EvalSubject:
+    """Load an SAE and prepare its model and evaluation corpus (empty arguments: from cfg.json)."""
+    sae, meta = load_sae(sae_dir)
+    sae.eval()
+    hook = str(meta.get("hook") or "")
+    if not hook:
+        raise ConfigError(
+            f"{sae_dir}/cfg.json does not name its hook point; it cannot be evaluated"
+        )
+    model_name = model or str(meta.get("model") or "")
+    if not model_name:
+        raise ConfigError(f"{sae_dir}/cfg.json does not name its model; pass --model")
+    exclusions = meta.get("exclusions") or {}
+    cfg = ActivationSourceConfig(
+        model=model_name,
+        hooks=[hook],
+        corpus=corpus or str(meta.get("corpus") or "wiki-en"),
+        split=split,  # type: ignore[arg-type]
+        ctx_len=int(meta.get("ctx_len") or 128),
+        prepend_bos=bool(meta.get("prepend_bos", True)),
+        exclude_special=bool(exclusions.get("exclude_special", True)),
+        outlier_multiple=float(exclusions.get("outlier_multiple", 10.0)),
+        repeat=False,
+    )
+    source = prepare(cfg, loaded)
+    if source.loaded.d_model != sae.cfg.d_in and hook.startswith(("resid", "attn", "mlp")):
+        raise ConfigError(
+            f"the SAE reads {sae.cfg.d_in}-d activations but {model_name} has d_model "
+            f"{source.loaded.d_model}: pass the model it was trained on (--model)"
+        )
+    medians = exclusions.get("median_norms") or {}
+    if hook in medians:
+        source.rules.median_norms = {hook: float(medians[hook])}
+    else:  # an SAE from another tool: measure the median on the evaluation text itself
+        contexts = [c for _, c in zip(range(64), source.contexts(), strict=False)]
+        from saeguard.activations.source import ActivationHarvester
+
+        harvester = ActivationHarvester(source.loaded, [hook], source.rules)
+        harvester.calibrate(contexts, batch_size=16)
+        log.info("no training-time median norm in cfg.json: measured %s", source.rules.median_norms)
+    return EvalSubject(sae, meta, hook, source)

@@ -1,0 +1,274 @@
+"""Each metric on hand-checkable cases, then the eval runner, schema and compare end to end."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saeguard.errors import ConfigError
+from saeguard.evals import EvalConfig, load_eval, run_eval
+from saeguard.evals.absorption import AbsorptionConfig, measure_absorption
+from saeguard.evals.ce import ce_and_kl_sums, results_from_sums
+from saeguard.evals.core import accumulate, metrics_from_sums
+from saeguard.evals.effective import effective_count, run_effective
+from saeguard.evals.probing import ProbingConfig, probe_set, top_k_by_mean_difference
+from saeguard.evals.datasets import LabelledSet
+from saeguard.evals.results import MetricResult, paired_difference, sampled_metric
+from saeguard.models import load_model
+from saeguard.sae import SAEConfig, create_sae
+from saeguard.sae.io import save_sae
+
+
+def _by_name(results: list[MetricResult]) -> dict[str, MetricResult]:
+    return {r.name: r for r in results}
+
+
+def _contexts(n: int = 12, d: int = 8) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(10, d, generator=g) + 2 for _ in range(n)]
+
+
+def test_core_perfect_and_zero_reconstruction() -> None:
+    contexts = _contexts()
+    mean = torch.cat(contexts).mean(0)
+    perfect = accumulate(lambda x: (torch.ones(len(x), 4), x), contexts, mean, 4)
+    core = _by_name(metrics_from_sums(perfect, d_in=8)[0])
+    assert core["fvu"].value == 0 and core["explained_variance"].value == 1
+    assert core["cosine"].value == pytest.approx(1) and core["l2_ratio"].value == pytest.approx(1)
+    assert core["l0"].value == 4 and core["dead_frac"].value == 0 and core["dense_frac"].value == 1
+    # Reconstructing every token by the mean gives FVU exactly 1 (whole-set definition).
+    by_mean = accumulate(lambda x: (torch.zeros(len(x), 4), mean.expand_as(x)), contexts, mean, 4)
+    core = _by_name(metrics_from_sums(by_mean, d_in=8)[0])
+    assert core["fvu"].value == pytest.approx(1.0, abs=1e-6)
+    assert core["dead_frac"].value == 1 and core["l0"].value == 0
+    low, high = core["fvu"].ci  # type: ignore[misc]
+    assert low <= 1.0 + 1e-6 and high >= 1.0 - 1e-6
+
+
+def test_fvu_is_over_the_whole_set_not_a_mean_of_batches() -> None:
+    # Two contexts with very different variance: the pooled ratio differs from the mean ratio.
+    a, b = torch.randn(50, 4) * 0.1, torch.randn(50, 4) * 10
+    mean = torch.cat([a, b]).mean(0)
+    sums = accumulate(lambda x: (torch.ones(len(x), 1), x * 0.9 + 0.1 * mean), [a, b], mean, 1)
+    fvu = _by_name(metrics_from_sums(sums, 4)[0])["fvu"].value
+    x = torch.cat([a, b])
+    x_hat = x * 0.9 + 0.1 * mean
+    expected = float((x - x_hat).pow(2).sum() / (x - mean).pow(2).sum())
+    assert fvu == pytest.approx(expected, rel=1e-5)
+
+
+def test_ce_recovered_is_one_for_identity_and_zero_for_zeros(tiny_llama_dir: Path) -> None:
+    loaded = load_model(str(tiny_llama_dir))
+    point = loaded.hook_point("resid_post.1")
+    tokens = torch.randint(5, 300, (3, 12), generator=torch.Generator().manual_seed(0))
+    identity = ce_and_kl_sums(loaded.model, point, tokens, None, lambda a: a)
+    zeros = ce_and_kl_sums(loaded.model, point, tokens, None, torch.zeros_like)
+    to_lists = lambda sums: {k: v.tolist() for k, v in sums.items()}  # noqa: E731
+    ident = _by_name(results_from_sums(to_lists(identity)))
+    zero = _by_name(results_from_sums(to_lists(zeros)))
+    assert ident["ce_loss_recovered"].value == pytest.approx(1.0, abs=1e-5)
+    assert ident["kl_recovered"].value == pytest.approx(1.0, abs=1e-5)
+    assert zero["ce_loss_recovered"].value == pytest.approx(0.0, abs=1e-5)
+    assert zero["kl_recovered"].value == pytest.approx(0.0, abs=1e-5)
+    assert ident["ce_loss_zero"].value > ident["ce_loss_clean"].value  # splicing really happened
+    # Splicing nowhere (keep all False) must leave the clean loss untouched.
+    nowhere = ce_and_kl_sums(
+        loaded.model, point, tokens, torch.zeros(3, 12, dtype=torch.bool), torch.zeros_like
+    )
+    assert torch.allclose(nowhere["zero"], nowhere["clean"])
+
+
+def test_effective_features_counts() -> None:
+    assert effective_count(torch.full((64,), 0.3)) == pytest.approx(64)
+    assert effective_count(torch.tensor([5.0, 0, 0, 0])) == pytest.approx(1)
+    half = effective_count(torch.tensor([1.0, 1.0, 0, 0]))
+    assert half == pytest.approx(2)
+    per_context = [torch.full((16,), 2.0) for _ in range(5)]
+    f, per_dim = run_effective(per_context, d_in=8)
+    assert f.value == pytest.approx(16) and per_dim.value == pytest.approx(2)
+
+
+def _letter_words(n_per_letter: int, snake_words: int, d: int, seed: int):
+    """Activations of words: 3 e_letter + noise; 'snake' words also carry 2 e_snake."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    snake = 26  # a direction orthogonal to every letter
+    for letter in range(26):
+        for i in range(n_per_letter):
+            x = 0.05 * torch.randn(d, generator=g)
+            x[letter] += 3
+            if letter == string.ascii_lowercase.index("s") and i < snake_words:
+                x[snake] += 2
+            xs.append(x)
+            ys.append(letter)
+    return torch.stack(xs), np.array(ys)
+
+
+def _letter_sae(d: int, planted: bool):
+    """A ReLU SAE with one latent per letter (firing 2 on its words). ``planted`` adds a latent
+    for 'snake' words that absorbs 's': there the 's' latent is off and the snake latent, whose
+    decoder row mixes the 's' and snake directions, reconstructs the word instead."""
+    sae = create_sae(SAEConfig(architecture="relu", d_in=d, d_sae=27))
+    s, snake = string.ascii_lowercase.index("s"), 26
+    with torch.no_grad():
+        for tensor in (sae.W_enc, sae.W_dec, sae.b_dec):
+            tensor.zero_()
+        sae.b_enc.fill_(-1.0)
+        for letter in range(26):  # W_enc is [d_in, d_sae], W_dec [d_sae, d_in]
+            sae.W_enc[letter, letter] = 1.0
+            sae.W_dec[letter, letter] = 1.0
+        if planted:
+            sae.W_enc[snake, s] = -1.5  # pre-activation of 's' on snake words: 3 - 3 - 1 < 0
+            sae.W_enc[snake, snake] = 13**0.5 / 2
+            sae.b_enc[snake] = -0.5
+            row = torch.zeros(d)
+            row[s], row[snake] = 3.0, 2.0
+            sae.W_dec[snake] = row / row.norm()
+        else:
+            sae.b_enc[snake] = -100.0  # never fires
+    return sae
+
+
+def test_planted_absorbed_latent_is_measured_and_absent_one_is_not() -> None:
+    d = 32
+    cfg = AbsorptionConfig(words=60, seed=0)
+    x_train, y_train = _letter_words(30, 1, d, seed=0)
+    x_test, y_test = _letter_words(30, 1, d, seed=1)
+    results = {}
+    for planted in (True, False):
+        metrics, details = measure_absorption(
+            _letter_sae(d, planted), x_train, y_train, x_test, y_test, cfg
+        )
+        results[planted] = (_by_name(metrics), {e["letter"]: e for e in details["letters"]})
+    with_plant, letters = results[True]
+    s_entry = letters["s"]
+    assert s_entry["counted"] and s_entry["main_latents"] == [18]
+    assert 0 < s_entry["full_absorption"] <= 1 / 25  # the one snake word among ~30 's' words
+    assert 0 < s_entry["absorption_fraction"] <= 1 / 25
+    assert all(e["full_absorption"] == 0 for k, e in letters.items() if k != "s")
+    assert with_plant["mean_full_absorption"].value > 0
+    without, letters = results[False]
+    assert without["mean_full_absorption"].value == 0
+    assert without["absorption_fraction"].value == 0
+    assert letters["s"]["counted"] and letters["s"]["full_absorption"] == 0
+
+
+def test_sparse_probe_finds_the_separating_latent() -> None:
+    rng = np.random.default_rng(0)
+    n, width = 200, 50
+    labels = np.array(["a", "b"] * (n // 2))
+    sae = rng.normal(size=(n, width)) * 0.1
+    sae[:, 7] += (labels == "a") * 2.0  # latent 7 alone tells a from b
+    raw = rng.normal(size=(n, 4))  # raw features carry nothing
+    data = LabelledSet("synthetic", ["t"] * n, labels.tolist())
+    assert top_k_by_mean_difference(sae, labels == "a", 1).tolist() == [7]
+    rows = probe_set({"sae": sae, "raw": raw}, data, ProbingConfig(ks=[1, 2], per_class=100))
+    sae_k1 = [r["accuracy"] for r in rows if r["features"] == "sae" and r["k"] == 1]
+    raw_all = [r["accuracy"] for r in rows if r["features"] == "raw" and r["k"] == "all"]
+    assert min(sae_k1) > 0.95 and max(raw_all) < 0.8
+
+
+def test_paired_difference_of_identical_metrics_is_zero_and_detects_a_shift() -> None:
+    a = sampled_metric("m", 1, {"values": np.linspace(0, 1, 40)})
+    same = paired_difference(a, a)
+    assert same is not None and same[0] == 0 and same[1] == (0.0, 0.0)
+    b = sampled_metric("m", 1, {"values": np.linspace(0, 1, 40) + 0.5})
+    delta, (low, high) = paired_difference(a, b)  # type: ignore[misc]
+    assert delta == pytest.approx(0.5) and low == pytest.approx(0.5) and high == pytest.approx(0.5)
+    c = sampled_metric("m", 1, {"values": np.random.default_rng(0).normal(size=40)})
+    delta, (low, high) = paired_difference(a, c)  # type: ignore[misc]
+    assert low < delta < high
+
+
+def test_impossible_eval_configs_fail_early() -> None:
+    with pytest.raises(ConfigError, match="choose from"):
+        EvalConfig(evals=["core", "bogus"])
+    with pytest.raises(ConfigError, match="probing sets"):
+        EvalConfig(probing_sets=["nope"])
+    with pytest.raises(ConfigError, match="typo-rate"):
+        EvalConfig(typo_rate=0)
+    with pytest.raises(ConfigError, match="absorption|words"):
+        EvalConfig(absorption_words=10)
+    assert "core" in EvalConfig(evals=["effective"]).evals  # effective reuses the core pass
+
+
+def _tiny_sae(tiny_llama_dir: Path, out: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    sae = create_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
+    save_sae(
+        sae,
+        out,
+        {"model": str(tiny_llama_dir), "hook": "resid_post.2", "corpus": "wiki-en", "ctx_len": 16},
+    )
+    return out
+
+
+def test_eval_runner_writes_valid_json_html_resumes_and_compares(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from saeguard.cli import main
+
+    cfg = dict(
+        evals=["core", "ce", "effective", "probing", "ood_probing"], quick=True,
+        probing_sets=["bbc"], probing_ks=[1, 5], ood_shifts=["typos"], probing_per_class=6,
+    )  # fmt: skip
+    first = _tiny_sae(tiny_llama_dir, tmp_path / "a", 0)
+    document = run_eval(first, EvalConfig(**cfg))  # type: ignore[arg-type]
+    assert document["complete"]
+    loaded, samples = load_eval(first)  # schema-validated
+    metrics = loaded["metrics"]
+    assert {"fvu", "ce_loss_recovered", "effective_features", "sparse_probing_accuracy_k1",
+            "raw_probing_accuracy_all", "ood_probing_auc_typos"} <= set(metrics)  # fmt: skip
+    assert metrics["l0"]["value"] == pytest.approx(4)
+    assert metrics["fvu"]["ci95"][0] <= metrics["fvu"]["value"] <= metrics["fvu"]["ci95"][1]
+    assert "fvu" in samples and (first / "eval.html").read_text().count("data:image/png") >= 2
+    # A second run with the same settings keeps every finished eval.
+    before = (first / "eval.json").read_text()
+    run_eval(first, EvalConfig(**cfg))  # type: ignore[arg-type]
+    assert (
+        json.loads((first / "eval.json").read_text())["timings_s"]
+        == json.loads(before)["timings_s"]
+    )
+    second = _tiny_sae(tiny_llama_dir, tmp_path / "b", 1)
+    assert (
+        main(
+            [
+                "eval",
+                str(second),
+                "--quick",
+                "--evals",
+                "core,ce",
+                "--out",
+                str(tmp_path / "b_eval"),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "compare",
+                str(first),
+                str(tmp_path / "b_eval"),
+                "--out",
+                str(tmp_path / "cmp"),
+                "--markdown",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "fvu" in printed and "Δ" in printed and (tmp_path / "cmp" / "compare.html").exists()
+    assert "effective_features" in printed and "—" in printed  # missing in the second eval
+
+
+def test_corrupt_eval_json_is_named(tmp_path: Path) -> None:
+    (tmp_path / "eval.json").write_text('{"format": "saeguard-eval"')
+    with pytest.raises(Exception, match="not a valid eval.json"):
+        load_eval(tmp_path)
