@@ -67,6 +67,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study_masking(args: argparse.Namespace) -> int:
+    from saeguard.evals.masking_study import MaskingStudyConfig, run_study
+
+    cfg = config_from_args(MaskingStudyConfig, args)
+    document = run_study(cfg)
+    print(f"{cfg.out}/study.md, {cfg.out}/study.html, {cfg.out}/study.json")
+    print("finding:", document["finding"])
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from saeguard.activations import ActivationCache
 
@@ -228,6 +238,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="Also print the markdown table.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
     p.set_defaults(func=_cmd_compare)
+
+    from saeguard.evals.masking_study import MaskingStudyConfig
+
+    p = sub.add_parser(
+        "study",
+        help="Reproducible studies; `study masking` tests the masked-regularization claim.",
+        description="Studies that train and evaluate several SAEs and write a report.",
+    )
+    studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)
+    p = studies.add_parser(
+        "masking",
+        help="Baseline vs masked TopK SAEs: absorption, probing, OOD gap, fidelity.",
+        description=(
+            "Train TopK SAEs with masked regularization (each --mask-probs value; 0 is the "
+            "baseline) at each --ks sparsity with --seeds seeds on the same activation budget, "
+            "evaluate them on the same held-out text and write study.md, study.html and "
+            "study.json: mean full absorption, absorption fraction, sparse probing (k=1, 5), "
+            "OOD probing AUC and gap, explained variance, CE loss recovered - means over seeds "
+            "with bootstrap intervals and paired differences from the baseline. Re-running "
+            "resumes: finished SAEs and evaluations are kept."
+        ),
+    )
+    add_config_arguments(p, MaskingStudyConfig)
+    p.set_defaults(func=_cmd_study_masking)
 
     p = sub.add_parser(
         "cache",

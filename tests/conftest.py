@@ -44,6 +44,14 @@ WORDS = [
     "people",
 ]
 
+# Extra single-token words so the first-letter (absorption) task has words for most letters.
+SPELLING_WORDS = (
+    "apple arrow bread brick candle cloud drum dust eagle engine feather forest garden glass "
+    "hammer horse island iron jacket jelly kettle kite ladder lemon marble mirror needle nest "
+    "ocean orange pencil pillow quilt quiet rabbit rocket saddle silver table tiger umbrella "
+    "uncle velvet violin wagon window yellow yard zebra zone"
+).split()
+
 
 def make_text_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
     """A blank-line separated text file of pseudo-sentences."""
@@ -66,11 +74,11 @@ def make_tokenizer(directory: Path):
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<s>", "</s>", "<pad>", "<mask>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=700,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    corpus = [" ".join(WORDS)] * 20 + [f"Document {i}:" for i in range(100)]
+    corpus = [" ".join(WORDS + SPELLING_WORDS)] * 20 + [f"Document {i}:" for i in range(100)]
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -86,34 +86,27 @@ def iter_document_activations(
     bar.close()
 
 
-def pooled_document_features(
+def kept_document_activations(
     loaded: LoadedModel,
     hook: str,
     texts: Sequence[str],
     rules: ExclusionRules,
     ctx_len: int = 128,
-    encoders: dict[str, object] | None = None,
-    truncate: Literal["head", "tail"] = "head",
+    truncate: Literal["head", "tail"] | str = "head",
     batch_size: int = 16,
     progress: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Mean-pooled (over kept positions) features of each text, in input order.
+) -> list[torch.Tensor]:
+    """Kept activations [n_i, d] of each text, in input order.
 
-    Returns ``{"raw": [n, d]}`` plus one ``[n, width]`` entry per encoder, an encoder being any
-    callable mapping activations [m, d] to features [m, width] (an SAE's ``encode``).
+    A text whose every position is excluded (e.g. only special tokens) falls back to all its
+    real positions after the start token, so that every text has at least one row.
     """
-    encoders = encoders or {}
-    contexts = encode_documents(loaded, texts, ctx_len, truncate)
-    pooled: dict[str, list[torch.Tensor | None]] = {
-        name: [None] * len(texts) for name in ["raw", *encoders]
-    }
+    contexts = encode_documents(loaded, texts, ctx_len, "tail" if truncate == "tail" else "head")
+    out: list[torch.Tensor | None] = [None] * len(texts)
     for batch in iter_document_activations(loaded, hook, contexts, rules, batch_size, progress):
         kept = batch.acts[batch.keep]
-        if len(kept) == 0:  # every position excluded: fall back to all real positions
-            kept = batch.acts[0, 1:] if batch.acts.shape[1] > 1 else batch.acts[0]
-        pooled["raw"][batch.first_index] = kept.mean(0)
-        for name, encode in encoders.items():
-            with torch.no_grad():
-                feats = encode(kept)  # type: ignore[operator]
-            pooled[name][batch.first_index] = feats.float().mean(0)
-    return {name: torch.stack([r for r in rows if r is not None]) for name, rows in pooled.items()}
+        if len(kept) == 0:
+            length = len(contexts[batch.first_index])
+            kept = batch.acts[0, 1:length] if length > 1 else batch.acts[0, :1]
+        out[batch.first_index] = kept.clone()
+    return [t for t in out if t is not None]

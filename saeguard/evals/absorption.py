@@ -249,17 +249,20 @@ def run_absorption(
     """Absorption of the subject's SAE, words drawn from its model's vocabulary."""
     from saeguard.activations.documents import iter_document_activations
 
-    tokenizer = subject.loaded.tokenizer
-    words = vocabulary_words(tokenizer, cfg.words, cfg.seed)
-    prompts = word_prompts(
-        tokenizer, words, cfg.icl_examples, cfg.seed, subject.source.spec.start_id
-    )
-    acts = torch.zeros(len(prompts), subject.sae.cfg.d_in)
-    for batch in iter_document_activations(
-        subject.loaded, subject.hook, prompts, subject.source.rules, 32, "absorption: words"
-    ):
-        length = len(prompts[batch.first_index])
-        acts[batch.first_index] = batch.acts[0, length - 1]
+    key = ("absorption", cfg.words, cfg.icl_examples, cfg.seed)
+    if key not in subject.memo:  # model activations are shared by the SAEs of a study
+        tokenizer = subject.loaded.tokenizer
+        words = vocabulary_words(tokenizer, cfg.words, cfg.seed)
+        start_id = subject.source.spec.start_id
+        prompts = word_prompts(tokenizer, words, cfg.icl_examples, cfg.seed, start_id)
+        acts = torch.zeros(len(prompts), subject.sae.cfg.d_in)
+        for batch in iter_document_activations(
+            subject.loaded, subject.hook, prompts, subject.source.rules, 32, "absorption: words"
+        ):
+            length = len(prompts[batch.first_index])
+            acts[batch.first_index] = batch.acts[0, length - 1]
+        subject.memo[key] = (words, acts)
+    words, acts = subject.memo[key]
     letters = np.array([letter_of(w) for w, _ in words])
     rng = np.random.default_rng(cfg.seed)
     test = rng.random(len(words)) < cfg.test_fraction

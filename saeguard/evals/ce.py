@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from saeguard.evals.results import MetricResult, sampled_metric
 from saeguard.evals.subject import EvalSubject
-from saeguard.models.hooks import splice_hook
+from saeguard.models.hooks import run_to_hooks, splice_hook
 
 VERSION = 1
 
@@ -40,6 +40,51 @@ class CEConfig:
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _log_probs(
+    model: torch.nn.Module,
+    point: object,
+    tokens: torch.Tensor,
+    keep: torch.Tensor | None,
+    replace: Reconstruct | None,
+) -> torch.Tensor:
+    """Next-token log-probabilities [batch, seq - 1, vocab], with ``replace`` spliced in."""
+    if replace is None:
+        logits = model(input_ids=tokens, use_cache=False).logits
+    else:
+
+        def spliced(acts: torch.Tensor) -> torch.Tensor:
+            new = replace(acts.float()).to(acts.dtype)
+            if keep is None:
+                return new
+            return torch.where(keep.unsqueeze(-1).to(acts.device), new, acts)
+
+        with splice_hook(model, point, spliced):  # type: ignore[arg-type]
+            logits = model(input_ids=tokens, use_cache=False).logits
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _ce(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return -logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def _kl(clean: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    return (clean.exp() * (clean - logp)).sum(-1).sum(-1)
+
+
+@torch.no_grad()
+def reference_sums(
+    model: torch.nn.Module, point: object, tokens: torch.Tensor, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SAE-independent part: clean log-probs, and per-row CE (clean, zero) and KL (zero)."""
+    clean = _log_probs(model, point, tokens, keep, None)
+    zero = _log_probs(model, point, tokens, keep, torch.zeros_like)
+    sums = {
+        "clean": _ce(clean, tokens), "zero": _ce(zero, tokens), "kl_zero": _kl(clean, zero),
+        "predictions": torch.full((len(tokens),), float(tokens.shape[1] - 1)),
+    }  # fmt: skip
+    return clean, sums
+
+
 @torch.no_grad()
 def ce_and_kl_sums(
     model: torch.nn.Module,
@@ -47,46 +92,16 @@ def ce_and_kl_sums(
     tokens: torch.Tensor,
     keep: torch.Tensor | None,
     reconstruct: Reconstruct,
+    reference: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-row summed CE (clean, sae, zero) and KL (sae, zero) over next-token predictions.
 
-    ``keep`` [batch, seq] says where to splice (None: everywhere).
+    ``keep`` [batch, seq] says where to splice (None: everywhere); ``reference`` reuses a
+    previous :func:`reference_sums` of the same tokens.
     """
-    targets = tokens[:, 1:]
-
-    def run(replace: Reconstruct | None) -> torch.Tensor:
-        if replace is None:
-            logits = model(input_ids=tokens, use_cache=False).logits
-        else:
-
-            def spliced(acts: torch.Tensor) -> torch.Tensor:
-                new = replace(acts.float()).to(acts.dtype)
-                if keep is None:
-                    return new
-                return torch.where(keep.unsqueeze(-1).to(acts.device), new, acts)
-
-            with splice_hook(model, point, spliced):  # type: ignore[arg-type]
-                logits = model(input_ids=tokens, use_cache=False).logits
-        return torch.log_softmax(logits[:, :-1].float(), dim=-1)
-
-    clean = run(None)
-    sae = run(lambda a: reconstruct(a))
-    zero = run(torch.zeros_like)
-
-    def ce(logp: torch.Tensor) -> torch.Tensor:
-        return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
-
-    def kl(logp: torch.Tensor) -> torch.Tensor:
-        return (clean.exp() * (clean - logp)).sum(-1).sum(-1)
-
-    return {
-        "clean": ce(clean),
-        "sae": ce(sae),
-        "zero": ce(zero),
-        "kl_sae": kl(sae),
-        "kl_zero": kl(zero),
-        "predictions": torch.full((len(tokens),), float(targets.shape[1])),
-    }
+    clean, sums = reference or reference_sums(model, point, tokens, keep)
+    sae = _log_probs(model, point, tokens, keep, reconstruct)
+    return {**sums, "sae": _ce(sae, tokens), "kl_sae": _kl(clean, sae)}
 
 
 def results_from_sums(sums: dict[str, list[float]]) -> list[MetricResult]:
@@ -125,20 +140,20 @@ def run_ce(subject: EvalSubject, cfg: CEConfig) -> tuple[list[MetricResult], dic
     sae = subject.sae
     sums: dict[str, list[float]] = {}
     spliced = total = 0
-    for start in tqdm(
-        range(0, len(contexts), cfg.batch_size), desc="ce: spliced forwards", unit="batch"
-    ):
+    batches = range(0, len(contexts), cfg.batch_size)
+    for start in tqdm(batches, desc="ce: spliced forwards", unit="batch"):
+        key = ("ce_reference", cfg.contexts, cfg.batch_size, start)
         tokens = torch.tensor(contexts[start : start + cfg.batch_size], dtype=torch.long)
-        with torch.inference_mode():
-            from saeguard.models.hooks import run_to_hooks
-
-            acts = run_to_hooks(loaded.model, tokens.to(loaded.device), [point])[subject.hook]
-        keep = subject.source.rules.keep_mask(tokens, acts.float().cpu(), subject.hook)
+        tokens = tokens.to(loaded.device)
+        if key not in subject.memo:  # clean and zero-ablated runs do not depend on the SAE
+            with torch.inference_mode():
+                acts = run_to_hooks(loaded.model, tokens, [point])[subject.hook]
+            keep = subject.source.rules.keep_mask(tokens.cpu(), acts.float().cpu(), subject.hook)
+            subject.memo[key] = (keep, reference_sums(loaded.model, point, tokens, keep))
+        keep, reference = subject.memo[key]
         spliced += int(keep.sum())
         total += keep.numel()
-        batch = ce_and_kl_sums(
-            loaded.model, point, tokens.to(loaded.device), keep, lambda a: sae(a)
-        )
-        for key, value in batch.items():
-            sums.setdefault(key, []).extend(value.tolist())
+        batch = ce_and_kl_sums(loaded.model, point, tokens, keep, sae, reference)
+        for name, value in batch.items():
+            sums.setdefault(name, []).extend(value.tolist())
     return results_from_sums(sums), {"spliced_fraction": spliced / max(total, 1)}

@@ -131,6 +131,9 @@ def kept_context_activations(
     subject: EvalSubject, n_contexts: int, batch_size: int
 ) -> list[torch.Tensor]:
     """Kept activations [n_c, d] of the first ``n_contexts`` packed contexts of the eval split."""
+    key = ("core_contexts", n_contexts)
+    if key in subject.memo:
+        return list(subject.memo[key])
     point = subject.loaded.hook_point(subject.hook)
     contexts = [c for _, c in zip(range(n_contexts), subject.source.contexts(), strict=False)]
     out: list[torch.Tensor] = []
@@ -141,6 +144,7 @@ def kept_context_activations(
         acts_h = acts[subject.hook].float().cpu()
         keep = subject.source.rules.keep_mask(tokens, acts_h, subject.hook)
         out.extend(acts_h[i][keep[i]] for i in range(len(tokens)))
+    subject.memo[key] = out
     return out
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
@@ -71,21 +72,24 @@ def build_set(name: str, per_class: int, seed: int) -> LabelledSet:
 def pooled_features(
     subject: EvalSubject, data: LabelledSet, batch_size: int = 16
 ) -> dict[str, np.ndarray]:
-    """{"raw": [n, d], "sae": [n, d_sae]} mean-pooled features of every text of the set."""
-    from saeguard.activations.documents import pooled_document_features
+    """{"raw": [n, d], "sae": [n, d_sae]} mean-pooled features of every text of the set.
 
-    feats = pooled_document_features(
-        subject.loaded,
-        subject.hook,
-        data.texts,
-        subject.source.rules,
-        subject.ctx_len,
-        {"sae": subject.encode},
-        truncate=data.truncate,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        progress=f"probing: {data.name}",
-    )
-    return {k: v.numpy() for k, v in feats.items()}
+    The model's kept activations per text are memoised on the subject, so other SAEs of the
+    same study only pay for their own encoding.
+    """
+    from saeguard.activations.documents import kept_document_activations
+
+    digest = hashlib.sha256("\x00".join(data.texts).encode("utf-8", "surrogatepass")).hexdigest()
+    key = ("documents", digest, data.truncate)
+    if key not in subject.memo:
+        subject.memo[key] = kept_document_activations(
+            subject.loaded, subject.hook, data.texts, subject.source.rules, subject.ctx_len,
+            data.truncate, batch_size, progress=f"probing: {data.name}",
+        )  # fmt: skip
+    per_doc: list[torch.Tensor] = subject.memo[key]
+    raw = torch.stack([acts.mean(0) for acts in per_doc])
+    sae = torch.stack([subject.encode(acts).float().mean(0) for acts in per_doc])
+    return {"raw": raw.numpy(), "sae": sae.numpy()}
 
 
 def group_split(groups: Sequence[int], test_fraction: float, seed: int) -> np.ndarray:

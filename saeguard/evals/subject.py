@@ -8,7 +8,7 @@ was trained on, drawn from the corpus's ``test`` split, which training never rea
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,14 @@ class EvalSubject:
     metadata: dict[str, Any]
     hook: str
     source: PreparedSource
+    memo: dict[Any, Any] = field(default_factory=dict)
+    """Model activations already computed (SAE-independent), shared by subjects of one study."""
+
+    def with_sae(self, sae: SparseAutoencoder, metadata: dict[str, Any]) -> EvalSubject:
+        """Another SAE on the same model, hook, text and memo (the model runs once for all)."""
+        if sae.cfg.d_in != self.sae.cfg.d_in or metadata.get("hook") != self.hook:
+            raise ConfigError("SAEs evaluated together must read the same hook and width")
+        return replace(self, sae=sae, metadata=metadata)
 
     @property
     def loaded(self) -> LoadedModel:

@@ -54,6 +54,8 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
     """JumpReLU: target L0 for the (L0/target - 1)^2 penalty (0: plain L0 penalty)."""
     eval_tokens: int = 16_384
     """Held-out activations (validation split, no masking) for the final FVU / L0 / dead report."""
+    replicas: int = 1
+    """SAEs per (architecture, k, expansion) that differ only in their initial weights (seeds)."""
 
     def __post_init__(self) -> None:
         ActivationSourceConfig.__post_init__(self)
@@ -69,12 +71,17 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
             raise ConfigError(f"--k must be at least 1, got {self.k}")
         if self.eval_tokens < 0:
             raise ConfigError("--eval-tokens must be >= 0")
+        if self.replicas < 1:
+            raise ConfigError(f"--replicas must be at least 1, got {self.replicas}")
 
     def sae_configs(self, d_in: int) -> dict[str, SAEConfig]:
         """One SAE config per (architecture, k, expansion); impossible ones fail here."""
         configs = {}
-        for arch, k, expansion in itertools.product(self.architectures, self.k, self.expansion):
-            configs[f"{arch}_k{k}_x{expansion}"] = SAEConfig(
+        grid = itertools.product(self.architectures, self.k, self.expansion, range(self.replicas))
+        for arch, k, expansion, replica in grid:
+            # Each SAE's initial weights follow from its name, so replicas differ by suffix.
+            suffix = f"_s{replica}" if self.replicas > 1 else ""
+            configs[f"{arch}_k{k}_x{expansion}{suffix}"] = SAEConfig(
                 architecture=arch,
                 d_in=d_in,
                 d_sae=d_in * expansion,

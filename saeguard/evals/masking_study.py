@@ -1,0 +1,305 @@
+"""``saeguard study masking``: does masked regularization do what arXiv 2604.06495 claims here?
+
+The claim: training an SAE on activations of text whose tokens were randomly replaced by a mask
+token lowers feature absorption, keeps sparse-probing quality and narrows the OOD probing gap.
+The study trains TopK SAEs at each mask probability (baseline p = 0 included) and each k, with
+several seeds, on the same number of training activations (counted after masked positions are
+dropped, SPEC §3). All SAEs of one mask probability are trained from one activation stream in
+one pass; seeds differ in their initial weights. Every SAE is then evaluated on the same
+held-out text (the model runs once for all of them) and the table reports, per (p, k), the mean
+over seeds with a bootstrap 95% interval over evaluation units and the difference from the
+baseline with a paired bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saeguard.configs import config_to_dict
+from saeguard.errors import ConfigError
+from saeguard.evals.results import BOOTSTRAP_RESAMPLES, statistic_of
+from saeguard.evals.runner import EvalConfig, run_eval
+from saeguard.evals.subject import EvalSubject, load_subject
+from saeguard.fileio import atomic_write_json, atomic_write_text
+from saeguard.sae.io import load_sae
+
+log = logging.getLogger(__name__)
+
+STUDY_METRICS = (
+    ("mean_full_absorption", "mean full absorption", "lower"),
+    ("absorption_fraction", "absorption fraction", "lower"),
+    ("sparse_probing_accuracy_k1", "sparse probing acc (k=1)", "higher"),
+    ("sparse_probing_accuracy_k5", "sparse probing acc (k=5)", "higher"),
+    ("ood_probing_auc", "OOD probing AUC", "higher"),
+    ("ood_probing_gap", "OOD gap (ID − OOD AUC)", "lower"),
+    ("explained_variance", "explained variance", "higher"),
+    ("ce_loss_recovered", "CE loss recovered", "higher"),
+)
+
+
+@dataclass
+class MaskingStudyConfig:
+    """The masking study: which SAEs to train, on how much data, and how to evaluate them."""
+
+    out: str = "runs/study_masking"
+    """Directory for the SAEs, their evaluations, study.md, study.html and study.json."""
+    model: str = "smollm2-135m"
+    """Model whose activations the SAEs read."""
+    hook: str = "resid_post.15"
+    """Hook point."""
+    corpus: str = "wiki-en"
+    """Training corpus (its train split); evaluation reads held-out splits."""
+    mask_probs: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
+    """Mask probabilities; 0 (the baseline) must be among them."""
+    ks: list[int] = field(default_factory=lambda: [16, 64])
+    """TopK sparsities."""
+    seeds: int = 2
+    """SAEs per (p, k), differing in initial weights."""
+    expansion: int = 16
+    """d_sae / d_in."""
+    tokens: int = 600_000
+    """Training activations per SAE (after masked positions are dropped)."""
+    batch_tokens: int = 4096
+    """Activations per optimiser step."""
+    ctx_len: int = 128
+    """Tokens per training context."""
+    quick: bool = False
+    """Smoke-test scale: 40k training activations, 4x expansion, quick evals."""
+    probing_per_class: int = 60
+    """Documents per class for sparse and OOD probing."""
+    absorption_words: int = 1200
+    """Vocabulary words for the absorption task."""
+    core_contexts: int = 128
+    """Packed contexts for the core metrics."""
+    ce_contexts: int = 32
+    """Packed contexts for CE loss recovered."""
+    threads: int = 0
+    """Torch CPU threads (0: library default)."""
+
+    def __post_init__(self) -> None:
+        if 0.0 not in self.mask_probs:
+            raise ConfigError(
+                "--mask-probs must include 0 (the baseline the others are compared to)"
+            )
+        if any(not 0 <= p < 1 for p in self.mask_probs):
+            raise ConfigError(f"mask probabilities must lie in [0, 1), got {self.mask_probs}")
+        if self.seeds < 1 or not self.ks or min(self.ks) < 1:
+            raise ConfigError("--seeds and every --ks value must be at least 1")
+        if self.quick:
+            self.tokens = min(self.tokens, 40_960)
+            self.expansion = min(self.expansion, 4)
+            self.batch_tokens = min(self.batch_tokens, 1024)
+        if self.tokens < self.batch_tokens:
+            raise ConfigError("--tokens must be at least one batch (--batch-tokens)")
+
+
+def _sae_dirs(cfg: MaskingStudyConfig) -> list[tuple[float, int, int, Path]]:
+    out = []
+    for p in cfg.mask_probs:
+        for k in cfg.ks:
+            for seed in range(cfg.seeds):
+                name = f"topk_k{k}_x{cfg.expansion}" + (f"_s{seed}" if cfg.seeds > 1 else "")
+                single = len(cfg.ks) == 1 and cfg.seeds == 1
+                base = Path(cfg.out) / f"p{p:g}"
+                out.append((p, k, seed, base if single else base / name))
+    return out
+
+
+def train_all(cfg: MaskingStudyConfig) -> None:
+    """One training pass per mask probability (resumes; finished runs return at once)."""
+    from saeguard.train import TrainJobConfig, run_training
+
+    for p in cfg.mask_probs:
+        job = TrainJobConfig(
+            model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, split="train",
+            ctx_len=cfg.ctx_len, mask_prob=p, architectures=["topk"], k=list(cfg.ks),
+            expansion=[cfg.expansion], replicas=cfg.seeds, tokens=cfg.tokens,
+            batch_tokens=cfg.batch_tokens, buffer_tokens=max(8 * cfg.batch_tokens, 32_768),
+            eval_tokens=0, out=str(Path(cfg.out) / f"p{p:g}"), threads=cfg.threads,
+        )  # fmt: skip
+        log.info("masking study: training p=%g (%d SAEs)", p, len(cfg.ks) * cfg.seeds)
+        run_training(job)
+
+
+def evaluate_all(cfg: MaskingStudyConfig) -> dict[Path, dict[str, Any]]:
+    """Evaluate every SAE on the same text; the model runs once for all of them."""
+    eval_cfg = EvalConfig(
+        evals=["core", "ce", "absorption", "probing", "ood_probing"], quick=cfg.quick,
+        core_contexts=cfg.core_contexts, ce_contexts=cfg.ce_contexts,
+        probing_per_class=cfg.probing_per_class, probing_ks=[1, 5],
+        absorption_words=cfg.absorption_words, threads=cfg.threads,
+    )  # fmt: skip
+    shared: EvalSubject | None = None
+    results = {}
+    for _, _, _, directory in _sae_dirs(cfg):
+        if shared is None:
+            shared = load_subject(directory)
+            subject = shared
+        else:
+            sae, meta = load_sae(directory)
+            subject = shared.with_sae(sae.eval(), meta)
+        results[directory] = run_eval(directory, eval_cfg, subject)
+    return results
+
+
+def _samples(directory: Path, metric: str) -> tuple[str, dict[str, np.ndarray]] | None:
+    path = directory / "eval_samples.json"
+    if not path.exists():
+        return None
+    entry = json.loads(path.read_text(encoding="utf-8")).get(metric)
+    if not entry:
+        return None
+    return entry["statistic"], {k: np.asarray(v) for k, v in entry["samples"].items()}
+
+
+def seed_mean(
+    dirs: list[Path], metric: str, baseline: list[Path] | None = None, seed: int = 0
+) -> dict[str, Any] | None:
+    """Mean over seeds with a bootstrap 95% interval (units resampled jointly across seeds,
+    which were scored on the same units), and the paired difference from ``baseline``."""
+    loaded = [_samples(d, metric) for d in dirs]
+    if any(entry is None for entry in loaded):
+        return None
+    groups = [e for e in loaded if e is not None]
+    base = [_samples(d, metric) for d in baseline] if baseline else []
+    fn = statistic_of(groups[0][0])
+    n = len(next(iter(groups[0][1].values())))
+    same_units = all(len(next(iter(s.values()))) == n for _, s in groups) and all(
+        b is not None and len(next(iter(b[1].values()))) == n for b in base
+    )
+
+    def value(idx: np.ndarray | None, sets: list[tuple[str, dict[str, np.ndarray]]]) -> float:
+        return float(
+            np.mean([fn({k: v if idx is None else v[idx] for k, v in s.items()}) for _, s in sets])
+        )
+
+    point = value(None, groups)
+    per_seed = [value(None, [g]) for g in groups]
+    result: dict[str, Any] = {"mean": point, "seeds": per_seed}
+    if not same_units:
+        return result
+    rng = np.random.default_rng(seed)
+    boots, diffs = np.empty(BOOTSTRAP_RESAMPLES), np.empty(BOOTSTRAP_RESAMPLES)
+    base_sets = [b for b in base if b is not None]
+    for i in range(BOOTSTRAP_RESAMPLES):
+        idx = rng.integers(0, n, n)
+        boots[i] = value(idx, groups)
+        if base_sets:
+            diffs[i] = boots[i] - value(idx, base_sets)
+    result["ci95"] = [float(x) for x in np.percentile(boots, [2.5, 97.5])]
+    if base_sets:
+        result["delta"] = point - value(None, base_sets)
+        result["delta_ci95"] = [float(x) for x in np.percentile(diffs, [2.5, 97.5])]
+    return result
+
+
+def summarise(cfg: MaskingStudyConfig) -> dict[str, Any]:
+    dirs = _sae_dirs(cfg)
+    table: dict[str, Any] = {}
+    for k in cfg.ks:
+        baseline = [d for p, kk, _, d in dirs if p == 0 and kk == k]
+        for p in cfg.mask_probs:
+            group = [d for pp, kk, _, d in dirs if pp == p and kk == k]
+            row: dict[str, Any] = {}
+            for metric, _, _ in STUDY_METRICS:
+                row[metric] = seed_mean(group, metric, baseline if p > 0 else None)
+            masked = []
+            for d in group:
+                _, meta = load_sae(d)
+                masked.append((meta.get("masking") or {}).get("masked_fraction"))
+            row["masked_fraction"] = masked
+            table[f"p={p:g}, k={k}"] = row
+    return table
+
+
+def _cell(entry: dict[str, Any] | None, show_delta: bool) -> str:
+    if entry is None:
+        return "—"
+    text = f"{entry['mean']:.3f}"
+    if "ci95" in entry:
+        text += f" [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"
+    if show_delta and "delta" in entry:
+        low, high = entry["delta_ci95"]
+        star = "*" if low > 0 or high < 0 else ""
+        text += f"<br>Δ {entry['delta']:+.3f} [{low:+.3f}, {high:+.3f}]{star}"
+    return text
+
+
+def render_markdown(cfg: MaskingStudyConfig, table: dict[str, Any], finding: str) -> str:
+    headers = ["SAE", *[label for _, label, _ in STUDY_METRICS]]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for name, row in table.items():
+        cells = [_cell(row[m], True) for m, _, _ in STUDY_METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    settings = (
+        f"{cfg.model} `{cfg.hook}`, corpus {cfg.corpus}; TopK, expansion {cfg.expansion}, "
+        f"{cfg.tokens:,} training activations per SAE, {cfg.seeds} seed(s) per cell"
+        + (" (**--quick**: smoke-test scale, not evidence)" if cfg.quick else "")
+    )
+    return (
+        "# Masking study: masked regularization vs baseline\n\n"
+        f"{settings}.\n\n"
+        "Each cell: mean over seeds [bootstrap 95% interval over evaluation units]; "
+        "Δ: difference from p=0 at the same k, paired bootstrap 95% interval "
+        "(* : excludes 0). Seeds differ only in initialisation, so the intervals cover "
+        "evaluation noise, not training noise.\n\n"
+        + "\n".join(lines)
+        + f"\n\n**Finding.** {finding}\n"
+    )
+
+
+def describe_finding(table: dict[str, Any], cfg: MaskingStudyConfig) -> str:
+    """One plain sentence per claim, from the Δ intervals (no claim without an interval)."""
+    verdicts = []
+    for metric, label, better in STUDY_METRICS[:6]:
+        signs = []
+        for name, row in table.items():
+            entry = row.get(metric)
+            if entry is None or "delta_ci95" not in entry:
+                continue
+            low, high = entry["delta_ci95"]
+            if low > 0:
+                signs.append((name, "higher"))
+            elif high < 0:
+                signs.append((name, "lower"))
+            else:
+                signs.append((name, "no clear change"))
+        if not signs:
+            continue
+        counts = {
+            s: sum(1 for _, v in signs if v == s) for s in ("higher", "lower", "no clear change")
+        }
+        verdicts.append(
+            f"{label}: {counts['lower']} lower, {counts['higher']} higher, "
+            f"{counts['no clear change']} without a clear change (of {len(signs)} masked cells; "
+            f"{better} is better)"
+        )
+    return "; ".join(verdicts) + "." if verdicts else "no masked cell could be compared."
+
+
+def run_study(cfg: MaskingStudyConfig) -> dict[str, Any]:
+    """Train, evaluate, and write study.json, study.md and study.html."""
+    import torch
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_all(cfg)
+    evaluate_all(cfg)
+    table = summarise(cfg)
+    finding = describe_finding(table, cfg)
+    document = {"config": config_to_dict(cfg), "table": table, "finding": finding}
+    atomic_write_json(out / "study.json", document)
+    markdown = render_markdown(cfg, table, finding)
+    atomic_write_text(out / "study.md", markdown)
+    from saeguard.report.study_report import write_study_report
+
+    write_study_report(cfg, table, finding, out / "study.html")
+    return document
