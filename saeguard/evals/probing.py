@@ -46,10 +46,14 @@ class ProbingConfig:
     """Fraction of documents (by group) held out to test each probe."""
     seed: int = 0
     """Seed of document sampling, train/test cut and negatives."""
+    pooling: str = "mean"
+    """How a document's token activations become one input: mean (over kept tokens) or last."""
 
     def __post_init__(self) -> None:
         from saeguard.errors import ConfigError
 
+        if self.pooling not in ("mean", "last"):
+            raise ConfigError(f"--pooling must be mean or last, got {self.pooling!r}")
         unknown = set(self.sets) - {"wiki-en", "bbc", "language", "jailbreak"}
         if unknown:
             raise ConfigError(
@@ -70,7 +74,7 @@ def build_set(name: str, per_class: int, seed: int) -> LabelledSet:
 
 
 def pooled_features(
-    subject: EvalSubject, data: LabelledSet, batch_size: int = 16
+    subject: EvalSubject, data: LabelledSet, batch_size: int = 16, pooling: str = "mean"
 ) -> dict[str, np.ndarray]:
     """{"raw": [n, d], "sae": [n, d_sae]} mean-pooled features of every text of the set.
 
@@ -87,6 +91,8 @@ def pooled_features(
             data.truncate, batch_size, progress=f"probing: {data.name}",
         )  # fmt: skip
     per_doc: list[torch.Tensor] = subject.memo[key]
+    if pooling == "last":
+        per_doc = [acts[-1:] for acts in per_doc]
     raw = torch.stack([acts.mean(0) for acts in per_doc])
     sae = torch.stack([subject.encode(acts).float().mean(0) for acts in per_doc])
     return {"raw": raw.numpy(), "sae": sae.numpy()}
@@ -205,5 +211,5 @@ def run_probing(
     rows: list[dict[str, Any]] = []
     for name in cfg.sets:
         data = build_set(name, cfg.per_class, cfg.seed)
-        rows += probe_set(pooled_features(subject, data), data, cfg)
+        rows += probe_set(pooled_features(subject, data, pooling=cfg.pooling), data, cfg)
     return summarise(rows, cfg.ks), {"tasks": rows}

@@ -60,6 +60,8 @@ class EvalConfig:
         default_factory=lambda: ["wiki-en", "bbc", "language", "jailbreak"]
     )
     """Labelled sets for sparse probing: wiki-en, bbc, language, jailbreak."""
+    probing_pooling: str = "mean"
+    """Sparse probing inputs: mean over a document's kept tokens, or its last token."""
     ood_shifts: list[str] = field(default_factory=lambda: ["typos", "wiki-es", "wiki-fr"])
     """Shifts OOD probes are tested on: typos, wiki-es, wiki-fr."""
     ood_k: int = 20
@@ -99,6 +101,7 @@ class EvalConfig:
                 ks=list(self.probing_ks),
                 per_class=self.probing_per_class,
                 sets=list(self.probing_sets),
+                pooling=self.probing_pooling,
                 seed=self.seed,
             ),
             "ood_probing": OODProbingConfig(

@@ -194,6 +194,8 @@ def test_impossible_eval_configs_fail_early() -> None:
         EvalConfig(typo_rate=0)
     with pytest.raises(ConfigError, match="absorption|words"):
         EvalConfig(absorption_words=10)
+    with pytest.raises(ConfigError, match="pooling"):
+        EvalConfig(probing_pooling="max")
     assert "core" in EvalConfig(evals=["effective"]).evals  # effective reuses the core pass
 
 
