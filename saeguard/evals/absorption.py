@@ -8,7 +8,7 @@ chosen greedily by k-sparse probing (latents ranked by class-mean difference; k 
 
 For each test word the probe classifies correctly (a true positive), P = <x, d> is the probe
 projection of the activation (d the unit probe direction) and each latent's share is
-``proj_i = f_i cos(W_dec,i, d)``. *Full absorption*: every main latent is off, P > 0, and the
+``proj_i = f_i <W_dec,i, d>`` (activation x cosine for unit-norm decoder rows). *Full absorption*: every main latent is off, P > 0, and the
 latent with the largest share has cosine ≥ 0.025 with d and supplies ≥ 40% of P.
 ``mean_full_absorption`` is the rate of full absorption among true positives, averaged over
 letters whose probe F1 > 0.6. ``absorption_fraction`` (partial absorption): the top three
@@ -43,9 +43,9 @@ _WORD_TOKEN = re.compile(r"^ [a-z]{2,}$")
 class AbsorptionConfig:
     """Settings of the feature-absorption metric."""
 
-    words: int = 1200
+    words: int = 2000
     """Single-token vocabulary words to use (sampled, seeded)."""
-    icl_examples: int = 4
+    icl_examples: int = 3
     """In-context examples before each word."""
     test_fraction: float = 0.3
     """Fraction of words held out to score the probes."""
@@ -63,6 +63,8 @@ class AbsorptionConfig:
     """Minimum cosine of the latents counted by the partial absorption fraction."""
     max_absorbers: int = 3
     """Most non-main latents that may jointly absorb a letter (absorption fraction)."""
+    probe_c: float = 10.0
+    """Inverse L2 strength of the 26-way letter probe (classes are balanced by weight)."""
     seed: int = 0
     """Seed of word sampling, in-context examples and the train/test cut."""
 
@@ -77,9 +79,12 @@ def letter_of(word: str) -> int:
     return string.ascii_lowercase.index(word.strip()[0].lower())
 
 
-def fit_letter_probe(x: np.ndarray, y: np.ndarray, seed: int) -> LogisticRegression:
-    """The 26-way ground-truth probe (inputs scaled by one number, so directions are kept)."""
-    probe = LogisticRegression(C=1.0, max_iter=3000, random_state=seed)
+def fit_letter_probe(
+    x: np.ndarray, y: np.ndarray, seed: int, c: float = 10.0
+) -> LogisticRegression:
+    """The 26-way ground-truth probe (inputs scaled by one number, so directions are kept;
+    classes weighted so rare letters are not ignored)."""
+    probe = LogisticRegression(C=c, max_iter=5000, class_weight="balanced", random_state=seed)
     probe.fit(x, y)
     return probe
 
@@ -102,7 +107,7 @@ def choose_main_latents(
         cols = ranked[:k]
         if not np.isfinite(diff[cols]).all():
             break
-        probe = LogisticRegression(C=1.0, max_iter=2000)
+        probe = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced")
         probe.fit(f_train[:, cols], is_letter_train)
         f1 = float(f1_score(is_letter_test, probe.predict(f_test[:, cols]), zero_division=0))
         if k == 1:
@@ -156,7 +161,7 @@ def measure_absorption(
 ) -> tuple[list[MetricResult], dict[str, Any]]:
     """Absorption metrics from word activations and their letters (ints 0..25)."""
     scale = float(x_train.norm(dim=-1).median().clamp_min(1e-12))
-    probe = fit_letter_probe((x_train / scale).numpy(), y_train, cfg.seed)
+    probe = fit_letter_probe((x_train / scale).numpy(), y_train, cfg.seed, cfg.probe_c)
     predicted = probe.predict((x_test / scale).numpy())
     classes = list(probe.classes_)
     with torch.no_grad():
@@ -175,14 +180,17 @@ def measure_absorption(
         direction = probe.coef_[classes.index(letter)] if len(classes) > 2 else probe.coef_[0]
         direction = direction / max(np.linalg.norm(direction), 1e-12)
         main, main_f1 = choose_main_latents(f_train, y_train == letter, f_test, is_test, cfg)
-        cos = (w_dec @ direction) / dec_norms
+        along = w_dec @ direction
+        cos = along / dec_norms
         true_pos = np.flatnonzero(is_test & (predicted == letter))
         full = 0
         word_fractions = []
         for row in true_pos:
             f = f_test[row].astype(np.float64)
             total = float(x_test_np[row] @ direction)  # probe projection of the activation
-            proj = f * cos  # each latent's share: activation x cosine with the probe
+            # Each latent's share of the projection: f_i <W_dec,i, d> (= activation x cosine for
+            # unit-norm decoder rows; saeguard folds input scaling into W_dec, so rows may not be).
+            proj = f * along
             word_fractions.append(absorption_fraction_of(proj, cos, main, total, cfg))
             if is_full_absorption(f, proj, cos, main, total, cfg):
                 full += 1

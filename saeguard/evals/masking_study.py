@@ -73,7 +73,7 @@ class MaskingStudyConfig:
     """Smoke-test scale: 40k training activations, 4x expansion, quick evals."""
     probing_per_class: int = 60
     """Documents per class for sparse and OOD probing."""
-    absorption_words: int = 1200
+    absorption_words: int = 2000
     """Vocabulary words for the absorption task."""
     core_contexts: int = 128
     """Packed contexts for the core metrics."""

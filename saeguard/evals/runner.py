@@ -68,7 +68,7 @@ class EvalConfig:
     """Latents used by the OOD probes."""
     typo_rate: float = 0.2
     """Fraction of words given a typo in OOD probing."""
-    absorption_words: int = 1200
+    absorption_words: int = 2000
     """Vocabulary words for the first-letter absorption task."""
     seed: int = 0
     """Seed of every sampled choice (documents, words, bootstrap)."""
