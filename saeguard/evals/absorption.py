@@ -8,7 +8,8 @@ chosen greedily by k-sparse probing (latents ranked by class-mean difference; k 
 
 For each test word the probe classifies correctly (a true positive), P = <x, d> is the probe
 projection of the activation (d the unit probe direction) and each latent's share is
-``proj_i = f_i <W_dec,i, d>`` (activation x cosine for unit-norm decoder rows). *Full absorption*: every main latent is off, P > 0, and the
+``proj_i = f_i <W_dec,i, d>`` (activation x cosine for unit-norm decoder rows).
+*Full absorption*: every main latent is off, P > 0, and the
 latent with the largest share has cosine ≥ 0.025 with d and supplies ≥ 40% of P.
 ``mean_full_absorption`` is the rate of full absorption among true positives, averaged over
 letters whose probe F1 > 0.6. ``absorption_fraction`` (partial absorption): the top three
