@@ -83,14 +83,22 @@ def pooled_features(
     """
     from saeguard.activations.documents import kept_document_activations
 
-    digest = hashlib.sha256("\x00".join(data.texts).encode("utf-8", "surrogatepass")).hexdigest()
-    key = ("documents", digest, data.truncate)
-    if key not in subject.memo:
-        subject.memo[key] = kept_document_activations(
-            subject.loaded, subject.hook, data.texts, subject.source.rules, subject.ctx_len,
+    def key(text: str) -> tuple[str, str, str]:
+        return (
+            "document",
+            hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+            data.truncate,
+        )
+
+    missing = list(dict.fromkeys(t for t in data.texts if key(t) not in subject.memo))
+    if missing:
+        computed = kept_document_activations(
+            subject.loaded, subject.hook, missing, subject.source.rules, subject.ctx_len,
             data.truncate, batch_size, progress=f"probing: {data.name}",
         )  # fmt: skip
-    per_doc: list[torch.Tensor] = subject.memo[key]
+        for text, acts in zip(missing, computed, strict=True):
+            subject.memo[key(text)] = acts
+    per_doc: list[torch.Tensor] = [subject.memo[key(t)] for t in data.texts]
     if pooling == "last":
         per_doc = [acts[-1:] for acts in per_doc]
     raw = torch.stack([acts.mean(0) for acts in per_doc])
