@@ -36,7 +36,7 @@ from saeguard.errors import ConfigError
 from saeguard.evals.results import MetricResult, sampled_metric
 from saeguard.sae.base import SparseAutoencoder
 
-VERSION = 1
+VERSION = 2  # 2: projections f_i <W_dec,i, d>, balanced probe
 _WORD_TOKEN = re.compile(r"^ [a-z]{2,}$")
 
 

@@ -1,7 +1,8 @@
 """``saeguard eval``: run the selected metrics on one SAE, write eval.json (+ schema) and eval.html.
 
-Each eval's results are written as soon as it finishes; a re-run with the same settings keeps
-finished evals and runs only the missing ones (``complete`` is false until all are done).
+Each eval's results are written as soon as it finishes; a re-run keeps every finished eval
+whose own settings and metric version are unchanged and runs only the others (``complete`` is
+false until all are done).
 """
 
 from __future__ import annotations
@@ -119,15 +120,31 @@ def _settings(cfg: EvalConfig) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
 
 
-def _load_previous(path: Path, settings: dict[str, Any], sae_path: str) -> dict[str, Any] | None:
+def _signature(cfg: EvalConfig, name: str) -> dict[str, Any]:
+    """What an eval's numbers depend on: a finished eval is kept only if this is unchanged."""
+    from saeguard.evals import absorption, ce, core, effective, ood_probing, probing
+
+    modules = {"core": core, "ce": ce, "absorption": absorption, "probing": probing,
+               "ood_probing": ood_probing, "effective": effective}  # fmt: skip
+    sub = cfg.sub_configs().get(name if name != "effective" else "core")
+    return {
+        "version": modules[name].VERSION,
+        "config": config_to_dict(sub) if sub is not None else {},
+        "model": cfg.model,
+        "corpus": cfg.corpus,
+        "seed": cfg.seed,
+    }
+
+
+def _load_previous(path: Path, sae_path: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CorruptFileError(f"{path} is not valid JSON ({exc}); delete it and re-run") from exc
-    if previous.get("settings") != settings or previous.get("sae", {}).get("path") != sae_path:
-        log.info("%s was computed with other settings: starting over", path)
+    if previous.get("sae", {}).get("path") != sae_path or "eval_settings" not in previous:
+        log.info("%s belongs to another SAE or an older saeguard: starting over", path)
         return None
     return dict(previous)
 
@@ -146,7 +163,7 @@ def run_eval(
     subject = subject or load_subject(sae_dir, cfg.model, cfg.corpus)
     settings = _settings(cfg)
     json_path, samples_path = out / "eval.json", out / "eval_samples.json"
-    document = _load_previous(json_path, settings, str(sae_dir)) or {
+    document = _load_previous(json_path, str(sae_dir)) or {
         "format": "saeguard-eval",
         "format_version": 1,
         "saeguard_version": __version__,
@@ -155,8 +172,10 @@ def run_eval(
         "metrics": {},
         "details": {},
         "timings_s": {},
+        "eval_settings": {},
         "complete": False,
     }
+    document["settings"] = settings
     samples: dict[str, Any] = {}
     if samples_path.exists() and document["metrics"]:
         try:
@@ -167,13 +186,16 @@ def run_eval(
     order = [e for e in EVALS if e in cfg.evals]
     abs_per_context = None
     for name in order:
-        done = name in document["timings_s"]
+        done = document["eval_settings"].get(name) == _signature(cfg, name)
         if done and not (
             name == "core" and "effective" in order and "effective" not in document["timings_s"]
         ):
             log.info("eval %s: already in %s, kept", name, json_path)
             continue
         started = time.perf_counter()
+        for stale in [m for m, entry in document["metrics"].items() if entry["eval"] == name]:
+            del document["metrics"][stale]  # results of other settings or an older definition
+            samples.pop(stale, None)
         results: list[MetricResult]
         details: dict[str, Any] = {}
         if name == "core":
@@ -195,11 +217,14 @@ def run_eval(
                 samples[result.name] = {"statistic": result.statistic, "samples": result.samples}
         document["details"][name] = details
         document["timings_s"][name] = round(time.perf_counter() - started, 2)
+        document["eval_settings"][name] = _signature(cfg, name)
         document["created"] = datetime.now(UTC).isoformat(timespec="seconds")
         atomic_write_json(samples_path, samples)
         atomic_write_json(json_path, document)  # finished evals survive an interruption
         log.info("eval %s: %.1f s", name, document["timings_s"][name])
-    document["complete"] = all(e in document["timings_s"] for e in order)
+    document["complete"] = all(
+        document["eval_settings"].get(e) == _signature(cfg, e) for e in order
+    )
     jsonschema.validate(document, json.loads(EVAL_SCHEMA.read_text(encoding="utf-8")))
     atomic_write_json(json_path, document)
     from saeguard.report.eval_report import write_eval_report

@@ -236,6 +236,12 @@ def test_eval_runner_writes_valid_json_html_resumes_and_compares(
         json.loads((first / "eval.json").read_text())["timings_s"]
         == json.loads(before)["timings_s"]
     )
+    # Changing one eval's settings re-runs that eval only, and drops its stale metrics.
+    changed = run_eval(first, EvalConfig(**{**cfg, "probing_ks": [2]}))  # type: ignore[arg-type]
+    kept = json.loads(before)["timings_s"]
+    assert changed["timings_s"]["core"] == kept["core"] and changed["timings_s"]["ce"] == kept["ce"]
+    assert "sparse_probing_accuracy_k2" in changed["metrics"]
+    assert "sparse_probing_accuracy_k5" not in changed["metrics"] and changed["complete"]
     second = _tiny_sae(tiny_llama_dir, tmp_path / "b", 1)
     assert (
         main(
