@@ -58,14 +58,21 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     doc = Path(args.doc)
+    begin, end = "<!-- table: written by benchmarks/architectures.py -->", "<!-- /table -->"
+    text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    if begin in text and end in text:  # keep the hand-written commentary around the table
+        before, rest = text.split(begin, 1)
+        after = rest.split(end, 1)[1]
+        atomic_write_text(doc, f"{before}{begin}\n{table}\n{end}{after}")
+        return
     header = (
         "# SAE architectures on SmolLM2-135M `resid_post.15` (wiki-en)\n\n"
         f"Produced by `python benchmarks/architectures.py --acts {args.acts} --tokens "
         f"{args.tokens}{f' --mp-tokens {args.mp_tokens}' if args.mp_tokens else ''}` "
-        f"(k={args.k}, expansion {args.expansion}, batch 4096, 2-core CPU). Held-out: "
+        f"(k={args.k}, expansion {args.expansion}, batch 4096). Held-out: "
         f"{args.eval_tokens} activations of the validation split, default exclusions.\n\n"
     )
-    atomic_write_text(doc, header + table + "\n")
+    atomic_write_text(doc, header + begin + "\n" + table + "\n" + end + "\n")
 
 
 if __name__ == "__main__":
