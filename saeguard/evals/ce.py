@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from saeguard.evals.results import MetricResult, sampled_metric
 from saeguard.evals.subject import EvalSubject
-from saeguard.models.hooks import run_to_hooks, splice_hook
+from saeguard.models.hooks import capture_hooks, splice_hook
 
 VERSION = 1
 
@@ -73,10 +73,16 @@ def _kl(clean: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_sums(
-    model: torch.nn.Module, point: object, tokens: torch.Tensor, keep: torch.Tensor | None
+    model: torch.nn.Module,
+    point: object,
+    tokens: torch.Tensor,
+    keep: torch.Tensor | None,
+    clean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SAE-independent part: clean log-probs, and per-row CE (clean, zero) and KL (zero)."""
-    clean = _log_probs(model, point, tokens, keep, None)
+    """SAE-independent part: clean log-probs (computed unless given), and per-row CE (clean,
+    zero) and KL (zero)."""
+    if clean is None:
+        clean = _log_probs(model, point, tokens, keep, None)
     zero = _log_probs(model, point, tokens, keep, torch.zeros_like)
     sums = {
         "clean": _ce(clean, tokens), "zero": _ce(zero, tokens), "kl_zero": _kl(clean, zero),
@@ -146,10 +152,13 @@ def run_ce(subject: EvalSubject, cfg: CEConfig) -> tuple[list[MetricResult], dic
         tokens = torch.tensor(contexts[start : start + cfg.batch_size], dtype=torch.long)
         tokens = tokens.to(loaded.device)
         if key not in subject.memo:  # clean and zero-ablated runs do not depend on the SAE
-            with torch.inference_mode():
-                acts = run_to_hooks(loaded.model, tokens, [point])[subject.hook]
-            keep = subject.source.rules.keep_mask(tokens.cpu(), acts.float().cpu(), subject.hook)
-            subject.memo[key] = (keep, reference_sums(loaded.model, point, tokens, keep))
+            # The clean run also reads the hook, which decides where splicing happens.
+            with torch.no_grad(), capture_hooks(loaded.model, [point], stop_early=False) as store:
+                clean = _log_probs(loaded.model, point, tokens, None, None)
+            acts = store[subject.hook].float().cpu()
+            keep = subject.source.rules.keep_mask(tokens.cpu(), acts, subject.hook)
+            reference = reference_sums(loaded.model, point, tokens, keep, clean)
+            subject.memo[key] = (keep, reference)
         keep, reference = subject.memo[key]
         spliced += int(keep.sum())
         total += keep.numel()

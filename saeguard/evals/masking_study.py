@@ -99,30 +99,39 @@ class MaskingStudyConfig:
             raise ConfigError("--tokens must be at least one batch (--batch-tokens)")
 
 
+def _training_job(cfg: MaskingStudyConfig, p: float) -> Any:
+    """The training run of one mask probability: every (k, seed) SAE from one stream."""
+    from saeguard.train import TrainJobConfig
+
+    return TrainJobConfig(
+        model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, split="train",
+        ctx_len=cfg.ctx_len, mask_prob=p, architectures=["topk"], k=list(cfg.ks),
+        expansion=[cfg.expansion], replicas=cfg.seeds, tokens=cfg.tokens,
+        batch_tokens=cfg.batch_tokens, buffer_tokens=max(8 * cfg.batch_tokens, 32_768),
+        eval_tokens=0, out=str(Path(cfg.out) / f"p{p:g}"), threads=cfg.threads,
+    )  # fmt: skip
+
+
 def _sae_dirs(cfg: MaskingStudyConfig) -> list[tuple[float, int, int, Path]]:
+    """(mask prob, k, seed, directory) of every SAE, with the trainer's own names and layout."""
+    from saeguard.train.trainer import sae_directory
+
     out = []
     for p in cfg.mask_probs:
-        for k in cfg.ks:
-            for seed in range(cfg.seeds):
-                name = f"topk_k{k}_x{cfg.expansion}" + (f"_s{seed}" if cfg.seeds > 1 else "")
-                single = len(cfg.ks) == 1 and cfg.seeds == 1
-                base = Path(cfg.out) / f"p{p:g}"
-                out.append((p, k, seed, base if single else base / name))
+        job = _training_job(cfg, p)
+        names = job.sae_names()  # k-major, then seed: the order of the grid
+        for i, name in enumerate(names):
+            k, seed = cfg.ks[i // cfg.seeds], i % cfg.seeds
+            out.append((p, k, seed, sae_directory(job.out, name, len(names))))
     return out
 
 
 def train_all(cfg: MaskingStudyConfig) -> None:
     """One training pass per mask probability (resumes; finished runs return at once)."""
-    from saeguard.train import TrainJobConfig, run_training
+    from saeguard.train import run_training
 
     for p in cfg.mask_probs:
-        job = TrainJobConfig(
-            model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, split="train",
-            ctx_len=cfg.ctx_len, mask_prob=p, architectures=["topk"], k=list(cfg.ks),
-            expansion=[cfg.expansion], replicas=cfg.seeds, tokens=cfg.tokens,
-            batch_tokens=cfg.batch_tokens, buffer_tokens=max(8 * cfg.batch_tokens, 32_768),
-            eval_tokens=0, out=str(Path(cfg.out) / f"p{p:g}"), threads=cfg.threads,
-        )  # fmt: skip
+        job = _training_job(cfg, p)
         log.info("masking study: training p=%g (%d SAEs)", p, len(cfg.ks) * cfg.seeds)
         run_training(job)
 

@@ -149,6 +149,15 @@ def _first_tensor(output: Any) -> torch.Tensor:
     raise SaeguardError(f"cannot read a tensor from a module output of type {type(output)}")
 
 
+def _output_module(block: nn.Module, layout: FamilyLayout, point: HookPoint) -> nn.Module:
+    """The module whose output is the activation of a post-hook point (not ``resid_pre``)."""
+    if point.kind == "resid_post":
+        return block
+    name = layout.attn_out if point.kind == "attn_out" else layout.mlp_out
+    module: nn.Module = getattr(block, name)
+    return module
+
+
 @contextmanager
 def capture_hooks(
     model: nn.Module, points: Sequence[HookPoint], stop_early: bool = True
@@ -176,12 +185,7 @@ def capture_hooks(
 
             handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
             continue
-        if point.kind == "resid_post":
-            module = block
-        elif point.kind == "attn_out":
-            module = getattr(block, layout.attn_out)
-        else:
-            module = getattr(block, layout.mlp_out)
+        module = _output_module(block, layout, point)
 
         def post_hook(_m: nn.Module, _inp: Any, output: Any, _n: str = point.name) -> None:
             record(_n, _first_tensor(output))
@@ -231,12 +235,7 @@ def splice_hook(
 
         handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
     else:
-        if point.kind == "resid_post":
-            module = block
-        elif point.kind == "attn_out":
-            module = getattr(block, layout.attn_out)
-        else:
-            module = getattr(block, layout.mlp_out)
+        module = _output_module(block, layout, point)
         handle = module.register_forward_hook(lambda _m, _i, output: swap(output))
     try:
         yield

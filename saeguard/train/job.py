@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,14 +75,23 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
         if self.replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, got {self.replicas}")
 
-    def sae_configs(self, d_in: int) -> dict[str, SAEConfig]:
-        """One SAE config per (architecture, k, expansion); impossible ones fail here."""
-        configs = {}
+    def _cells(self) -> Iterator[tuple[str, str, int, int]]:
+        """(name, architecture, k, expansion) of every SAE, in training order."""
         grid = itertools.product(self.architectures, self.k, self.expansion, range(self.replicas))
         for arch, k, expansion, replica in grid:
             # Each SAE's initial weights follow from its name, so replicas differ by suffix.
             suffix = f"_s{replica}" if self.replicas > 1 else ""
-            configs[f"{arch}_k{k}_x{expansion}{suffix}"] = SAEConfig(
+            yield f"{arch}_k{k}_x{expansion}{suffix}", arch, k, expansion
+
+    def sae_names(self) -> list[str]:
+        """Names of the SAEs this job trains (their sub-directories when there are several)."""
+        return [name for name, *_ in self._cells()]
+
+    def sae_configs(self, d_in: int) -> dict[str, SAEConfig]:
+        """One SAE config per (architecture, k, expansion); impossible ones fail here."""
+        configs = {}
+        for name, arch, k, expansion in self._cells():
+            configs[name] = SAEConfig(
                 architecture=arch,
                 d_in=d_in,
                 d_sae=d_in * expansion,

@@ -369,9 +369,8 @@ class Trainer:
 
     def save_all(self) -> None:
         """Save each SAE (scale folded in) into ``out`` (one SAE) or ``out/NAME`` (several)."""
-        single = len(self.saes) == 1
         for name in self.saes:
-            directory = self.out if single else self.out / name
+            directory = sae_directory(self.out, name, len(self.saes))
             metadata = {
                 **self.metadata,
                 "name": name,
@@ -400,6 +399,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError:  # a line torn by a kill mid-write
             continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def sae_directory(out: str | Path, name: str, n_saes: int) -> Path:
+    """Where a run that trains ``n_saes`` SAEs saves SAE ``name``: ``out`` itself for one SAE,
+    ``out/NAME`` for several."""
+    return Path(out) if n_saes == 1 else Path(out) / name
 
 
 def _external_logger(cfg: TrainerConfig, out: Path) -> Any:
