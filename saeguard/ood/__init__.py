@@ -1,0 +1,18 @@
+"""OOD diagnostics: fallacious concepts, baselines, a calibrated monitor and its benchmark."""
+
+from saeguard.ood.benchmark import OodBenchmarkConfig, run_benchmark
+from saeguard.ood.monitor import Monitor, MonitorConfig, TextScore
+from saeguard.ood.scores import ALL_SCORES, BASELINES, SAE_SCORES
+from saeguard.ood.stats import IDStats
+
+__all__ = [
+    "ALL_SCORES",
+    "BASELINES",
+    "IDStats",
+    "Monitor",
+    "MonitorConfig",
+    "OodBenchmarkConfig",
+    "SAE_SCORES",
+    "TextScore",
+    "run_benchmark",
+]

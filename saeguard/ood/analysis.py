@@ -1,0 +1,102 @@
+"""Score a batch of texts against fitted ID statistics (the arithmetic of SPEC section 5).
+
+Kept separate from the monitor so that each score can be checked on hand-built statistics and
+activations, with no model in the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from saeguard.ood.scores import (
+    SparseCodes,
+    energy,
+    fallacious_mask,
+    knn_distance,
+    mahalanobis,
+    reconstruct,
+    relative_error,
+    segment_mean,
+    sparse_codes,
+)
+from saeguard.ood.stats import IDStats
+from saeguard.sae.base import SparseAutoencoder
+
+
+@dataclass
+class TextAnalysis:
+    """Scores of one text plus what its explanation needs (codes and fallacious masks)."""
+
+    scores: dict[str, float]
+    codes: SparseCodes
+    fallacious: torch.Tensor
+    """[n, m] active latents that are fallacious."""
+    rare: torch.Tensor
+    """[n, m] active latents that are rare in-distribution."""
+    out_of_range: torch.Tensor
+    """[n, m] active latents above their ID p99.9 by the margin."""
+
+
+@torch.no_grad()
+def analyse(
+    sae: SparseAutoencoder,
+    acts: Sequence[torch.Tensor],
+    stats: IDStats,
+    tau_rate: float,
+    range_margin: float,
+    knn_k: int,
+    reference: dict[str, tuple[float, float]],
+) -> list[TextAnalysis]:
+    """Every SAE score and activation baseline of each text (``acts``: [n_i, d] per text)."""
+    if not acts:
+        return []
+    x = torch.cat(list(acts)).float()
+    segments = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in enumerate(acts)])
+    n = len(acts)
+    codes = sparse_codes(sae, x)
+    err = relative_error(x, reconstruct(sae, codes))
+    fall, rare, oor = fallacious_mask(codes, stats.rate.float(), stats.p999, tau_rate, range_margin)
+    mag = codes.values.abs().float()
+    count = segment_mean(fall.sum(-1).float(), segments, n)
+    fall_mass = torch.zeros(n, dtype=torch.float64).index_add_(
+        0, segments, (mag * fall).sum(-1).double()
+    )
+    total_mass = torch.zeros(n, dtype=torch.float64).index_add_(0, segments, mag.sum(-1).double())
+    recon = segment_mean(err, segments, n) / max(stats.recon_mean, 1e-12)
+    l0 = segment_mean(codes.l0.float(), segments, n)
+    if stats.l0_std > 1e-12:
+        l0_shift = (l0 - stats.l0_mean).abs() / stats.l0_std
+    else:
+        l0_shift = torch.zeros(n, dtype=torch.float64)
+    pooled = torch.stack([a.float().mean(0) for a in acts]).numpy().astype(np.float64)
+    maha = mahalanobis(
+        pooled,
+        stats.pooled_mean.numpy().astype(np.float64),
+        stats.pooled_precision.numpy().astype(np.float64),
+    )
+    knn = knn_distance(pooled, stats.knn_bank.numpy().astype(np.float64), knn_k)
+    out = []
+    start = 0
+    for i, a in enumerate(acts):
+        stop = start + len(a)
+        scores = {
+            "fallacious_count": float(count[i]),
+            "fallacious_mass": float(fall_mass[i] / max(float(total_mass[i]), 1e-12)),
+            "recon_error": float(recon[i]),
+            "l0_shift": float(l0_shift[i]),
+        }
+        scores["energy"] = energy(scores, reference) if reference else 0.0
+        scores["mahalanobis"] = float(maha[i])
+        scores["knn"] = float(knn[i])
+        sliced = SparseCodes(
+            codes.values[start:stop], codes.indices[start:stop], codes.l0[start:stop]
+        )
+        out.append(
+            TextAnalysis(scores, sliced, fall[start:stop], rare[start:stop], oor[start:stop])
+        )
+        start = stop
+    return out

@@ -1,0 +1,301 @@
+"""`saeguard ood benchmark`: every score x every shift, AUROC and FPR@95%TPR with intervals.
+
+Each shift set is told apart from in-distribution negatives: the ID corpus's ``test`` split
+(never used to fit or calibrate the monitor), or the shift's own negatives (plain questions
+for jailbreak wrapping). For the table every text is scored on its first context window (its
+last for wrapped jailbreaks), so text length does not differ between what is compared. The
+calibrated threshold's false-positive rate is measured separately, as deployed (every window),
+on those held-out ID texts.
+
+Scores are saved per set as they finish, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+
+from saeguard import __version__
+from saeguard.configs import validate_literals
+from saeguard.data.shifts import DEFAULT_SHIFTS, ShiftSet, build_shift, id_split_texts
+from saeguard.errors import ConfigError, CorruptFileError
+from saeguard.fileio import atomic_write_json, atomic_write_text, sha256_file
+from saeguard.ood.metrics import bootstrap_detection, proportion_ci
+from saeguard.ood.monitor import MONITOR_FILE, Monitor, TextScore
+from saeguard.ood.scores import ALL_SCORES, BASELINES, SAE_SCORES
+from saeguard.report.html import with_interval
+
+log = logging.getLogger(__name__)
+
+SCHEMA = Path(__file__).with_name("ood_benchmark.schema.json")
+RESULT_FILE = "ood_benchmark.json"
+
+
+@dataclass
+class OodBenchmarkConfig:
+    """What `saeguard ood benchmark` compares and on how much text."""
+
+    shifts: list[str] = field(default_factory=lambda: list(DEFAULT_SHIFTS))
+    """Shifts: typos:RATE, jailbreak-wrap, or a corpus (jailbreaks-wild, wiki-es, bbc, ...)."""
+    id_texts: int = 400
+    """In-distribution negatives (test split of the monitor's corpus)."""
+    per_shift: int = 200
+    """OOD texts per shift."""
+    lm_baselines: bool = True
+    """Also score the LM baselines (max-softmax, entropy, perplexity): runs the full model."""
+    examples: int = 3
+    """Explained examples per shift on the examples page (its highest-scoring flagged texts)."""
+    resamples: int = 1000
+    """Bootstrap resamples for the intervals."""
+    seed: int = 0
+    """Seed of text samples, typos and the bootstrap."""
+
+    def __post_init__(self) -> None:
+        validate_literals(self)
+        if not self.shifts:
+            raise ConfigError("--shifts is empty; name at least one shift (e.g. typos:0.2)")
+        if self.id_texts < 10 or self.per_shift < 10:
+            raise ConfigError("--id-texts and --per-shift must be at least 10 for an AUROC")
+        if self.resamples < 100:
+            raise ConfigError("--resamples must be at least 100")
+
+
+def _signature(monitor_dir: Path, cfg: OodBenchmarkConfig, name: str, texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    digest.update(sha256_file(monitor_dir / MONITOR_FILE).encode())
+    digest.update(f"{name}|{cfg.lm_baselines}|{cfg.seed}|{__version__}".encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", errors="surrogatepass") + b"\x00")
+    return digest.hexdigest()
+
+
+def _score_set(
+    monitor: Monitor,
+    monitor_dir: Path,
+    out: Path,
+    cfg: OodBenchmarkConfig,
+    name: str,
+    texts: list[str],
+    keep: str = "head",
+    max_windows: int | None = 1,
+    with_lm: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Scores of one text set, from ``scores/NAME.json`` when an earlier run finished it."""
+    path = out / "scores" / f"{name.replace(':', '_').replace('/', '_')}.json"
+    signature = _signature(monitor_dir, cfg, f"{name}|{keep}|{max_windows}", texts)
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("signature") == signature:
+                return list(saved["results"])
+        except (json.JSONDecodeError, KeyError):
+            log.warning("%s is unreadable: scoring %s again", path, name)
+    lm = cfg.lm_baselines if with_lm is None else with_lm
+    results = monitor.score(
+        texts,
+        with_lm=lm,
+        explain=False,
+        keep="tail" if keep == "tail" else "head",
+        max_windows=max_windows,
+        progress=f"score {name}",
+    )
+    rows = [r.to_json() for r in results]
+    atomic_write_json(path, {"signature": signature, "name": name, "results": rows})
+    return rows
+
+
+def _values(rows: list[dict[str, Any]], score: str) -> np.ndarray:
+    return np.array(
+        [r["scores"][score] for r in rows if r["error"] is None and score in r["scores"]]
+    )
+
+
+def run_benchmark(
+    monitor_dir: str | Path, out: str | Path, cfg: OodBenchmarkConfig
+) -> dict[str, Any]:
+    """Score every shift and the ID negatives; write the JSON, markdown table and HTML report."""
+    monitor_dir, out = Path(monitor_dir), Path(out)
+    monitor = Monitor.load(monitor_dir)
+    if not monitor.thresholds:
+        raise ConfigError(
+            f"the monitor in {monitor_dir} is not calibrated; run `saeguard ood fit` (it "
+            "calibrates) or Monitor.calibrate() first"
+        )
+    corpus = str(monitor.sae_metadata.get("corpus") or "wiki-en")
+    id_texts = id_split_texts(corpus, "test", cfg.id_texts, cfg.seed)
+    shift_sets = [build_shift(name, id_texts, cfg.per_shift, cfg.seed) for name in cfg.shifts]
+    id_rows = _score_set(monitor, monitor_dir, out, cfg, "id", id_texts)
+    scored: dict[str, tuple[ShiftSet, list[dict[str, Any]], list[dict[str, Any]]]] = {}
+    for shift in shift_sets:
+        rows = _score_set(
+            monitor, monitor_dir, out, cfg, shift.name, shift.ood_texts, shift.truncate
+        )
+        negatives = id_rows
+        if shift.id_texts is not None:
+            negatives = _score_set(
+                monitor,
+                monitor_dir,
+                out,
+                cfg,
+                f"{shift.name}-negatives",
+                shift.id_texts,
+                shift.truncate,
+            )
+        scored[shift.name] = (shift, rows, negatives)
+    deployed = _score_set(
+        monitor, monitor_dir, out, cfg, "id-deployed", id_texts, max_windows=None, with_lm=False
+    )
+    flag_score = monitor.cfg.flag_score
+    threshold = monitor.thresholds[flag_score]
+    flags = _values(deployed, flag_score) > threshold
+    names = [s for s in ALL_SCORES if len(_values(id_rows, s))]
+    table: dict[str, dict[str, Any]] = {}
+    for shift_name, (shift, rows, negatives) in scored.items():
+        cells: dict[str, Any] = {}
+        for score in names:
+            cells[score] = bootstrap_detection(
+                _values(negatives, score), _values(rows, score), cfg.resamples, cfg.seed
+            )
+        flagged = _values(rows, flag_score) > threshold
+        table[shift_name] = {
+            "kind": shift.kind,
+            "negatives": "own" if shift.id_texts is not None else "id",
+            "scores": cells,
+            "flag_rate": float(flagged.mean()),
+            "flag_rate_ci95": proportion_ci(flagged, cfg.resamples, cfg.seed),
+        }
+    document = {
+        "saeguard_version": __version__,
+        "monitor": str(monitor_dir),
+        "model": monitor.model_info["name"],
+        "hook": monitor.hook,
+        "sae": _sae_summary(monitor),
+        "config": asdict(cfg),
+        "id_corpus": corpus,
+        "scores": names,
+        "sae_scores": [s for s in names if s in SAE_SCORES],
+        "baselines": [s for s in names if s in BASELINES],
+        "calibration": {
+            **monitor.calibration,
+            "flag_score": flag_score,
+            "threshold": threshold,
+            "measured_fpr": float(flags.mean()),
+            "measured_fpr_ci95": proportion_ci(flags, cfg.resamples, cfg.seed),
+            "measured_on": f"{corpus} test split, {len(flags)} texts, every window",
+        },
+        "shifts": table,
+    }
+    jsonschema.validate(document, json.loads(SCHEMA.read_text(encoding="utf-8")))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RESULT_FILE, document)
+    atomic_write_text(out / "ood_benchmark.md", markdown_tables(document))
+    examples = _explained_examples(monitor, cfg, scored, id_texts, id_rows, deployed)
+    atomic_write_json(out / "examples.json", examples)
+    from saeguard.report.ood_report import write_ood_report
+
+    raw = {name: (rows, negs) for name, (_, rows, negs) in scored.items()}
+    write_ood_report(out, document, raw, examples, monitor)
+    return document
+
+
+def _sae_summary(monitor: Monitor) -> dict[str, Any]:
+    cfg = monitor.sae.cfg
+    masking = monitor.sae_metadata.get("masking") or {}
+    return {
+        "architecture": cfg.architecture,
+        "k": cfg.k,
+        "d_sae": cfg.d_sae,
+        "mask_prob": float(masking.get("mask_prob", 0.0)),
+    }
+
+
+def _explained_examples(
+    monitor: Monitor,
+    cfg: OodBenchmarkConfig,
+    scored: dict[str, tuple[ShiftSet, list[dict[str, Any]], list[dict[str, Any]]]],
+    id_texts: list[str],
+    id_rows: list[dict[str, Any]],
+    deployed: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The highest-scoring flagged texts of each shift, re-scored with their explanations, and
+    the ID texts the monitor flags (false positives), so a person can judge both."""
+    name = monitor.cfg.flag_score
+    out: list[dict[str, Any]] = []
+
+    def top(rows: list[dict[str, Any]], n: int) -> list[int]:
+        ok = [r for r in rows if r["error"] is None and r.get("flagged")]
+        ok.sort(key=lambda r: r["scores"][name], reverse=True)
+        return [int(r["index"]) for r in ok[:n]]
+
+    for shift_name, (shift, rows, _) in scored.items():
+        picked = top(rows, cfg.examples)
+        results = monitor.score(
+            [shift.ood_texts[i] for i in picked], explain=True, explain_all=True,
+            keep="tail" if shift.truncate == "tail" else "head", max_windows=1, with_lm=False,
+        )  # fmt: skip
+        out += [
+            _example(shift_name, shift.ood_texts[i], r)
+            for i, r in zip(picked, results, strict=True)
+        ]
+    false_pos = top(deployed, cfg.examples)
+    results = monitor.score([id_texts[i] for i in false_pos], explain=True, explain_all=True)
+    out += [
+        _example("id (false positive)", id_texts[i], r)
+        for i, r in zip(false_pos, results, strict=True)
+    ]
+    return out
+
+
+def _example(shift: str, text: str, result: TextScore) -> dict[str, Any]:
+    return {"shift": shift, "text": text, **result.to_json()}
+
+
+def markdown_tables(document: dict[str, Any]) -> str:
+    """AUROC and FPR@95 tables (shift rows, score columns) with 95% intervals."""
+    names = document["scores"]
+    lines = []
+    cal = document["calibration"]
+    lines.append(
+        f"Monitor flag: `{cal['flag_score']}` > {cal['threshold']:.4g}, calibrated for "
+        f"{cal['target_fpr']:.0%} FPR on {cal.get('n_texts')} held-out ID texts; measured FPR "
+        f"{cal['measured_fpr']:.3f} [{cal['measured_fpr_ci95'][0]:.3f}, "
+        f"{cal['measured_fpr_ci95'][1]:.3f}] on {cal['measured_on']}.\n"
+    )
+    for metric, title in (
+        ("auroc", "AUROC (higher is better)"),
+        ("fpr95", "FPR at 95% TPR (lower is better)"),
+    ):
+        lines.append(f"### {title}\n")
+        lines.append("| shift | " + " | ".join(names) + " |")
+        lines.append("|---|" + "---|" * len(names))
+        for shift, row in document["shifts"].items():
+            cells = []
+            values = {n: row["scores"][n][metric] for n in names}
+            best = max(values.values()) if metric == "auroc" else min(values.values())
+            for n in names:
+                cell = row["scores"][n]
+                text = with_interval(cell[metric], cell[f"{metric}_ci95"])
+                cells.append(f"**{text}**" if values[n] == best else text)
+            lines.append(f"| {shift} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def load_benchmark(out: str | Path) -> dict[str, Any]:
+    """A finished benchmark's ``ood_benchmark.json``, checked against its schema."""
+    path = Path(out) / RESULT_FILE
+    try:
+        document: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        jsonschema.validate(document, json.loads(SCHEMA.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, jsonschema.ValidationError) as exc:
+        raise CorruptFileError(
+            f"{path} is missing or invalid ({exc}); re-run the benchmark"
+        ) from exc
+    return document

@@ -1,0 +1,227 @@
+"""Turn texts into the activations the monitor scores: windowing, the forward pass, exclusions.
+
+Every text is scored as the model reads it: a start token, then the text's tokens. A text longer
+than the context is cut into consecutive windows of ``ctx_len - 1`` tokens, each with its own
+start token, and its scores pool over every window (documented behaviour for long text; at most
+``max_windows`` windows, the rest is dropped and the result says so). Positions the SAE never
+saw in training (special tokens, attention-sink outliers) are excluded, as in training.
+
+With ``with_lm`` the full model runs once and the LM baselines (max-softmax, predictive entropy,
+perplexity of the text's own next tokens) are read from the same pass as the hook activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from saeguard.activations.exclusion import ExclusionRules
+from saeguard.data.tokenize import packing_spec, tokenize_documents
+from saeguard.models.hooks import _StopForward, capture_hooks
+from saeguard.models.loading import LoadedModel
+
+Keep = Literal["head", "tail"]
+
+
+@dataclass
+class TextActivations:
+    """The kept activations of one text, with where each row came from."""
+
+    acts: torch.Tensor
+    """[n, d] float32 activations at the hook (kept positions only)."""
+    tokens: torch.Tensor
+    """[n] the token id at each kept row."""
+    window: torch.Tensor
+    """[n] which of the text's windows each row is in."""
+    position: torch.Tensor
+    """[n] position of each row within its window."""
+    windows: list[list[int]]
+    """Token ids of the text's windows (start token included)."""
+    truncated: bool = False
+    """True when the text had more than ``max_windows`` windows and the rest was dropped."""
+    lm: dict[str, float] = field(default_factory=dict)
+    """LM baselines (msp, entropy, perplexity) when the full model ran."""
+
+
+@dataclass
+class ReadFailure:
+    """A text that cannot be scored, and why (the batch goes on without it)."""
+
+    message: str
+
+
+class ActivationReader:
+    """Windows texts and reads their activations at one hook point."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        hook: str,
+        rules: ExclusionRules,
+        ctx_len: int = 128,
+        prepend_bos: bool = True,
+        batch_size: int = 16,
+    ) -> None:
+        self.loaded = loaded
+        self.hook = hook
+        self.point = loaded.hook_point(hook)
+        self.rules = rules
+        self.spec = packing_spec(loaded.tokenizer, ctx_len, prepend_bos)
+        self.batch_size = batch_size
+        self.room = ctx_len - (self.spec.start_id is not None)
+
+    def windows(
+        self, ids: list[int], keep: Keep = "head", max_windows: int | None = None
+    ) -> tuple[list[list[int]], bool]:
+        """Cut token ids into windows (each with the start token); (windows, truncated)."""
+        # "tail" cuts from the end, so the last window is full and ends with the text's last token.
+        first = len(ids) % self.room if keep == "tail" else 0
+        chunks = ([ids[:first]] if first else []) + [
+            ids[i : i + self.room] for i in range(first, len(ids), self.room)
+        ]
+        truncated = max_windows is not None and len(chunks) > max_windows
+        if max_windows is not None and truncated:
+            chunks = chunks[:max_windows] if keep == "head" else chunks[-max_windows:]
+        start = [self.spec.start_id] if self.spec.start_id is not None else []
+        return [start + c for c in chunks], truncated
+
+    def read(
+        self,
+        texts: Sequence[str],
+        with_lm: bool = False,
+        keep: Keep = "head",
+        max_windows: int | None = None,
+        progress: str | None = None,
+        chunk_texts: int = 64,
+    ) -> Iterator[tuple[int, TextActivations | ReadFailure]]:
+        """Yield ``(index, activations or failure)`` for every text, in input order."""
+        bar = tqdm(total=len(texts), desc=progress, unit="text", disable=progress is None)
+        for start in range(0, len(texts), chunk_texts):
+            chunk = list(texts[start : start + chunk_texts])
+            for offset, item in enumerate(self._read_chunk(chunk, with_lm, keep, max_windows)):
+                yield start + offset, item
+            bar.update(len(chunk))
+        bar.close()
+
+    def _read_chunk(
+        self, texts: list[str], with_lm: bool, keep: Keep, max_windows: int | None
+    ) -> list[TextActivations | ReadFailure]:
+        token_ids = tokenize_documents(self.loaded.tokenizer, texts)
+        per_text: list[tuple[list[list[int]], bool] | None] = []
+        flat: list[tuple[int, int, list[int]]] = []  # (text, window number, ids)
+        for t, ids in enumerate(token_ids):
+            if not ids:
+                per_text.append(None)
+                continue
+            wins, truncated = self.windows(ids, keep, max_windows)
+            per_text.append((wins, truncated))
+            flat.extend((t, w, ids_w) for w, ids_w in enumerate(wins))
+        results = self._run_windows([w for _, _, w in flat], with_lm)
+        by_text: dict[int, list[tuple[int, WindowResult]]] = {}
+        for (t, w, _), res in zip(flat, results, strict=True):
+            by_text.setdefault(t, []).append((w, res))
+        out: list[TextActivations | ReadFailure] = []
+        for t, entry in enumerate(per_text):
+            if entry is None:
+                what = "empty text" if not texts[t].strip() else "text with no tokens"
+                out.append(ReadFailure(f"{what}: nothing to score"))
+                continue
+            out.append(_assemble(entry[0], entry[1], by_text[t], with_lm))
+        return out
+
+    def _run_windows(self, windows: list[list[int]], with_lm: bool) -> list[WindowResult]:
+        results: list[WindowResult | None] = [None] * len(windows)
+        order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+        pad = self.rules.special_ids[0] if self.rules.special_ids else 0
+        batch = max(1, self.batch_size // 2 if with_lm else self.batch_size)
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
+            width = max(len(windows[i]) for i in rows)
+            tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+            real = torch.zeros(len(rows), width, dtype=torch.bool)
+            for r, i in enumerate(rows):
+                tokens[r, : len(windows[i])] = torch.tensor(windows[i])
+                real[r, : len(windows[i])] = True
+            acts, logits = self._forward(tokens.to(self.loaded.device), with_lm)
+            keep = self.rules.keep_mask(tokens, acts, self.hook) & real
+            for r, i in enumerate(rows):
+                n = len(windows[i])
+                kept = keep[r, :n]
+                if not kept.any():  # only special tokens: fall back to every real position
+                    kept = torch.ones(n, dtype=torch.bool)
+                    kept[0] = n == 1
+                positions = kept.nonzero().squeeze(1)
+                lm = _lm_sums(logits[r, :n], tokens[r, :n]) if logits is not None else None
+                results[i] = WindowResult(acts[r, positions], tokens[r, positions], positions, lm)
+        return [r for r in results if r is not None]
+
+    def _forward(
+        self, tokens: torch.Tensor, with_lm: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        model = self.loaded.model
+        with torch.inference_mode():
+            if with_lm:
+                with capture_hooks(model, [self.point], stop_early=False) as store:
+                    logits = model(input_ids=tokens, use_cache=False).logits
+                return store[self.hook].float().cpu(), logits.float().cpu()
+            base = getattr(model, "base_model", model)
+            with (
+                capture_hooks(model, [self.point], stop_early=True) as store,
+                suppress(_StopForward),
+            ):
+                base(input_ids=tokens, use_cache=False)
+            return store[self.hook].float().cpu(), None
+
+
+@dataclass
+class WindowResult:
+    acts: torch.Tensor
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    lm: tuple[float, float, float, int] | None
+    """Sums over predicted positions of (max prob, entropy, NLL) and their count."""
+
+
+def _lm_sums(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float, float, int]:
+    """Per-window sums for the LM baselines: each position predicting the window's next token."""
+    if len(tokens) < 2:
+        return 0.0, 0.0, 0.0, 0
+    logp = F.log_softmax(logits[:-1].float(), dim=-1)
+    probs = logp.exp()
+    max_prob = probs.max(dim=-1).values.sum().item()
+    entropy = -(probs * logp).sum(dim=-1).sum().item()
+    nll = -logp.gather(-1, tokens[1:, None]).sum().item()
+    return max_prob, entropy, nll, len(tokens) - 1
+
+
+def _assemble(
+    windows: list[list[int]],
+    truncated: bool,
+    parts: list[tuple[int, WindowResult]],
+    with_lm: bool,
+) -> TextActivations:
+    parts.sort(key=lambda p: p[0])
+    acts = torch.cat([p.acts for _, p in parts])
+    tokens = torch.cat([p.tokens for _, p in parts])
+    position = torch.cat([p.positions for _, p in parts])
+    window = torch.cat([torch.full((len(p.positions),), w) for w, p in parts])
+    lm: dict[str, float] = {}
+    if with_lm:
+        sums = [p.lm for _, p in parts if p.lm is not None and p.lm[3] > 0]
+        count = sum(s[3] for s in sums)
+        if count:
+            lm = {
+                "msp": 1.0 - sum(s[0] for s in sums) / count,
+                "entropy": sum(s[1] for s in sums) / count,
+                "perplexity": math.exp(min(sum(s[2] for s in sums) / count, 50.0)),
+            }
+        else:  # a one-token text predicts nothing: neutral values, never NaN
+            lm = {"msp": 0.0, "entropy": 0.0, "perplexity": 1.0}
+    return TextActivations(acts, tokens, window, position, windows, truncated, lm)

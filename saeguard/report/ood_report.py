@@ -1,0 +1,234 @@
+"""The OOD benchmark's HTML: tables, ROC curves, score histograms and explained examples."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+
+from saeguard.report.html import HtmlPage, with_interval
+
+if TYPE_CHECKING:
+    from saeguard.ood.monitor import Monitor
+
+CURVE_SCORES = (
+    "energy",
+    "fallacious_count",
+    "recon_error",
+    "mahalanobis",
+    "knn",
+    "msp",
+    "perplexity",
+)
+
+
+def _values(rows: list[dict[str, Any]], score: str) -> np.ndarray:
+    return np.array(
+        [r["scores"][score] for r in rows if r["error"] is None and score in r["scores"]]
+    )
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(3, n)
+    return math.ceil(n / cols), cols
+
+
+def roc_figure(
+    raw: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]], scores: list[str]
+) -> Figure:
+    rows, cols = _grid(len(raw))
+    fig = Figure(figsize=(4.2 * cols, 3.6 * rows))
+    for i, (shift, (ood, neg)) in enumerate(raw.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for score in [s for s in CURVE_SCORES if s in scores]:
+            pos, negs = _values(ood, score), _values(neg, score)
+            labels = np.r_[np.zeros(len(negs)), np.ones(len(pos))]
+            fpr, tpr, _ = roc_curve(labels, np.r_[negs, pos])
+            style = "-" if score in ("energy", "fallacious_count", "recon_error") else "--"
+            ax.plot(fpr, tpr, style, label=score, linewidth=1.3)
+        ax.plot([0, 1], [0, 1], ":", color="#999", linewidth=0.8)
+        ax.set_title(shift, fontsize=10)
+        ax.set_xlabel("FPR", fontsize=8)
+        ax.set_ylabel("TPR", fontsize=8)
+        if i == 0:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def histogram_figure(
+    raw: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+    score: str,
+    threshold: float | None,
+) -> Figure:
+    rows, cols = _grid(len(raw))
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
+    for i, (shift, (ood, neg)) in enumerate(raw.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        pos, negs = _values(ood, score), _values(neg, score)
+        both = np.r_[pos, negs]
+        low, high = np.percentile(both, [0.5, 99.5]) if len(both) else (0, 1)
+        bins = np.linspace(low, high if high > low else low + 1, 40).tolist()
+        ax.hist(
+            np.clip(negs, low, high), bins=bins, alpha=0.6, label="in-distribution", color="#4477aa"
+        )
+        ax.hist(np.clip(pos, low, high), bins=bins, alpha=0.6, label=shift, color="#cc6677")
+        if threshold is not None and low <= threshold <= high:
+            ax.axvline(threshold, color="#222", linestyle="--", linewidth=1, label="threshold")
+        ax.set_title(shift, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{score}: in-distribution vs shifted texts", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _cell(cell: dict[str, Any], metric: str) -> str:
+    return with_interval(cell[metric], cell[f"{metric}_ci95"])
+
+
+def summary_sentences(document: dict[str, Any]) -> list[str]:
+    """Per shift: the best SAE score against Mahalanobis, said plainly with intervals."""
+    out = []
+    for shift, row in document["shifts"].items():
+        cells = row["scores"]
+        sae = [s for s in document["sae_scores"] if s in cells]
+        if not sae or "mahalanobis" not in cells:
+            continue
+        best = max(sae, key=lambda s: cells[s]["auroc"])
+        b, m = cells[best], cells["mahalanobis"]
+        if b["auroc_ci95"][0] > m["auroc_ci95"][1]:
+            verdict = "beats"
+        elif b["auroc_ci95"][1] < m["auroc_ci95"][0]:
+            verdict = "loses to"
+        else:
+            verdict = "is level with (intervals overlap)"
+        out.append(
+            f"{shift}: best SAE score {best} AUROC {_cell(b, 'auroc')} {verdict} Mahalanobis "
+            f"{_cell(m, 'auroc')}."
+        )
+    return out
+
+
+def _context_html(ctx: dict[str, Any]) -> str:
+    return (
+        f"<code>{html.escape(ctx['left'])}<mark>{html.escape(ctx['token'])}</mark>"
+        f"{html.escape(ctx['right'])}</code> <span class='note'>({ctx['value']:.3g})</span>"
+    )
+
+
+def explanation_html(
+    example: dict[str, Any], flag_score: str, threshold: float | None, n_id_tokens: int
+) -> str:
+    """One explained text: its scores, then each fallacious latent with input and ID contexts."""
+    text = example["text"]
+    shown = text if len(text) <= 700 else text[:700] + " [...]"
+    score = example["scores"].get(flag_score)
+    verdict = "<span class='flag'>flagged</span>" if example.get("flagged") else "not flagged"
+    parts = [
+        f"<div class='example'><h3>{html.escape(example['shift'])}</h3>",
+        f"<p>{verdict}: {html.escape(flag_score)} = {score:.3g}"
+        + (f" (threshold {threshold:.3g})" if threshold is not None else "")
+        + f"; fallacious latents per token {example['scores'].get('fallacious_count', 0):.3g}</p>",
+        f"<pre style='white-space:pre-wrap'>{html.escape(shown)}</pre>",
+    ]
+    if not example.get("explanation"):
+        parts.append("<p class='note'>No fallacious latent: the alarm comes from the other scores "
+                     "(reconstruction error, L0 shift).</p>")  # fmt: skip
+    for latent in example.get("explanation", []):
+        parts.append(
+            f"<h4>latent {latent['latent']}: {html.escape(latent['reason'])}</h4><p class='note'>"
+            f"active on {latent['id_firings']} of {n_id_tokens:,} ID tokens (rate "
+            f"{latent['id_rate']:.2g}); ID p99.9 {latent['id_p999']:.3g}; here max "
+            f"{latent['max_activation']:.3g} on {latent['tokens_fired']} token(s)</p>"
+        )
+        parts.append("<p>Where it fired in this text:</p><ul>")
+        parts += [f"<li>{_context_html(c)}</li>" for c in latent["input_contexts"]]
+        parts.append("</ul><p>Its top in-distribution contexts:</p><ul>")
+        if latent["id_contexts"]:
+            parts += [f"<li>{_context_html(c)}</li>" for c in latent["id_contexts"]]
+        else:
+            parts.append(f"<li class='note'>never active on the {n_id_tokens:,} ID tokens the "
+                         "monitor was fitted on</li>")  # fmt: skip
+        parts.append("</ul>")
+    parts.append("</div><hr>")
+    return "\n".join(parts)
+
+
+def write_ood_report(
+    out: Path,
+    document: dict[str, Any],
+    raw: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+    examples: list[dict[str, Any]],
+    monitor: Monitor,
+) -> Path:
+    """Write ``ood_report.html`` and ``examples.html`` into ``out``."""
+    cal = document["calibration"]
+    names = document["scores"]
+    page = HtmlPage(f"OOD benchmark: {document['model']} {document['hook']}")
+    page.paragraph(
+        f"SAE {document.get('sae')}; monitor {document['monitor']}; in-distribution corpus "
+        f"{document['id_corpus']} (test split as negatives). Every score is higher = more OOD. "
+        "Tables: value [bootstrap 95% interval]."
+    )
+    page.heading("Calibrated flag")
+    page.paragraph(
+        f"Flag when {cal['flag_score']} > {cal['threshold']:.4g}, set for {cal['target_fpr']:.0%} "
+        f"false positives on {cal.get('n_texts')} held-out ID texts ({cal.get('source', '')}). "
+        f"Measured FPR on {cal['measured_on']}: {cal['measured_fpr']:.3f} "
+        f"[{cal['measured_fpr_ci95'][0]:.3f}, {cal['measured_fpr_ci95'][1]:.3f}]."
+    )
+    page.heading("Where the SAE scores beat Mahalanobis, and where not")
+    page.raw(
+        "<ul>"
+        + "".join(f"<li>{html.escape(s)}</li>" for s in summary_sentences(document))
+        + "</ul>"
+    )
+    for metric, title in (
+        ("auroc", "AUROC (higher is better)"),
+        ("fpr95", "FPR at 95% TPR (lower is better)"),
+    ):
+        page.heading(title)
+        rows = [
+            [shift] + [_cell(row["scores"][n], metric) for n in names]
+            for shift, row in document["shifts"].items()
+        ]
+        page.table(["shift", *names], rows)
+    page.heading("Flag rate per shift (share of shifted texts flagged)")
+    page.table(
+        ["shift", "kind", "flagged [95% interval]"],
+        [
+            [s, r["kind"], with_interval(r["flag_rate"], r["flag_rate_ci95"])]
+            for s, r in document["shifts"].items()
+        ],
+    )
+    page.heading("ROC curves")
+    page.figure(roc_figure(raw, names), "Solid: SAE scores; dashed: baselines; dotted: chance.")
+    page.heading("Score histograms")
+    page.figure(histogram_figure(raw, cal["flag_score"], cal["threshold"]), "The flag score.")
+    if "mahalanobis" in names:
+        page.figure(histogram_figure(raw, "mahalanobis", None), "The strongest usual baseline.")
+    page.link("examples.html", f"Explained examples ({len(examples)} texts)")
+    page.write(out / "ood_report.html")
+
+    ex_page = HtmlPage("OOD monitor: explained examples")
+    ex_page.paragraph(
+        "For each shift, its highest-scoring flagged texts; last, in-distribution texts the "
+        "monitor flags (false positives). Each lists its top fallacious latents: why the latent "
+        "counts as fallacious, where it fired in the text (highlighted token, activation), and "
+        "the in-distribution contexts where it fires most."
+    )
+    style = "<style>mark{background:#fd6;padding:0 2px}.example h4{margin:.6em 0 .2em}</style>"
+    ex_page.raw(style)
+    for example in examples:
+        ex_page.raw(
+            explanation_html(example, cal["flag_score"], cal["threshold"], monitor.stats.n_tokens)
+        )
+    if not examples:
+        ex_page.paragraph("No text was flagged.")
+    ex_page.write(out / "examples.html")
+    return out / "ood_report.html"
