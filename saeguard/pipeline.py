@@ -123,6 +123,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         k=[cfg.k],
         expansion=[cfg.expansion],
         threads=cfg.threads,
+        # The stream comes from the model, so every activation the shuffle pool holds back at
+        # the end is a wasted forward pass: 64k tokens (~500 contexts) still mix well.
+        buffer_tokens=max(8192, min(65_536, cfg.tokens)),
     )
     eval_cfg = EvalConfig(evals=["core", "ce"], quick=cfg.quick, threads=cfg.threads)
     monitor_cfg = MonitorConfig(

@@ -29,7 +29,7 @@ from saeguard.errors import ConfigError, CorruptFileError
 from saeguard.fileio import atomic_write_json, atomic_write_text, sha256_file
 from saeguard.ood.metrics import bootstrap_detection, proportion_ci
 from saeguard.ood.monitor import MONITOR_FILE, Monitor, TextScore
-from saeguard.ood.scores import ALL_SCORES, BASELINES, SAE_SCORES
+from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
 from saeguard.report.html import with_interval
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,9 @@ def run_benchmark(
             )
         scored[shift.name] = (shift, rows, negatives)
     deployed = _score_set(
-        monitor, monitor_dir, out, cfg, "id-deployed", id_texts, max_windows=None, with_lm=False
-    )
+        monitor, monitor_dir, out, cfg, "id-deployed", id_texts, max_windows=None,
+        with_lm=monitor.cfg.flag_score in LM_BASELINES,
+    )  # fmt: skip
     flag_score = monitor.cfg.flag_score
     threshold = monitor.thresholds[flag_score]
     flags = _values(deployed, flag_score) > threshold

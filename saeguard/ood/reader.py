@@ -117,7 +117,7 @@ class ActivationReader:
         per_text: list[tuple[list[list[int]], bool] | None] = []
         flat: list[tuple[int, int, list[int]]] = []  # (text, window number, ids)
         for t, ids in enumerate(token_ids):
-            if not ids:
+            if not ids or not texts[t].strip():  # whitespace alone carries nothing to judge
                 per_text.append(None)
                 continue
             wins, truncated = self.windows(ids, keep, max_windows)

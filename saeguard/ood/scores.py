@@ -87,10 +87,13 @@ def fallacious_mask(
     tau_rate: float,
     range_margin: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fallacious, rare, out_of_range) boolean masks [n, m] over the active latents."""
+    """(fallacious, rare, out_of_range) boolean masks [n, m] over the active latents; a latent
+    counts as out of range only when it is not rare."""
     active = codes.values != 0
     rare = active & (rate[codes.indices] < tau_rate)
-    out_of_range = active & (codes.values.abs() > p999[codes.indices] * (1.0 + range_margin))
+    # A rare latent's p99.9 rests on a handful of firings (0 when never seen): "rare" says it all.
+    beyond = codes.values.abs() > p999[codes.indices] * (1.0 + range_margin)
+    out_of_range = active & ~rare & beyond
     return rare | out_of_range, rare, out_of_range
 
 

@@ -65,6 +65,7 @@ def histogram_figure(
     raw: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]],
     score: str,
     threshold: float | None,
+    negative_labels: dict[str, str] | None = None,
 ) -> Figure:
     rows, cols = _grid(len(raw))
     fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
@@ -209,9 +210,17 @@ def write_ood_report(
     page.heading("ROC curves")
     page.figure(roc_figure(raw, names), "Solid: SAE scores; dashed: baselines; dotted: chance.")
     page.heading("Score histograms")
-    page.figure(histogram_figure(raw, cal["flag_score"], cal["threshold"]), "The flag score.")
+    labels = {
+        name: "in-distribution" if row["negatives"] == "id" else "own negatives"
+        for name, row in document["shifts"].items()
+    }
+    page.figure(
+        histogram_figure(raw, cal["flag_score"], cal["threshold"], labels), "The flag score."
+    )
     if "mahalanobis" in names:
-        page.figure(histogram_figure(raw, "mahalanobis", None), "The strongest usual baseline.")
+        page.figure(
+            histogram_figure(raw, "mahalanobis", None, labels), "The strongest usual baseline."
+        )
     page.link("examples.html", f"Explained examples ({len(examples)} texts)")
     page.write(out / "ood_report.html")
 
