@@ -145,3 +145,57 @@ def test_train_command_end_to_end(
     assert cfg["saeguard"]["masking"]["mask_token"] == "<mask>"
     assert main(["train", "--out", str(tmp_path / "x"), "--k", "0"]) == 2
     assert "--k must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "config"),
+    [
+        (["ood", "fit", "--help"], "saeguard.ood.MonitorConfig"),
+        (["ood", "benchmark", "--help"], "saeguard.ood.OodBenchmarkConfig"),
+        (["run", "--help"], "saeguard.pipeline.RunConfig"),
+    ],
+)
+def test_ood_and_run_help_explains_every_option(
+    argv: list[str], config: str, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib
+
+    module, _, name = config.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    docs = field_docs(cls)
+    assert {f.name for f in dataclasses.fields(cls)} <= set(docs)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(cls):
+        assert "--" + f.name.replace("_", "-") in text
+        assert " ".join(docs[f.name].split()[:3]) in text
+
+
+def test_ood_fit_and_benchmark_commands_end_to_end(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+
+    from saeguard.sae import SAEConfig, create_sae
+    from saeguard.sae.io import save_sae
+
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
+    save_sae(sae, tmp_path / "sae", {"model": str(tiny_llama_dir), "hook": "resid_post.2",
+                                     "corpus": "wiki-en", "ctx_len": 16})  # fmt: skip
+    mon = str(tmp_path / "mon")
+    argv = ["-q", "ood", "fit", str(tmp_path / "sae"), "--out", mon, "--fit-texts", "40",
+            "--calibration-texts", "30"]  # fmt: skip
+    assert main(argv) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["threshold"] is not None and fitted["calibration"]["n_texts"] == 30
+    argv = ["-q", "ood", "benchmark", "--monitor", mon, "--out", str(tmp_path / "b"),
+            "--shifts", "typos:0.2,wiki-fr", "--id-texts", "12", "--per-shift", "10",
+            "--no-lm-baselines", "--resamples", "100"]  # fmt: skip
+    assert main(argv) == 0
+    assert "measured FPR" in capsys.readouterr().out
+    bench = json.loads((tmp_path / "b" / "ood_benchmark.json").read_text())
+    assert set(bench["shifts"]) == {"typos:0.2", "wiki-fr"} and "msp" not in bench["scores"]
+    rc = main(["-q", "ood", "benchmark", "--monitor", str(tmp_path / "nothing"), "--out", "x"])
+    assert rc == 2 and "not a monitor directory" in capsys.readouterr().err
