@@ -104,8 +104,15 @@ class UnknownHookError(SaeguardError, KeyError):
         return str(self.args[0])
 
 
+def unwrap_adapters(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (its LoRA layers stay in place), else itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model  # type: ignore[no-any-return]
+
+
 def family_layout(model: nn.Module) -> FamilyLayout:
     """The layout of a Hugging Face model, from its ``model_type`` or by looking for the blocks."""
+    model = unwrap_adapters(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", "")
     if model_type in FAMILIES:
@@ -131,7 +138,7 @@ def family_layout(model: nn.Module) -> FamilyLayout:
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of transformer blocks."""
     layout = family_layout(model)
-    module: Any = getattr(model, "base_model", model)
+    module: Any = getattr(unwrap_adapters(model), "base_model", model)
     for part in layout.layers.split("."):
         module = getattr(module, part)
     return module
@@ -160,9 +167,10 @@ def _output_module(block: nn.Module, layout: FamilyLayout, point: HookPoint) -> 
 
 @contextmanager
 def capture_hooks(
-    model: nn.Module, points: Sequence[HookPoint], stop_early: bool = True
+    model: nn.Module, points: Sequence[HookPoint], stop_early: bool = True, detach: bool = True
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Register hooks that store each point's activation [batch, seq, d] in the yielded dict."""
+    """Register hooks that store each point's activation [batch, seq, d] in the yielded dict
+    (``detach=False`` keeps the autograd graph, for losses on activations)."""
     layout = family_layout(model)
     blocks = decoder_blocks(model)
     store: dict[str, torch.Tensor] = {}
@@ -170,7 +178,7 @@ def capture_hooks(
     handles = []
 
     def record(name: str, tensor: torch.Tensor) -> None:
-        store[name] = tensor.detach()
+        store[name] = tensor.detach() if detach else tensor
         remaining.discard(name)
         if stop_early and not remaining:
             raise _StopForward
