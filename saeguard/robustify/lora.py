@@ -183,4 +183,4 @@ class LoraRobustifier:
         total.backward()
         self.optimizer.step()
         self.model.eval()
-        return StepLosses(float(total), float(consistency), float(lm))
+        return StepLosses(float(total.detach()), float(consistency.detach()), float(lm.detach()))
