@@ -14,27 +14,14 @@ The monitor comes from `saeguard run` (or `saeguard ood fit`); prompts are held-
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
-from contextlib import suppress
 
 import torch
+from timing import timed
 
 from saeguard.data.shifts import id_split_texts
 from saeguard.data.tokenize import tokenize_documents
-from saeguard.models.hooks import _StopForward, capture_hooks
+from saeguard.models.hooks import run_to_hooks
 from saeguard.ood import Monitor
-
-
-def timed(step: Callable[[], object], repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -61,16 +48,10 @@ def main() -> None:
     ]
     tokens = torch.tensor(windows, dtype=torch.long)
     model = monitor.loaded.model
-    base = getattr(model, "base_model", model)
 
     def bare() -> None:
-        with (
-            torch.inference_mode(),
-            capture_hooks(model, [reader.point]) as store,
-            suppress(_StopForward),
-        ):
-            base(input_ids=tokens, use_cache=False)
-        assert monitor.hook in store
+        with torch.inference_mode():
+            run_to_hooks(model, tokens, [reader.point])
 
     def monitored() -> None:
         results = monitor.score(texts, max_windows=1)

@@ -11,23 +11,11 @@ one unavoidable dense matmul), and the speed-up of bfloat16 autocast.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from timing import timed
 
 from saeguard.sae import SAEConfig, create_sae
-
-
-def timed(step: Callable[[], None], repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

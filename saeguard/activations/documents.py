@@ -54,6 +54,17 @@ def encode_documents(
     return out
 
 
+def pad_contexts(contexts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids [batch, width] and the mask of their real positions."""
+    width = max(len(c) for c in contexts)
+    tokens = torch.full((len(contexts), width), pad, dtype=torch.long)
+    real = torch.zeros(len(contexts), width, dtype=torch.bool)
+    for r, context in enumerate(contexts):
+        tokens[r, : len(context)] = torch.tensor(list(context), dtype=torch.long)
+        real[r, : len(context)] = True
+    return tokens, real
+
+
 def iter_document_activations(
     loaded: LoadedModel,
     hook: str,
@@ -70,12 +81,7 @@ def iter_document_activations(
     # Batches of similar length waste little padding; results come back in input order.
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(contexts[i]) for i in rows)
-        tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-        real = torch.zeros(len(rows), width, dtype=torch.bool)
-        for r, i in enumerate(rows):
-            tokens[r, : len(contexts[i])] = torch.tensor(contexts[i])
-            real[r, : len(contexts[i])] = True
+        tokens, real = pad_contexts([contexts[i] for i in rows], pad)
         with torch.inference_mode():
             acts = run_to_hooks(loaded.model, tokens.to(loaded.device), [point])[hook]
         acts = acts.float().cpu()

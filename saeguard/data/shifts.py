@@ -18,8 +18,8 @@ import random
 from dataclasses import dataclass
 
 from saeguard.data.corpora import load_corpus
-from saeguard.data.perturb import add_typos, wrap_in_template
-from saeguard.data.splits import Document, select_split
+from saeguard.data.perturb import add_typos, parse_shift, wrap_in_template
+from saeguard.data.splits import held_out, select_split
 from saeguard.errors import ConfigError, CorpusError
 
 DEFAULT_SHIFTS: tuple[str, ...] = (
@@ -67,23 +67,12 @@ def id_split_texts(corpus: str, split: str, n: int, seed: int = 0) -> list[str]:
     return [d.text for d in docs[:n]]
 
 
-def _held_out(docs: list[Document], seed: int) -> list[Document]:
-    held = select_split(docs, "validation", seed) + select_split(docs, "test", seed)
-    return held if held else docs
-
-
 def build_shift(name: str, id_texts: list[str], n: int, seed: int = 0) -> ShiftSet:
     """The :class:`ShiftSet` a shift name stands for, with at most ``n`` OOD texts."""
     if n < 1:
         raise ConfigError(f"a shift set needs at least one text, got n={n}")
-    if name.startswith("typos"):
-        _, _, value = name.partition(":")
-        try:
-            rate = float(value)
-        except ValueError:
-            raise ConfigError(f"shift {name!r} needs a rate, e.g. typos:0.2") from None
-        if not 0 < rate <= 1:
-            raise ConfigError(f"typo rate must lie in (0, 1], got {rate}")
+    if name.partition(":")[0] == "typos":
+        _, rate = parse_shift(name)
         texts = [add_typos(t, rate, seed) for t in id_texts[:n]]
         return ShiftSet(name, "typos", texts)
     if name == "jailbreak-wrap":
@@ -103,6 +92,6 @@ def build_shift(name: str, id_texts: list[str], n: int, seed: int = 0) -> ShiftS
             f"unknown shift {name!r}: use typos:RATE, jailbreak-wrap, or a corpus name "
             f"({', '.join(SHIFT_KINDS)}, or a .txt/.jsonl/.csv file). Details: {exc}"
         ) from exc
-    docs = _held_out(docs, seed)
+    docs = held_out(docs, seed) or docs  # a small user file may have no held-out split
     random.Random(f"{seed}:shift:{name}").shuffle(docs)
     return ShiftSet(name, SHIFT_KINDS.get(name, "corpus"), [d.text for d in docs[:n]])

@@ -65,3 +65,8 @@ def select_split(
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     return [d for d in documents if split_of(d.text, seed, fractions) == split]
+
+
+def held_out(documents: list[Document], seed: int = 0) -> list[Document]:
+    """The documents no SAE or monitor is fitted on: the validation split, then the test split."""
+    return select_split(documents, "validation", seed) + select_split(documents, "test", seed)

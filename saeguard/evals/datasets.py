@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from saeguard.data.corpora import load_corpus
 from saeguard.data.perturb import add_typos, wrap_in_template
-from saeguard.data.splits import Document, select_split
+from saeguard.data.splits import Document, held_out
 
 
 @dataclass
@@ -32,8 +32,7 @@ class LabelledSet:
 
 
 def held_out_documents(corpus: str, seed: int = 0) -> list[Document]:
-    docs = load_corpus(corpus).documents
-    return select_split(list(docs), "validation", seed) + select_split(list(docs), "test", seed)
+    return held_out(list(load_corpus(corpus).documents), seed)
 
 
 def sample_per_class(

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import numpy as np
 
 from saeguard import __version__
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import DEFAULT_SHIFTS, ShiftSet, build_shift, id_split_texts
 from saeguard.errors import ConfigError, CorruptFileError
 from saeguard.fileio import atomic_write_json, atomic_write_text, sha256_file
-from saeguard.ood.metrics import bootstrap_detection, proportion_ci
+from saeguard.ood.metrics import bootstrap_detection, proportion_ci, score_values
 from saeguard.ood.monitor import MONITOR_FILE, Monitor, TextScore
 from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
 from saeguard.report.html import with_interval
@@ -111,12 +110,6 @@ def _score_set(
     return rows
 
 
-def _values(rows: list[dict[str, Any]], score: str) -> np.ndarray:
-    return np.array(
-        [r["scores"][score] for r in rows if r["error"] is None and score in r["scores"]]
-    )
-
-
 def run_benchmark(
     monitor_dir: str | Path, out: str | Path, cfg: OodBenchmarkConfig
 ) -> dict[str, Any]:
@@ -155,16 +148,16 @@ def run_benchmark(
     )  # fmt: skip
     flag_score = monitor.cfg.flag_score
     threshold = monitor.thresholds[flag_score]
-    flags = _values(deployed, flag_score) > threshold
-    names = [s for s in ALL_SCORES if len(_values(id_rows, s))]
+    flags = score_values(deployed, flag_score) > threshold
+    names = [s for s in ALL_SCORES if len(score_values(id_rows, s))]
     table: dict[str, dict[str, Any]] = {}
     for shift_name, (shift, rows, negatives) in scored.items():
         cells: dict[str, Any] = {}
         for score in names:
             cells[score] = bootstrap_detection(
-                _values(negatives, score), _values(rows, score), cfg.resamples, cfg.seed
+                score_values(negatives, score), score_values(rows, score), cfg.resamples, cfg.seed
             )
-        flagged = _values(rows, flag_score) > threshold
+        flagged = score_values(rows, flag_score) > threshold
         table[shift_name] = {
             "kind": shift.kind,
             "negatives": "own" if shift.id_texts is not None else "id",

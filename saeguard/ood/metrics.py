@@ -8,11 +8,20 @@ thousand resamples of every score and shift cost seconds, not minutes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 BOOTSTRAP_RESAMPLES = 1000
+
+
+def score_values(results: list[dict[str, Any]], score: str) -> np.ndarray:
+    """One score of every scored text in a list of ``TextScore`` JSON objects (errors skipped)."""
+    return np.array(
+        [r["scores"][score] for r in results if r["error"] is None and score in r["scores"]]
+    )
 
 
 def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:

@@ -214,17 +214,22 @@ class Monitor:
                 f"only {len(texts)} non-empty ID text(s) to fit the monitor on; give at least 10 "
                 "(200 or more for usable statistics)"
             )
+        prepend_bos = bool(meta.get("prepend_bos", True))
+        reader = ActivationReader(
+            subject.loaded, subject.hook, subject.source.rules, subject.ctx_len, prepend_bos,
+            cfg.batch_size,
+        )  # fmt: skip
+        stats, reference_items = _fit_stats(reader, subject.sae, cfg, texts, progress)
         monitor = cls(
             subject.sae,
             meta,
             subject.loaded,
             cfg,
-            _empty_stats(subject.sae.cfg.d_sae, subject.sae.cfg.d_in),
+            stats,
             subject.source.rules,
             subject.ctx_len,
-            bool(meta.get("prepend_bos", True)),
+            prepend_bos,
         )
-        monitor.stats, reference_items = monitor._fit_stats(texts, progress)
         analyses = monitor._analyse(reference_items, with_lm=False)
         monitor.reference = {
             name: (
@@ -240,44 +245,6 @@ class Monitor:
             {k: tuple(round(x, 4) for x in v) for k, v in monitor.reference.items()},
         )
         return monitor
-
-    def _fit_stats(
-        self, texts: Sequence[str], progress: bool
-    ) -> tuple[IDStats, list[TextActivations]]:
-        rng = random.Random(f"{self.cfg.seed}:reference")
-        n_ref = max(2, round(self.cfg.reference_fraction * len(texts)))
-        reference_idx = set(rng.sample(range(len(texts)), n_ref))
-        acc = StatsAccumulator(self.sae.cfg.d_sae, self.cfg.id_contexts)
-        reference: list[TextActivations] = []
-        pending: list[tuple[TextActivations, int]] = []
-        rows = 0
-        for i, item in self.reader.read(
-            texts,
-            max_windows=self.cfg.max_windows,
-            progress="fit ID statistics" if progress else None,
-        ):
-            if isinstance(item, ReadFailure):
-                continue
-            if i in reference_idx:
-                reference.append(item)
-                continue
-            pending.append((item, acc.add_windows(item.windows)))
-            rows += len(item.acts)
-            if rows >= 2048:
-                self._accumulate(acc, pending)
-                pending, rows = [], 0
-        if pending:
-            self._accumulate(acc, pending)
-        return acc.finish(self.ctx_len), reference
-
-    def _accumulate(self, acc: StatsAccumulator, items: list[tuple[TextActivations, int]]) -> None:
-        x = torch.cat([it.acts for it, _ in items])
-        codes = sparse_codes(self.sae, x)
-        err = relative_error(x, reconstruct(self.sae, codes))
-        window = torch.cat([it.window + first for it, first in items])
-        position = torch.cat([it.position for it, _ in items])
-        pooled = torch.stack([it.acts.mean(0) for it, _ in items])
-        acc.add(codes, err, window, position, pooled)
 
     # --- scoring ------------------------------------------------------------------------------
     def _analyse(self, items: Sequence[TextActivations], with_lm: bool) -> list[TextAnalysis]:
@@ -585,6 +552,54 @@ class Monitor:
         return monitor
 
 
+def _fit_stats(
+    reader: ActivationReader,
+    sae: SparseAutoencoder,
+    cfg: MonitorConfig,
+    texts: Sequence[str],
+    progress: bool,
+) -> tuple[IDStats, list[TextActivations]]:
+    """ID statistics from most texts; the rest (``reference_fraction``) come back unscored, to
+    measure the energy components on text the statistics never saw."""
+    rng = random.Random(f"{cfg.seed}:reference")
+    n_ref = max(2, round(cfg.reference_fraction * len(texts)))
+    reference_idx = set(rng.sample(range(len(texts)), n_ref))
+    acc = StatsAccumulator(sae.cfg.d_sae, cfg.id_contexts)
+    reference: list[TextActivations] = []
+    pending: list[tuple[TextActivations, int]] = []
+    rows = 0
+    for i, item in reader.read(
+        texts,
+        max_windows=cfg.max_windows,
+        progress="fit ID statistics" if progress else None,
+    ):
+        if isinstance(item, ReadFailure):
+            continue
+        if i in reference_idx:
+            reference.append(item)
+            continue
+        pending.append((item, acc.add_windows(item.windows)))
+        rows += len(item.acts)
+        if rows >= 2048:
+            _accumulate(sae, acc, pending)
+            pending, rows = [], 0
+    if pending:
+        _accumulate(sae, acc, pending)
+    return acc.finish(reader.spec.ctx_len), reference
+
+
+def _accumulate(
+    sae: SparseAutoencoder, acc: StatsAccumulator, items: list[tuple[TextActivations, int]]
+) -> None:
+    x = torch.cat([it.acts for it, _ in items])
+    codes = sparse_codes(sae, x)
+    err = relative_error(x, reconstruct(sae, codes))
+    window = torch.cat([it.window + first for it, first in items])
+    position = torch.cat([it.position for it, _ in items])
+    pooled = torch.stack([it.acts.mean(0) for it, _ in items])
+    acc.add(codes, err, window, position, pooled)
+
+
 def _model_info(loaded: LoadedModel) -> dict[str, Any]:
     return {
         "name": loaded.name,
@@ -613,23 +628,3 @@ def _check_model(loaded: LoadedModel, info: dict[str, Any], hook: str, directory
             f"(fingerprint {fingerprint[:12]}): its statistics do not describe this model. "
             "Fit a monitor for this model with `saeguard ood fit`."
         )
-
-
-def _empty_stats(d_sae: int, d_in: int) -> IDStats:
-    return IDStats(
-        n_tokens=0,
-        n_texts=0,
-        firing_count=torch.zeros(d_sae, dtype=torch.long),
-        quantiles=torch.zeros(3, d_sae),
-        l0_mean=0.0,
-        l0_std=0.0,
-        recon_mean=1.0,
-        recon_quantiles=[0.0, 0.0, 0.0],
-        pooled_mean=torch.zeros(d_in),
-        pooled_precision=torch.eye(d_in),
-        knn_bank=torch.zeros(1, d_in),
-        top_values=torch.zeros(1, d_sae),
-        top_window=torch.zeros(1, d_sae, dtype=torch.int32),
-        top_position=torch.zeros(1, d_sae, dtype=torch.int32),
-        context_tokens=torch.zeros(1, 2, dtype=torch.int32),
-    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,9 +21,10 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from saeguard.activations.documents import pad_contexts
 from saeguard.activations.exclusion import ExclusionRules
 from saeguard.data.tokenize import packing_spec, tokenize_documents
-from saeguard.models.hooks import _StopForward, capture_hooks
+from saeguard.models.hooks import capture_hooks, run_to_hooks
 from saeguard.models.loading import LoadedModel
 
 Keep = Literal["head", "tail"]
@@ -143,12 +143,7 @@ class ActivationReader:
         batch = max(1, self.batch_size // 2 if with_lm else self.batch_size)
         for start in range(0, len(order), batch):
             rows = order[start : start + batch]
-            width = max(len(windows[i]) for i in rows)
-            tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-            real = torch.zeros(len(rows), width, dtype=torch.bool)
-            for r, i in enumerate(rows):
-                tokens[r, : len(windows[i])] = torch.tensor(windows[i])
-                real[r, : len(windows[i])] = True
+            tokens, real = pad_contexts([windows[i] for i in rows], pad)
             acts, logits = self._forward(tokens.to(self.loaded.device), with_lm)
             keep = self.rules.keep_mask(tokens, acts, self.hook) & real
             for r, i in enumerate(rows):
@@ -171,13 +166,7 @@ class ActivationReader:
                 with capture_hooks(model, [self.point], stop_early=False) as store:
                     logits = model(input_ids=tokens, use_cache=False).logits
                 return store[self.hook].float().cpu(), logits.float().cpu()
-            base = getattr(model, "base_model", model)
-            with (
-                capture_hooks(model, [self.point], stop_early=True) as store,
-                suppress(_StopForward),
-            ):
-                base(input_ids=tokens, use_cache=False)
-            return store[self.hook].float().cpu(), None
+            return run_to_hooks(model, tokens, [self.point])[self.hook].float().cpu(), None
 
 
 @dataclass

@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from saeguard.ood.metrics import score_values
 from saeguard.report.html import HtmlPage, with_interval
 
 if TYPE_CHECKING:
@@ -27,12 +28,6 @@ CURVE_SCORES = (
 )
 
 
-def _values(rows: list[dict[str, Any]], score: str) -> np.ndarray:
-    return np.array(
-        [r["scores"][score] for r in rows if r["error"] is None and score in r["scores"]]
-    )
-
-
 def _grid(n: int) -> tuple[int, int]:
     cols = min(3, n)
     return math.ceil(n / cols), cols
@@ -46,7 +41,7 @@ def roc_figure(
     for i, (shift, (ood, neg)) in enumerate(raw.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
         for score in [s for s in CURVE_SCORES if s in scores]:
-            pos, negs = _values(ood, score), _values(neg, score)
+            pos, negs = score_values(ood, score), score_values(neg, score)
             labels = np.r_[np.zeros(len(negs)), np.ones(len(pos))]
             fpr, tpr, _ = roc_curve(labels, np.r_[negs, pos])
             style = "-" if score in ("energy", "fallacious_count", "recon_error") else "--"
@@ -71,7 +66,7 @@ def histogram_figure(
     fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
     for i, (shift, (ood, neg)) in enumerate(raw.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        pos, negs = _values(ood, score), _values(neg, score)
+        pos, negs = score_values(ood, score), score_values(neg, score)
         both = np.r_[pos, negs]
         low, high = np.percentile(both, [0.5, 99.5]) if len(both) else (0, 1)
         bins = np.linspace(low, high if high > low else low + 1, 40).tolist()

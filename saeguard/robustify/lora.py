@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from saeguard.activations.documents import pad_contexts
 from saeguard.activations.exclusion import ExclusionRules
 from saeguard.errors import ConfigError, MissingPackageError
 from saeguard.models.hooks import HookPoint, capture_hooks
@@ -138,12 +139,7 @@ class LoraRobustifier:
         self.optimizer = torch.optim.Adam(self.params, lr=settings.lr)
 
     def _batch(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        real = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.tensor(r)
-            real[i, : len(r)] = True
+        tokens, real = pad_contexts(rows, self.pad_id)
         keep = real & ~self.rules.special_mask(tokens)
         return tokens, keep
 
