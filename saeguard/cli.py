@@ -49,7 +49,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(EvalConfig, args)
     document = run_eval(args.sae_dir, cfg)
-    out = cfg.out or args.sae_dir
+    out = cfg.out or (f"{cfg.adapter}/eval" if cfg.adapter else args.sae_dir)
     summary = {name: m["value"] for name, m in document["metrics"].items()}
     print(json.dumps({"eval_json": f"{out}/eval.json", "eval_html": f"{out}/eval.html",
                       "complete": document["complete"], "metrics": summary}, indent=2))  # fmt: skip
@@ -133,7 +133,7 @@ def _read_bytes(path: str) -> bytes:
 def _cmd_ood_score(args: argparse.Namespace) -> int:
     from saeguard.ood import Monitor
 
-    monitor = Monitor.load(args.monitor, model=args.model)
+    monitor = Monitor.load(args.monitor, model=args.model, adapter=args.adapter)
     texts = _read_texts(args)
     if not texts:
         raise SaeguardError("no text to score: pass texts as arguments, --file PATH, or stdin")
@@ -161,6 +161,17 @@ def _cmd_ood_benchmark(args: argparse.Namespace) -> int:
     print(f"measured FPR {cal['measured_fpr']:.3f} (target {cal['target_fpr']})")
     for sentence in summary_sentences(document):
         print(sentence)
+    return 0
+
+
+def _cmd_robustify(args: argparse.Namespace) -> int:
+    from saeguard.report.robustify_report import summary_sentence
+    from saeguard.robustify import RobustifyConfig, run_robustify
+
+    cfg = config_from_args(RobustifyConfig, args)
+    document = run_robustify(cfg)
+    print(f"{cfg.out}/robustify.json, {cfg.out}/robustify.html, adapter: {cfg.out}/robust/adapter")
+    print(summary_sentence(document))
     return 0
 
 
@@ -435,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="", help="Model (empty: the one the monitor was fitted on).")
     p.add_argument(
+        "--adapter",
+        default="",
+        help="LoRA adapter directory from `saeguard robustify`, merged into the model first.",
+    )
+    p.add_argument(
         "--with-lm", action="store_true", help="Also compute the LM baselines (full forward)."
     )
     p.add_argument(
@@ -462,6 +478,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Directory for the results and reports.")
     add_config_arguments(p, OodBenchmarkConfig)
     p.set_defaults(func=_cmd_ood_benchmark)
+
+    from saeguard.robustify import RobustifyConfig
+
+    p = sub.add_parser(
+        "robustify",
+        help="LoRA fine-tuning that keeps SAE latents steady under a shift; before/after report.",
+        description=(
+            "Train LoRA adapters (peft) so that on perturbed text (--shift, e.g. typos:0.2) the "
+            "frozen SAE's latents at its hook stay close to those of the clean text, plus the "
+            "next-token loss on clean ID text to keep capability (SPEC section 6). Measures the "
+            "base model and the adapted one on the same held-out texts and seeds: fallacious "
+            "count and energy on perturbed text, the OOD AUROC, next-token loss on perturbed and "
+            "clean text, topic-probe accuracy on perturbed text (probe trained on clean base-"
+            "model activations). Writes OUT/robust/adapter (load it with --adapter in `ood "
+            "score`, `ood benchmark` and `eval`), robustify.json (validated against its schema) "
+            "and robustify.html. Checkpoints every --checkpoint-every steps: running the same "
+            "command again resumes."
+        ),
+    )
+    add_config_arguments(p, RobustifyConfig)
+    p.set_defaults(func=_cmd_robustify)
 
     p = sub.add_parser(
         "cache",

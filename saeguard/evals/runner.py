@@ -45,10 +45,12 @@ class EvalConfig:
     """Smoke-test scale: a few contexts, documents and words per eval (minutes, not a benchmark)."""
     model: str = ""
     """Model to evaluate with (empty: the one named in the SAE's cfg.json)."""
+    adapter: str = ""
+    """LoRA adapter directory (from `saeguard robustify`) merged into the model first."""
     corpus: str = ""
     """Corpus for core/ce/effective (empty: the SAE's training corpus; its test split is used)."""
     out: str = ""
-    """Directory for eval.json and eval.html (empty: the SAE directory)."""
+    """Directory for eval.json and eval.html (empty: the SAE directory; ADAPTER/eval with one)."""
     core_contexts: int = 256
     """Packed contexts for core metrics and effective features."""
     ce_contexts: int = 48
@@ -133,6 +135,7 @@ def _signature(cfg: EvalConfig, name: str) -> dict[str, Any]:
         "model": cfg.model,
         "corpus": cfg.corpus,
         "seed": cfg.seed,
+        **({"adapter": cfg.adapter} if cfg.adapter else {}),  # old signatures stay valid
     }
 
 
@@ -158,9 +161,10 @@ def run_eval(
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     sae_dir = Path(sae_dir)
-    out = Path(cfg.out) if cfg.out else sae_dir
+    # An adapted model's eval never overwrites the base model's eval.json in the SAE directory.
+    out = Path(cfg.out) if cfg.out else (Path(cfg.adapter) / "eval" if cfg.adapter else sae_dir)
     out.mkdir(parents=True, exist_ok=True)
-    subject = subject or load_subject(sae_dir, cfg.model, cfg.corpus)
+    subject = subject or load_subject(sae_dir, cfg.model, cfg.corpus, adapter=cfg.adapter)
     settings = _settings(cfg)
     json_path, samples_path = out / "eval.json", out / "eval_samples.json"
     document = _load_previous(json_path, str(sae_dir)) or {
@@ -243,6 +247,7 @@ def _sae_summary(sae_dir: Path, subject: EvalSubject) -> dict[str, Any]:
         "d_sae": cfg.d_sae,
         "k": cfg.k,
         "model": subject.loaded.name,
+        "adapter": subject.loaded.adapter,
         "hook": subject.hook,
         "masking": meta.get("masking") or {"mask_prob": 0.0},
         "training_tokens": int(tokens) if isinstance(tokens, int | float) else None,

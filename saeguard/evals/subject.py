@@ -59,8 +59,10 @@ def load_subject(
     corpus: str = "",
     split: str = "test",
     loaded: LoadedModel | None = None,
+    adapter: str = "",
 ) -> EvalSubject:
-    """Load an SAE and prepare its model and evaluation corpus (empty arguments: from cfg.json)."""
+    """Load an SAE and prepare its model and evaluation corpus (empty arguments: from cfg.json).
+    With ``adapter`` the model is the base model with that LoRA adapter merged in."""
     sae, meta = load_sae(sae_dir)
     sae.eval()
     hook = str(meta.get("hook") or "")
@@ -83,6 +85,11 @@ def load_subject(
         outlier_multiple=float(exclusions.get("outlier_multiple", 10.0)),
         repeat=False,
     )
+    if adapter:
+        from saeguard.models.adapters import merge_adapter
+        from saeguard.models.loading import load_model
+
+        loaded = merge_adapter(loaded or load_model(model_name), adapter)
     source = prepare(cfg, loaded)
     if source.loaded.d_model != sae.cfg.d_in and hook.startswith(("resid", "attn", "mlp")):
         raise ConfigError(

@@ -207,11 +207,15 @@ def capture_hooks(
 
 
 def run_to_hooks(
-    model: nn.Module, input_ids: torch.Tensor, points: Sequence[HookPoint]
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    points: Sequence[HookPoint],
+    detach: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Run the base model (never the LM head) just far enough to read every point."""
+    """Run the base model (never the LM head) just far enough to read every point
+    (``detach=False`` keeps the autograd graph, for losses on the activations)."""
     base = getattr(model, "base_model", model)
-    with capture_hooks(model, points, stop_early=True) as store, suppress(_StopForward):
+    with capture_hooks(model, points, True, detach) as store, suppress(_StopForward):
         base(input_ids=input_ids, use_cache=False)
     missing = [p.name for p in points if p.name not in store]
     if missing:

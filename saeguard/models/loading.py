@@ -108,6 +108,10 @@ class LoadedModel:
     """Dtype of the weights."""
     hooks: list[str] = field(default_factory=list)
     """Every hook-point name of the model."""
+    adapter: str = ""
+    """Directory of the LoRA adapter merged into the weights (empty: the base model)."""
+    base_fingerprint: str = ""
+    """Fingerprint of the base weights before an adapter was merged (empty: no adapter)."""
 
     @property
     def config(self) -> object:
@@ -147,6 +151,11 @@ class LoadedModel:
             digest.update(sample.numpy().tobytes())
         return digest.hexdigest()
 
+    def identity(self) -> str:
+        """The base model's fingerprint: what monitors and SAEs fitted on the base model match.
+        A merged adapter changes the weights but not which model the statistics describe."""
+        return self.base_fingerprint or self.fingerprint()
+
     def special_token_ids(self) -> list[int]:
         """Ids of BOS/EOS/pad and every other special token."""
         ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
@@ -154,9 +163,13 @@ class LoadedModel:
 
 
 def load_model(
-    name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu"
+    name_or_path: str,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    adapter: str = "",
 ) -> LoadedModel:
-    """Load an embedded model (see :data:`EMBEDDED_MODELS`), a local directory or a hub id."""
+    """Load an embedded model (see :data:`EMBEDDED_MODELS`), a local directory or a hub id;
+    with ``adapter``, merge that LoRA adapter directory (from `saeguard robustify`) into it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -190,6 +203,10 @@ def load_model(
     family_layout(model)  # fail now, not mid-harvest, on an unsupported family
     loaded = LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, dtype=dtype)
     loaded.hooks = loaded.hook_names()
+    if adapter:
+        from saeguard.models.adapters import merge_adapter
+
+        return merge_adapter(loaded, adapter)
     return loaded
 
 

@@ -55,6 +55,8 @@ class OodBenchmarkConfig:
     """Bootstrap resamples for the intervals."""
     seed: int = 0
     """Seed of text samples, typos and the bootstrap."""
+    adapter: str = ""
+    """LoRA adapter directory (from `saeguard robustify`) merged into the model before scoring."""
 
     def __post_init__(self) -> None:
         validate_literals(self)
@@ -70,6 +72,8 @@ def _signature(monitor_dir: Path, cfg: OodBenchmarkConfig, name: str, texts: lis
     digest = hashlib.sha256()
     digest.update(sha256_file(monitor_dir / MONITOR_FILE).encode())
     digest.update(f"{name}|{cfg.lm_baselines}|{cfg.seed}|{__version__}".encode())
+    if cfg.adapter:  # scores of an adapted model are never mistaken for the base model's
+        digest.update(sha256_file(Path(cfg.adapter) / "adapter_model.safetensors").encode())
     for text in texts:
         digest.update(text.encode("utf-8", errors="surrogatepass") + b"\x00")
     return digest.hexdigest()
@@ -115,7 +119,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Score every shift and the ID negatives; write the JSON, markdown table and HTML report."""
     monitor_dir, out = Path(monitor_dir), Path(out)
-    monitor = Monitor.load(monitor_dir)
+    monitor = Monitor.load(monitor_dir, adapter=cfg.adapter)
     if not monitor.thresholds:
         raise ConfigError(
             f"the monitor in {monitor_dir} is not calibrated; run `saeguard ood fit` (it "
@@ -169,6 +173,7 @@ def run_benchmark(
         "saeguard_version": __version__,
         "monitor": str(monitor_dir),
         "model": monitor.model_info["name"],
+        "adapter": monitor.loaded.adapter,
         "hook": monitor.hook,
         "sae": _sae_summary(monitor),
         "config": asdict(cfg),

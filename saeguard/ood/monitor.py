@@ -230,7 +230,7 @@ class Monitor:
             subject.ctx_len,
             prepend_bos,
         )
-        analyses = monitor._analyse(reference_items, with_lm=False)
+        analyses = monitor.analyse(reference_items, with_lm=False)
         monitor.reference = {
             name: (
                 float(np.mean([a.scores[name] for a in analyses])),
@@ -247,7 +247,7 @@ class Monitor:
         return monitor
 
     # --- scoring ------------------------------------------------------------------------------
-    def _analyse(self, items: Sequence[TextActivations], with_lm: bool) -> list[TextAnalysis]:
+    def analyse(self, items: Sequence[TextActivations], with_lm: bool) -> list[TextAnalysis]:
         """Every score of a batch of texts (one SAE pass over all their tokens)."""
         analyses = analyse(
             self.sae,
@@ -295,7 +295,7 @@ class Monitor:
         batch: list[tuple[int, TextActivations]] = []
 
         def flush() -> None:
-            analyses = self._analyse([it for _, it in batch], with_lm)
+            analyses = self.analyse([it for _, it in batch], with_lm)
             for (i, item), analysis in zip(batch, analyses, strict=True):
                 self._fill(results[i], item, analysis, explain, explain_all)
             batch.clear()
@@ -492,9 +492,15 @@ class Monitor:
 
     @classmethod
     def load(
-        cls, directory: str | Path, loaded: LoadedModel | None = None, model: str = ""
+        cls,
+        directory: str | Path,
+        loaded: LoadedModel | None = None,
+        model: str = "",
+        adapter: str = "",
     ) -> Monitor:
-        """Load a monitor; a model other than the one it was fitted for is refused."""
+        """Load a monitor; a model other than the one it was fitted for is refused. With
+        ``adapter`` (a `saeguard robustify` adapter directory) the model scored is the base model
+        with that adapter merged in, judged against the base model's statistics."""
         directory = Path(directory)
         path = directory / MONITOR_FILE
         if not path.is_file():
@@ -521,7 +527,11 @@ class Monitor:
         sae, meta = load_sae(directory / SAE_SUBDIR)
         info = doc["model"]
         if loaded is None:
-            loaded = load_model(model or info["name"])
+            loaded = load_model(model or info["name"], adapter=adapter)
+        elif adapter:
+            from saeguard.models.adapters import merge_adapter
+
+            loaded = merge_adapter(loaded, adapter)
         _check_model(loaded, info, doc["hook"], directory)
         known = {f for f in MonitorConfig.__dataclass_fields__}
         cfg = MonitorConfig(**{k: v for k, v in doc["config"].items() if k in known})
@@ -603,7 +613,8 @@ def _accumulate(
 def _model_info(loaded: LoadedModel) -> dict[str, Any]:
     return {
         "name": loaded.name,
-        "fingerprint": loaded.fingerprint(),
+        "fingerprint": loaded.identity(),
+        "adapter": loaded.adapter,
         "d_model": loaded.d_model,
         "n_layers": loaded.n_layers,
         "family": loaded.family,
@@ -620,7 +631,7 @@ def _check_model(loaded: LoadedModel, info: dict[str, Any], hook: str, directory
             "Fit a monitor for this model with `saeguard ood fit`."
         )
     loaded.hook_point(hook)
-    fingerprint = loaded.fingerprint()
+    fingerprint = loaded.identity()  # a merged adapter keeps its base model's identity
     if fingerprint != info.get("fingerprint"):
         raise ConfigError(
             f"the monitor in {directory} was fitted for {info.get('name')} (weights fingerprint "

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from saeguard.activations.documents import pad_contexts
 from saeguard.activations.exclusion import ExclusionRules
 from saeguard.errors import ConfigError, MissingPackageError
-from saeguard.models.hooks import HookPoint, capture_hooks
+from saeguard.models.hooks import HookPoint, run_to_hooks
 from saeguard.sae.base import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class LoraSettings:
     """Weight of the next-token loss on clean ID text (keeps capability)."""
     energy_weighting: bool = False
     """Weight pairs by the softmax of their consistency loss (most shifted texts count most)."""
+    up_to_hook: bool = True
+    """Adapt only the blocks up to the hook's layer: the ones that can move the SAE's latents."""
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.alpha < 1:
@@ -64,8 +66,9 @@ class LoraSettings:
             raise ConfigError("both loss weights are 0: nothing would be trained")
 
 
-def add_adapters(model: nn.Module, settings: LoraSettings) -> Any:
-    """Wrap a causal LM with LoRA adapters; every non-adapter weight is frozen."""
+def add_adapters(model: nn.Module, settings: LoraSettings, hook_layer: int | None = None) -> Any:
+    """Wrap a causal LM with LoRA adapters; every non-adapter weight is frozen. With
+    ``settings.up_to_hook`` and a ``hook_layer``, only blocks 0..hook_layer get adapters."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:  # pragma: no cover - peft is a declared dependency
@@ -83,6 +86,9 @@ def add_adapters(model: nn.Module, settings: LoraSettings) -> Any:
         target_modules=list(settings.target_modules),
         lora_dropout=0.0,
         bias="none",
+        layers_to_transform=(
+            list(range(hook_layer + 1)) if settings.up_to_hook and hook_layer is not None else None
+        ),
     )
     return get_peft_model(model, config)
 
@@ -93,15 +99,12 @@ def _pooled_latents(
     point: HookPoint,
     tokens: torch.Tensor,
     keep: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean SAE latents per row [B, d_sae], logits [B, T, V]) of one forward pass."""
-    with capture_hooks(model, [point], stop_early=False, detach=False) as store:
-        logits = model(input_ids=tokens, use_cache=False).logits
-    acts = store[point.name].float()
+) -> torch.Tensor:
+    """Mean SAE latents per row [B, d_sae]; the model runs only up to the hook."""
+    acts = run_to_hooks(model, tokens, [point], detach=False)[point.name].float()
     latents = sae.encode(acts)  # [B, T, d_sae], differentiable into the model
     weights = keep.float().unsqueeze(-1)
-    pooled = (latents * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    return pooled, logits
+    return (latents * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 @dataclass
@@ -150,13 +153,11 @@ class LoraRobustifier:
         clean_tokens, clean_keep = self._batch(clean)
         shifted_tokens, shifted_keep = self._batch(perturbed)
         with torch.no_grad(), self.model.disable_adapter():
-            target, _ = _pooled_latents(self.model, self.sae, self.point, clean_tokens, clean_keep)
+            target = _pooled_latents(self.model, self.sae, self.point, clean_tokens, clean_keep)
         zero = torch.zeros(())
         consistency, lm = zero, zero
         if self.settings.consistency_weight > 0:
-            pooled, _ = _pooled_latents(
-                self.model, self.sae, self.point, shifted_tokens, shifted_keep
-            )
+            pooled = _pooled_latents(self.model, self.sae, self.point, shifted_tokens, shifted_keep)
             per_pair = (pooled - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-8)
             if self.settings.energy_weighting:
                 weights = torch.softmax(per_pair.detach(), dim=0) * len(per_pair)
@@ -171,6 +172,37 @@ class LoraRobustifier:
             )
         total = self.settings.consistency_weight * consistency + self.settings.lm_weight * lm
         return total, consistency, lm
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Adapter weights and Adam moments as named tensors (checkpoints are safetensors)."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        out: dict[str, torch.Tensor] = {}
+        for name, param in zip(names, self.params, strict=True):
+            out[f"param/{name}"] = param.detach().clone()
+            state = self.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                if key in state:
+                    out[f"adam/{key}/{name}"] = torch.as_tensor(state[key]).detach().clone()
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_tensors` (resuming continues exactly where it stopped)."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        missing = [n for n in names if f"param/{n}" not in tensors]
+        if missing:
+            raise ConfigError(
+                f"the checkpoint lacks adapter weights {missing[:3]}: it was written with other "
+                "LoRA settings; delete the output directory's checkpoint/ to start over"
+            )
+        with torch.no_grad():
+            for name, param in zip(names, self.params, strict=True):
+                param.copy_(tensors[f"param/{name}"])
+                if f"adam/step/{name}" in tensors:
+                    self.optimizer.state[param] = {
+                        "step": tensors[f"adam/step/{name}"].clone(),
+                        "exp_avg": tensors[f"adam/exp_avg/{name}"].clone(),
+                        "exp_avg_sq": tensors[f"adam/exp_avg_sq/{name}"].clone(),
+                    }
 
     def step(self, clean: Sequence[list[int]], perturbed: Sequence[list[int]]) -> StepLosses:
         self.model.train()

@@ -1,0 +1,115 @@
+"""LoRA adapters on disk: save what `saeguard robustify` trained, merge it back into a model.
+
+An adapter directory is peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``,
+never a pickle) plus ``saeguard_adapter.json``, which records the base model's fingerprint so an
+adapter is never merged into weights it was not trained on. Loading merges the adapter into a
+fresh copy of the base weights: the result is a plain model, so hooks, SAEs and monitors work on
+it unchanged, and it keeps the base model's identity for the monitor's model check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from saeguard.errors import CorruptFileError, MissingPackageError, SaeguardError
+from saeguard.fileio import atomic_write_json
+from saeguard.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+ADAPTER_INFO = "saeguard_adapter.json"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError as exc:  # pragma: no cover - peft is a declared dependency
+        raise MissingPackageError("peft (LoRA adapters)", "peft==0.21.2") from exc
+    return peft
+
+
+def save_adapter(peft_model: Any, directory: str | Path, info: dict[str, Any]) -> Path:
+    """Write the adapter weights and ``info`` (base fingerprint, hook, shift...) atomically:
+    a temporary directory is renamed into place, so an interrupted save keeps the old one."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        atomic_write_json(tmp / ADAPTER_INFO, info)
+        old = directory.with_name(f".{directory.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_adapter_info(directory: str | Path) -> dict[str, Any]:
+    """The ``saeguard_adapter.json`` of an adapter directory (clear errors when it is not one)."""
+    directory = Path(directory)
+    if not (directory / PEFT_CONFIG).is_file() or not (directory / PEFT_WEIGHTS).is_file():
+        raise SaeguardError(
+            f"{directory} is not a LoRA adapter directory (it needs {PEFT_CONFIG} and "
+            f"{PEFT_WEIGHTS}); pass the adapter/ folder written by `saeguard robustify`"
+        )
+    path = directory / ADAPTER_INFO
+    if not path.is_file():
+        return {}  # an adapter from another tool: no base fingerprint to check
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(info, dict):
+        raise CorruptFileError(f"{path} does not hold a JSON object")
+    return info
+
+
+def merge_adapter(loaded: LoadedModel, directory: str | Path) -> LoadedModel:
+    """Merge the adapter in ``directory`` into ``loaded``'s weights (in place) and return the
+    model with its adapter and base fingerprint recorded. Refuses another base model."""
+    if loaded.adapter:
+        raise SaeguardError(f"{loaded.name} already has the adapter {loaded.adapter} merged in")
+    directory = Path(directory)
+    info = read_adapter_info(directory)
+    base = loaded.fingerprint()
+    expected = info.get("base_fingerprint")
+    if expected and expected != base:
+        raise SaeguardError(
+            f"the adapter in {directory} was trained on {info.get('base_model')} (weights "
+            f"fingerprint {str(expected)[:12]}), not on {loaded.name} (fingerprint {base[:12]}); "
+            "pass the model it was trained on with --model"
+        )
+    peft = _peft()
+    try:
+        wrapped = peft.PeftModel.from_pretrained(loaded.model, str(directory))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise CorruptFileError(
+            f"the adapter in {directory} cannot be loaded onto {loaded.name}: {exc}"
+        ) from exc
+    merged = wrapped.merge_and_unload()
+    merged.eval()
+    merged.requires_grad_(False)
+    log.info("merged the LoRA adapter %s into %s", directory, loaded.name)
+    return LoadedModel(
+        name=loaded.name,
+        model=merged,
+        tokenizer=loaded.tokenizer,
+        dtype=loaded.dtype,
+        hooks=list(loaded.hooks),
+        adapter=str(directory),
+        base_fingerprint=base,
+    )

@@ -1,0 +1,239 @@
+"""Before/after measurements of a robustified model, on the same held-out texts and seeds.
+
+One :func:`measure` call reads a set of held-out ID texts and their perturbed copies through the
+model (base or adapted) once, with the full forward pass, and keeps per text:
+
+- the monitor's SAE scores (``fallacious_count``, ``fallacious_mass``, ``recon_error``,
+  ``energy``) against the *base* model's ID statistics, and whether the calibrated flag fires;
+- ``nll``: the mean next-token loss over the text's own tokens (log of the reader's perplexity);
+- ``correct``: whether a topic probe trained on clean *base-model* activations (mean-pooled at
+  the hook) names the text's topic. It measures whether the downstream representation survives
+  the shift; the probe never changes between before and after.
+
+:func:`compare` turns two such snapshots into before/after/difference with paired bootstrap
+intervals (the same texts are resampled for both sides, and a clean text with its perturbed copy).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from saeguard.data.corpora import load_corpus
+from saeguard.data.perturb import add_typos, parse_shift
+from saeguard.data.splits import Document, select_split
+from saeguard.errors import ConfigError, CorpusError
+from saeguard.evals.datasets import sample_per_class
+from saeguard.ood.metrics import BOOTSTRAP_RESAMPLES, _rank_auroc
+from saeguard.ood.monitor import Monitor
+from saeguard.ood.reader import ReadFailure
+
+MONITOR_SCORES: tuple[str, ...] = ("fallacious_count", "fallacious_mass", "recon_error", "energy")
+
+
+@dataclass
+class HeldOutPairs:
+    """Labelled held-out ID texts and their perturbed copies (same order)."""
+
+    clean: list[str]
+    perturbed: list[str]
+    labels: list[str]
+
+
+def perturb(texts: Sequence[str], shift: str, seed: int) -> list[str]:
+    """The perturbed copy of each text; only paired shifts (``typos:RATE``) have one."""
+    kind, rate = parse_shift(shift)
+    if kind != "typos":
+        raise ConfigError(
+            f"--shift {shift!r} has no clean counterpart to stay consistent with; robustify "
+            "supports typos:RATE (e.g. typos:0.2)"
+        )
+    return [add_typos(t, rate, seed=hash_seed(seed, i)) for i, t in enumerate(texts)]
+
+
+def hash_seed(seed: int, index: int) -> int:
+    """A distinct, reproducible typo seed per text (Random's string seeding is stable)."""
+    return random.Random(f"{seed}:{index}").getrandbits(31)
+
+
+def labelled_split(corpus: str, split: str, per_class: int, seed: int) -> list[Document]:
+    """At most ``per_class`` labelled documents per topic from one split (seeded)."""
+    docs = [d for d in select_split(list(load_corpus(corpus).documents), split, seed) if d.text]
+    chosen = sample_per_class(docs, per_class, seed)
+    labels = {d.label for d in chosen}
+    if len(labels) < 2:
+        raise CorpusError(
+            f"the {split} split of {corpus!r} has {len(labels)} topic label(s); the downstream "
+            "probe needs a labelled corpus with at least two topics (wiki-en has eleven)"
+        )
+    return chosen
+
+
+def held_out_pairs(corpus: str, shift: str, per_class: int, seed: int) -> HeldOutPairs:
+    """Test-split texts (never trained on, never used to calibrate) with perturbed copies."""
+    docs = labelled_split(corpus, "test", per_class, seed)
+    clean = [d.text for d in docs]
+    return HeldOutPairs(clean, perturb(clean, shift, seed), [str(d.label) for d in docs])
+
+
+def pooled_activations(
+    monitor: Monitor, texts: Sequence[str], max_windows: int, progress: str | None = None
+) -> np.ndarray:
+    """Mean-pooled hook activations [n, d] of each text (kept tokens only)."""
+    rows = []
+    for i, item in monitor.reader.read(texts, max_windows=max_windows, progress=progress):
+        if isinstance(item, ReadFailure):
+            raise CorpusError(f"text {i} cannot be read: {item.message}")
+        rows.append(item.acts.mean(0).numpy())
+    return np.stack(rows).astype(np.float64)
+
+
+def fit_topic_probe(x: np.ndarray, labels: Sequence[str], seed: int) -> Pipeline:
+    """Multinomial logistic regression on standardised pooled activations (scikit-learn)."""
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
+    probe.set_params(logisticregression__random_state=seed)
+    probe.fit(x, list(labels))
+    return probe
+
+
+def measure(
+    monitor: Monitor,
+    pairs: HeldOutPairs,
+    probe: Pipeline,
+    max_windows: int,
+    tag: str = "",
+) -> dict[str, dict[str, list[float]]]:
+    """Per-text values for the clean and the perturbed texts: {side: {quantity: [values]}}."""
+    flag_score = monitor.cfg.flag_score
+    threshold = monitor.thresholds.get(flag_score)
+    out: dict[str, dict[str, list[float]]] = {}
+    for side, texts in (("clean", pairs.clean), ("perturbed", pairs.perturbed)):
+        items = []
+        for i, item in monitor.reader.read(
+            texts, with_lm=True, max_windows=max_windows, progress=f"{tag} {side}".strip()
+        ):
+            if isinstance(item, ReadFailure):
+                raise CorpusError(f"{side} text {i} cannot be read: {item.message}")
+            items.append(item)
+        analyses = []
+        for start in range(0, len(items), 64):
+            analyses += monitor.analyse(items[start : start + 64], with_lm=True)
+        values: dict[str, list[float]] = {
+            s: [a.scores[s] for a in analyses] for s in MONITOR_SCORES
+        }
+        values["nll"] = [math.log(max(a.scores["perplexity"], 1e-12)) for a in analyses]
+        if threshold is not None:
+            values["flagged"] = [float(a.scores[flag_score] > threshold) for a in analyses]
+        pooled = np.stack([it.acts.mean(0).numpy() for it in items]).astype(np.float64)
+        predicted = probe.predict(pooled)
+        values["correct"] = [float(p == y) for p, y in zip(predicted, pairs.labels, strict=True)]
+        out[side] = values
+    return out
+
+
+# --- comparison ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Quantity:
+    """One before/after line of the report."""
+
+    key: str
+    side: str
+    source: str
+    """Per-text values it is computed from ("auroc:SCORE" compares clean with perturbed)."""
+    label: str
+    better: str
+    """"lower" or "higher": which direction the robustification aims for (or "none")."""
+
+
+QUANTITIES: tuple[Quantity, ...] = (
+    Quantity("fallacious_count_perturbed", "perturbed", "fallacious_count",
+             "fallacious latents per token, perturbed text", "lower"),
+    Quantity("fallacious_count_clean", "clean", "fallacious_count",
+             "fallacious latents per token, clean text (control)", "lower"),
+    Quantity("fallacious_mass_perturbed", "perturbed", "fallacious_mass",
+             "fallacious share of latent activation, perturbed text", "lower"),
+    Quantity("energy_perturbed", "perturbed", "energy", "energy score, perturbed text", "lower"),
+    Quantity("flag_rate_perturbed", "perturbed", "flagged",
+             "share of perturbed texts the calibrated monitor flags", "lower"),
+    Quantity("flag_rate_clean", "clean", "flagged",
+             "share of clean texts flagged (false positives)", "lower"),
+    Quantity("auroc_energy", "both", "auroc:energy",
+             "OOD AUROC of energy, clean vs perturbed", "lower"),
+    Quantity("auroc_fallacious_count", "both", "auroc:fallacious_count",
+             "OOD AUROC of the fallacious count, clean vs perturbed", "lower"),
+    Quantity("nll_clean", "clean", "nll", "next-token loss on clean ID text (nats)", "lower"),
+    Quantity("nll_perturbed", "perturbed", "nll", "next-token loss on perturbed text (nats)",
+             "lower"),
+    Quantity("probe_accuracy_perturbed", "perturbed", "correct",
+             "topic-probe accuracy on perturbed text", "higher"),
+    Quantity("probe_accuracy_clean", "clean", "correct", "topic-probe accuracy on clean text",
+             "higher"),
+)  # fmt: skip
+
+
+def _statistic(snapshot: dict[str, dict[str, np.ndarray]], q: Quantity, idx: np.ndarray) -> Any:
+    """The quantity on the texts ``idx`` ([R, n] resamples or [n]); vectorised over resamples."""
+    if q.source.startswith("auroc:"):
+        score = q.source.split(":", 1)[1]
+        neg, pos = snapshot["clean"][score][idx], snapshot["perturbed"][score][idx]
+        return _rank_auroc(np.atleast_2d(neg), np.atleast_2d(pos))
+    return snapshot[q.side][q.source][idx].mean(axis=-1)
+
+
+def compare(
+    before: dict[str, dict[str, list[float]]],
+    after: dict[str, dict[str, list[float]]],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Before, after and after - before of every quantity, with paired bootstrap 95% intervals
+    (texts resampled jointly for both sides; each clean text stays with its perturbed copy)."""
+    b = {s: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for s, d in before.items()}
+    a = {s: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for s, d in after.items()}
+    n = len(b["clean"]["nll"])
+    if any(len(v) != n for snap in (a, b) for d in snap.values() for v in d.values()):
+        raise ConfigError("before and after were measured on different text sets")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, (resamples, n))
+    every = np.arange(n)
+    out: dict[str, dict[str, Any]] = {}
+    for q in QUANTITIES:
+        source = q.source.split(":", 1)[1] if q.source.startswith("auroc:") else q.source
+        side = "clean" if q.side == "both" else q.side
+        if source not in b[side] or source not in a[side]:
+            continue  # e.g. no flag without a calibrated monitor
+        value_b = float(np.ravel(_statistic(b, q, every))[0])
+        value_a = float(np.ravel(_statistic(a, q, every))[0])
+        boot_b, boot_a = _statistic(b, q, idx), _statistic(a, q, idx)
+        entry: dict[str, Any] = {
+            "label": q.label,
+            "better": q.better,
+            "before": value_b,
+            "before_ci95": _interval(boot_b),
+            "after": value_a,
+            "after_ci95": _interval(boot_a),
+            "difference": value_a - value_b,
+            "difference_ci95": _interval(boot_a - boot_b),
+            "n_texts": n,
+        }
+        if abs(value_b) > 1e-12 and not q.source.startswith("auroc:"):
+            entry["relative_change"] = value_a / value_b - 1
+            safe = np.where(np.abs(boot_b) > 1e-12, boot_b, np.nan)
+            entry["relative_change_ci95"] = _interval(boot_a / safe - 1)
+        out[q.key] = entry
+    return out
+
+
+def _interval(samples: np.ndarray) -> list[float]:
+    finite = samples[np.isfinite(samples)]
+    if not len(finite):
+        return [float("nan"), float("nan")]
+    return [float(v) for v in np.percentile(finite, [2.5, 97.5])]
