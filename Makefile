@@ -5,13 +5,18 @@
 PYTHON ?= python3
 RUN_DIR ?= runs/default
 
-.PHONY: install run test lint typecheck bench
+.PHONY: install run robustify test lint typecheck bench
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
 
 run: install
 	$(PYTHON) -m saeguard run --out $(RUN_DIR)
+
+# After `make run`: LoRA robustification against 20% typos, guided by that run's SAE and monitor.
+robustify: install
+	$(PYTHON) -m saeguard robustify --model smollm2-135m --sae $(RUN_DIR)/sae \
+		--monitor $(RUN_DIR)/monitor --shift typos:0.2 --out runs/robustify
 
 test: install
 	$(PYTHON) -m ruff check saeguard tests benchmarks

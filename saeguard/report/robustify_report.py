@@ -37,6 +37,12 @@ def summary_sentence(document: dict[str, Any], arm: str = "robust") -> str:
         f"clean next-token loss changed by {loss['relative_change']:+.1%} "
         f"(tolerance +{document['checks']['loss_tolerance']:.0%})"
     )
+    other = c.get("nll_other")
+    if other is not None:
+        text += (
+            f", on {document['held_out']['capability_corpus']} text by "
+            f"{other['relative_change']:+.1%}"
+        )
     if probe is not None:
         text += (
             f" and topic-probe accuracy on perturbed text went from {probe['before']:.3f} to "
@@ -123,7 +129,19 @@ def write_robustify_report(document: dict[str, Any], path: str | Path) -> Path:
                 f"{checks['fallacious_count_change']:+.4f}",
                 "yes" if checks["fallacious_count_falls"] else "NO",
             ],
-        ],
+        ]
+        + (
+            [
+                [
+                    f"next-token loss on {document['held_out']['capability_corpus']} text "
+                    f"rises by at most {checks['loss_tolerance']:.0%} (beyond the ID corpus)",
+                    f"{checks['other_loss_relative_change']:+.2%}",
+                    "yes" if checks["other_loss_within_tolerance"] else "NO",
+                ]
+            ]
+            if "other_loss_relative_change" in checks
+            else []
+        ),
     )
     for name, arm in document["arms"].items():
         page.heading(f"{name}: before / after / difference")

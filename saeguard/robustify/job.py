@@ -38,6 +38,7 @@ from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_path, atomic_write_json, sha256_file
 from saeguard.models.adapters import PEFT_WEIGHTS, merge_adapter, save_adapter
 from saeguard.models.loading import LoadedModel, load_model
+from saeguard.ood.analysis import analyse
 from saeguard.ood.monitor import Monitor, MonitorConfig
 from saeguard.robustify.lora import LoraRobustifier, LoraSettings, add_adapters
 from saeguard.robustify.measure import (
@@ -63,7 +64,7 @@ class RobustifyConfig(LoraSettings):
     """What `saeguard robustify` trains and how it measures the result."""
 
     out: str = "runs/robustify"
-    """Output directory (adapter/, before.json, after.json, robustify.json, robustify.html)."""
+    """Output directory (robust/adapter, before.json, after_*.json, robustify.json and .html)."""
     model: str = "smollm2-135m"
     """Base model: an embedded name, a Hugging Face id or a local directory."""
     sae: str = "runs/default/sae"
@@ -86,6 +87,10 @@ class RobustifyConfig(LoraSettings):
     """Validation-split texts per topic the downstream topic probe is trained on."""
     eval_windows: int = 1
     """Windows of the SAE's context length measured per held-out text (1: its first window)."""
+    capability_corpus: str = "bbc"
+    """Clean corpus whose next-token loss checks capability beyond the ID corpus (empty: none)."""
+    capability_texts: int = 100
+    """Texts of that corpus measured before and after."""
     fit_texts: int = 1000
     """ID texts a monitor fitted here uses for its statistics."""
     calibration_texts: int = 300
@@ -112,6 +117,7 @@ class RobustifyConfig(LoraSettings):
             self.train_ctx = min(self.train_ctx, 64)
             self.eval_per_class = min(self.eval_per_class, 3)
             self.probe_per_class = min(self.probe_per_class, 6)
+            self.capability_texts = min(self.capability_texts, 8)
             self.fit_texts = min(self.fit_texts, 120)
             self.calibration_texts = min(self.calibration_texts, 40)
             self.resamples = min(self.resamples, 200)
@@ -166,8 +172,9 @@ class _Run:
             )
         self.corpus = str(self.monitor.sae_metadata.get("corpus") or "wiki-en")
         self.pairs: HeldOutPairs = held_out_pairs(
-            self.corpus, cfg.shift, cfg.eval_per_class, cfg.seed
-        )
+            self.corpus, cfg.shift, cfg.eval_per_class, cfg.seed,
+            cfg.capability_corpus, cfg.capability_texts,
+        )  # fmt: skip
         probe_docs = labelled_split(self.corpus, "validation", cfg.probe_per_class, cfg.seed)
         x = pooled_activations(
             self.monitor, [d.text for d in probe_docs], cfg.eval_windows, "probe features"
@@ -178,6 +185,7 @@ class _Run:
         self.measure_signature = _digest(
             self.monitor_sha, cfg.shift, cfg.eval_per_class, cfg.probe_per_class,
             cfg.eval_windows, cfg.seed, self.base.identity(), __version__,
+            cfg.capability_corpus, cfg.capability_texts,
         )  # fmt: skip
 
     def _monitor_dir(self) -> Path:
@@ -234,6 +242,14 @@ class _Run:
         return values
 
     # --- training -------------------------------------------------------------------------
+    def energy_of(self, acts: list[torch.Tensor]) -> torch.Tensor:
+        """The monitor's energy score of each text (for ``--energy-weighting``)."""
+        analyses = analyse(
+            self.monitor.sae, acts, self.monitor.stats, self.monitor.cfg.tau_rate,
+            self.monitor.cfg.range_margin, self.monitor.cfg.knn_k, self.monitor.reference,
+        )  # fmt: skip
+        return torch.tensor([a.scores["energy"] for a in analyses])
+
     def train(self, name: str, settings: LoraSettings) -> tuple[Path, list[dict[str, float]]]:
         """Train (or resume) one adapter; returns its directory and the per-step losses."""
         cfg = self.cfg
@@ -260,7 +276,7 @@ class _Run:
         model = add_adapters(loaded.model, settings, point.layer)
         pad = self.monitor.rules.special_ids[0] if self.monitor.rules.special_ids else 0
         robustifier = LoraRobustifier(model, self.monitor.sae, point, self.monitor.rules,
-                                      settings, pad)  # fmt: skip
+                                      settings, pad, self.energy_of)  # fmt: skip
         if progress["step"] > 0:
             try:
                 robustifier.load_state_tensors(load_file(str(state_path)))
@@ -361,6 +377,8 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
             "probe_texts": job.probe_texts,
             "probe_split": "validation",
             "windows_per_text": cfg.eval_windows,
+            "capability_corpus": cfg.capability_corpus if job.pairs.other else "",
+            "capability_texts": len(job.pairs.other),
         },
         "flag_score": job.monitor.cfg.flag_score,
         "threshold": job.monitor.thresholds[job.monitor.cfg.flag_score],
@@ -371,6 +389,15 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
             "loss_tolerance": cfg.loss_tolerance,
             "fallacious_count_change": count["difference"],
             "fallacious_count_falls": count["difference_ci95"][1] < 0,
+            **(
+                {
+                    "other_loss_relative_change": result["nll_other"]["relative_change"],
+                    "other_loss_within_tolerance": result["nll_other"]["relative_change"]
+                    <= cfg.loss_tolerance,
+                }
+                if "nll_other" in result
+                else {}
+            ),
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }

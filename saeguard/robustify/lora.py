@@ -10,14 +10,15 @@ frozen base model (adapters disabled, no gradient), and ``pool`` the mean over a
 tokens: a typo changes the tokenisation, so positions cannot be matched one to one, but the
 text's pooled concept profile can. The LM loss on clean text keeps capability. Only the LoRA
 adapters train (``peft``); the base weights and the SAE stay frozen. With ``energy_weighting``
-each pair's consistency term is weighted by the softmax of its current consistency loss across
-the batch, so the most shifted texts count most.
+each pair's consistency term is weighted by the softmax, across the batch, of the monitor's
+energy score of the perturbed text under the current model (of its consistency loss when no
+monitor scorer is given), so the most out-of-distribution texts count most.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,14 +45,14 @@ class LoraSettings:
     """LoRA scaling alpha (the update is scaled by alpha / r)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Names of the linear layers that get adapters (only those below the hook can matter)."""
-    lr: float = 1e-4
+    lr: float = 1e-3
     """Adam learning rate of the adapters."""
     consistency_weight: float = 1.0
     """Weight of the latent-consistency loss on perturbed text."""
     lm_weight: float = 1.0
     """Weight of the next-token loss on clean ID text (keeps capability)."""
     energy_weighting: bool = False
-    """Weight pairs by the softmax of their consistency loss (most shifted texts count most)."""
+    """Weight pairs by the softmax of the perturbed text's energy score (most OOD count most)."""
     up_to_hook: bool = True
     """Adapt only the blocks up to the hook's layer: the ones that can move the SAE's latents."""
 
@@ -99,12 +100,17 @@ def _pooled_latents(
     point: HookPoint,
     tokens: torch.Tensor,
     keep: torch.Tensor,
-) -> torch.Tensor:
-    """Mean SAE latents per row [B, d_sae]; the model runs only up to the hook."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean SAE latents per row [B, d_sae], hook activations [B, T, d]); the model runs only
+    up to the hook."""
     acts = run_to_hooks(model, tokens, [point], detach=False)[point.name].float()
     latents = sae.encode(acts)  # [B, T, d_sae], differentiable into the model
     weights = keep.float().unsqueeze(-1)
-    return (latents * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    return (latents * weights).sum(1) / weights.sum(1).clamp_min(1.0), acts
+
+
+EnergyScorer = Callable[[list[torch.Tensor]], torch.Tensor]
+"""Per-text OOD energy [B] of each text's kept activations ([n_i, d] each)."""
 
 
 @dataclass
@@ -125,6 +131,7 @@ class LoraRobustifier:
         rules: ExclusionRules,
         settings: LoraSettings,
         pad_id: int,
+        energy_of: EnergyScorer | None = None,
     ) -> None:
         self.model = model
         self.sae = sae.eval().requires_grad_(False)
@@ -132,6 +139,7 @@ class LoraRobustifier:
         self.rules = rules
         self.settings = settings
         self.pad_id = pad_id
+        self.energy_of = energy_of
         self.params = [p for n, p in model.named_parameters() if p.requires_grad]
         if not self.params or any(
             "lora_" not in n for n, p in model.named_parameters() if p.requires_grad
@@ -153,14 +161,21 @@ class LoraRobustifier:
         clean_tokens, clean_keep = self._batch(clean)
         shifted_tokens, shifted_keep = self._batch(perturbed)
         with torch.no_grad(), self.model.disable_adapter():
-            target = _pooled_latents(self.model, self.sae, self.point, clean_tokens, clean_keep)
+            target, _ = _pooled_latents(self.model, self.sae, self.point, clean_tokens, clean_keep)
         zero = torch.zeros(())
         consistency, lm = zero, zero
         if self.settings.consistency_weight > 0:
-            pooled = _pooled_latents(self.model, self.sae, self.point, shifted_tokens, shifted_keep)
+            pooled, acts = _pooled_latents(
+                self.model, self.sae, self.point, shifted_tokens, shifted_keep
+            )
             per_pair = (pooled - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-8)
             if self.settings.energy_weighting:
-                weights = torch.softmax(per_pair.detach(), dim=0) * len(per_pair)
+                if self.energy_of is not None:
+                    rows = [a[k].detach() for a, k in zip(acts, shifted_keep, strict=True)]
+                    heat = self.energy_of(rows).float()
+                else:
+                    heat = per_pair.detach()
+                weights = torch.softmax(heat, dim=0) * len(per_pair)
                 per_pair = per_pair * weights
             consistency = per_pair.mean()
         if self.settings.lm_weight > 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,8 @@ class HeldOutPairs:
     clean: list[str]
     perturbed: list[str]
     labels: list[str]
+    other: list[str] = field(default_factory=list)
+    """Clean texts of another corpus: capability beyond the corpus the adapter is tuned on."""
 
 
 def perturb(texts: Sequence[str], shift: str, seed: int) -> list[str]:
@@ -77,11 +79,19 @@ def labelled_split(corpus: str, split: str, per_class: int, seed: int) -> list[D
     return chosen
 
 
-def held_out_pairs(corpus: str, shift: str, per_class: int, seed: int) -> HeldOutPairs:
-    """Test-split texts (never trained on, never used to calibrate) with perturbed copies."""
+def held_out_pairs(
+    corpus: str, shift: str, per_class: int, seed: int, other_corpus: str = "", other_n: int = 0
+) -> HeldOutPairs:
+    """Test-split texts (never trained on, never used to calibrate) with perturbed copies, and
+    ``other_n`` texts of ``other_corpus`` (a seeded sample)."""
     docs = labelled_split(corpus, "test", per_class, seed)
     clean = [d.text for d in docs]
-    return HeldOutPairs(clean, perturb(clean, shift, seed), [str(d.label) for d in docs])
+    other: list[str] = []
+    if other_corpus and other_n > 0:
+        pool = [d.text for d in load_corpus(other_corpus).documents if d.text.strip()]
+        random.Random(f"{seed}:{other_corpus}").shuffle(pool)
+        other = pool[:other_n]
+    return HeldOutPairs(clean, perturb(clean, shift, seed), [str(d.label) for d in docs], other)
 
 
 def pooled_activations(
@@ -115,7 +125,9 @@ def measure(
     flag_score = monitor.cfg.flag_score
     threshold = monitor.thresholds.get(flag_score)
     out: dict[str, dict[str, list[float]]] = {}
-    for side, texts in (("clean", pairs.clean), ("perturbed", pairs.perturbed)):
+    sides = [("clean", pairs.clean), ("perturbed", pairs.perturbed)]
+    sides += [("other", pairs.other)] if pairs.other else []
+    for side, texts in sides:
         items = []
         for i, item in monitor.reader.read(
             texts, with_lm=True, max_windows=max_windows, progress=f"{tag} {side}".strip()
@@ -132,9 +144,12 @@ def measure(
         values["nll"] = [math.log(max(a.scores["perplexity"], 1e-12)) for a in analyses]
         if threshold is not None:
             values["flagged"] = [float(a.scores[flag_score] > threshold) for a in analyses]
-        pooled = np.stack([it.acts.mean(0).numpy() for it in items]).astype(np.float64)
-        predicted = probe.predict(pooled)
-        values["correct"] = [float(p == y) for p, y in zip(predicted, pairs.labels, strict=True)]
+        if side != "other":  # the other corpus has no topic labels of this corpus
+            pooled = np.stack([it.acts.mean(0).numpy() for it in items]).astype(np.float64)
+            predicted = probe.predict(pooled)
+            values["correct"] = [
+                float(p == y) for p, y in zip(predicted, pairs.labels, strict=True)
+            ]
         out[side] = values
     return out
 
@@ -172,6 +187,8 @@ QUANTITIES: tuple[Quantity, ...] = (
     Quantity("nll_clean", "clean", "nll", "next-token loss on clean ID text (nats)", "lower"),
     Quantity("nll_perturbed", "perturbed", "nll", "next-token loss on perturbed text (nats)",
              "lower"),
+    Quantity("nll_other", "other", "nll",
+             "next-token loss on clean text of another corpus (nats)", "lower"),
     Quantity("probe_accuracy_perturbed", "perturbed", "correct",
              "topic-probe accuracy on perturbed text", "higher"),
     Quantity("probe_accuracy_clean", "clean", "correct", "topic-probe accuracy on clean text",
@@ -198,18 +215,25 @@ def compare(
     (texts resampled jointly for both sides; each clean text stays with its perturbed copy)."""
     b = {s: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for s, d in before.items()}
     a = {s: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for s, d in after.items()}
-    n = len(b["clean"]["nll"])
-    if any(len(v) != n for snap in (a, b) for d in snap.values() for v in d.values()):
+    sizes = {side: len(values["nll"]) for side, values in b.items()}
+    if (
+        sizes["clean"] != sizes["perturbed"]
+        or any(len(v) != sizes.get(side, -1) for side, d in a.items() for v in d.values())
+        or set(a) != set(b)
+        or any(len(v) != sizes[s] for s, d in b.items() for v in d.values())
+    ):
         raise ConfigError("before and after were measured on different text sets")
+    # One resampling per text set: a clean text and its perturbed copy are drawn together.
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, (resamples, n))
-    every = np.arange(n)
+    draws = {n: rng.integers(0, n, (resamples, n)) for n in sorted(set(sizes.values()))}
     out: dict[str, dict[str, Any]] = {}
     for q in QUANTITIES:
         source = q.source.split(":", 1)[1] if q.source.startswith("auroc:") else q.source
         side = "clean" if q.side == "both" else q.side
-        if source not in b[side] or source not in a[side]:
-            continue  # e.g. no flag without a calibrated monitor
+        if side not in b or source not in b[side] or source not in a[side]:
+            continue  # e.g. no flag without a calibrated monitor, no other corpus
+        n = sizes[side]
+        idx, every = draws[n], np.arange(n)
         value_b = float(np.ravel(_statistic(b, q, every))[0])
         value_a = float(np.ravel(_statistic(a, q, every))[0])
         boot_b, boot_a = _statistic(b, q, idx), _statistic(a, q, idx)

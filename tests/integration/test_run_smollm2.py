@@ -1,4 +1,5 @@
-"""Integration: `saeguard run --quick` on the real SmolLM2, wiki-en and every default shift."""
+"""Integration: `saeguard run --quick` on the real SmolLM2, wiki-en and every default shift,
+then `saeguard robustify --quick` on the SAE and monitor it made."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ from saeguard.pipeline import RunConfig, run
 pytestmark = pytest.mark.integration
 
 
-def test_quick_run_on_smollm2_benchmarks_every_score_and_explains_alarms(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    state = run(RunConfig(out=str(out), quick=True))
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    return out, run(RunConfig(out=str(out), quick=True))
+
+
+def test_quick_run_on_smollm2_benchmarks_every_score_and_explains_alarms(
+    quick_run: tuple[Path, dict],
+) -> None:
+    out, state = quick_run
     bench = json.loads((out / "ood" / "ood_benchmark.json").read_text())
     jsonschema.validate(bench, json.loads(SCHEMA.read_text()))
     assert set(bench["shifts"]) == set(DEFAULT_SHIFTS)
@@ -42,3 +50,31 @@ def test_quick_run_on_smollm2_benchmarks_every_score_and_explains_alarms(tmp_pat
     monitor = Monitor.load(out / "monitor")
     [scored] = monitor.score(["The Nile is a river in Africa."])
     assert scored.error is None and scored.flagged is not None
+
+
+def test_quick_robustify_on_smollm2_measures_before_and_after(
+    quick_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from saeguard.cli import main
+    from saeguard.robustify.job import SCHEMA as ROBUSTIFY_SCHEMA
+
+    out, _ = quick_run
+    target = tmp_path / "robustify"
+    argv = ["-q", "robustify", "--quick", "--sae", str(out / "sae"), "--shift", "typos:0.2",
+            "--monitor", str(out / "monitor"), "--out", str(target)]  # fmt: skip
+    assert main(argv) == 0
+    assert "fallacious count" in capsys.readouterr().out
+    document = json.loads((target / "robustify.json").read_text())
+    jsonschema.validate(document, json.loads(ROBUSTIFY_SCHEMA.read_text()))
+    assert len(document["held_out"]["topics"]) == 11  # wiki-en's topic labels
+    comparison = document["arms"]["robust"]["comparison"]
+    # The probe is trained on clean base-model activations: it must beat chance (1/11) there.
+    assert comparison["probe_accuracy_clean"]["before"] > 0.2
+    # Typos make the text harder to predict for the base model.
+    assert comparison["nll_perturbed"]["before"] > comparison["nll_clean"]["before"]
+    assert document["held_out"]["capability_corpus"] == "bbc"
+    adapter = document["arms"]["robust"]["adapter"]
+    monitor = Monitor.load(out / "monitor", adapter=adapter)
+    assert monitor.loaded.adapter == adapter
+    [scored] = monitor.score(["The Nile is a river in Africa."])
+    assert scored.error is None

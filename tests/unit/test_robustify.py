@@ -67,6 +67,24 @@ def test_only_adapters_change_and_the_loss_falls_on_a_fixed_batch(tiny_llama_dir
         assert torch.equal(value, sae_before[name]) and not value.requires_grad
 
 
+def test_energy_weighting_puts_the_weight_on_the_most_ood_text(tiny_llama_dir: Path) -> None:
+    settings = LoraSettings(rank=2, alpha=4, energy_weighting=True, lm_weight=0.0)
+    robustifier, _, _, clean, shifted = _setup(tiny_llama_dir, settings)
+    seen: list[int] = []
+
+    def energy_of(rows: list[torch.Tensor]) -> torch.Tensor:
+        seen.append(len(rows))
+        return torch.tensor([50.0] + [0.0] * (len(rows) - 1))  # text 0 is by far the most OOD
+
+    robustifier.energy_of = energy_of
+    with torch.no_grad():
+        _, weighted, _ = robustifier.losses(clean, shifted)
+        robustifier.settings = LoraSettings(rank=2, alpha=4, lm_weight=0.0)
+        _, alone, _ = robustifier.losses(clean[:1], shifted[:1])
+    assert seen == [len(clean)]
+    assert float(weighted) == pytest.approx(float(alone), rel=1e-4)
+
+
 def test_energy_weighting_and_bad_settings(tiny_llama_dir: Path) -> None:
     settings = LoraSettings(rank=2, alpha=4, lr=1e-2, energy_weighting=True, lm_weight=0.0)
     robustifier, _, _, clean, shifted = _setup(tiny_llama_dir, settings)
@@ -101,7 +119,8 @@ def tiny_sae_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def _job(tiny_llama_dir: Path, sae: Path, out: Path, **changes) -> RobustifyConfig:
     settings = dict(model=str(tiny_llama_dir), sae=str(sae), out=str(out), quick=True, lr=5e-3,
-                    steps=4, checkpoint_every=2, fit_texts=60, calibration_texts=30)  # fmt: skip
+                    steps=4, checkpoint_every=2, fit_texts=60, calibration_texts=30,
+                    energy_weighting=True)  # fmt: skip
     settings.update(changes)
     return RobustifyConfig(**settings)
 
