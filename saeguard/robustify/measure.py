@@ -166,6 +166,8 @@ class Quantity:
     label: str
     better: str
     """"lower" or "higher": which direction the robustification aims for (or "none")."""
+    relative: bool = True
+    """Report after / before - 1 (only for quantities that are never negative)."""
 
 
 QUANTITIES: tuple[Quantity, ...] = (
@@ -175,7 +177,8 @@ QUANTITIES: tuple[Quantity, ...] = (
              "fallacious latents per token, clean text (control)", "lower"),
     Quantity("fallacious_mass_perturbed", "perturbed", "fallacious_mass",
              "fallacious share of latent activation, perturbed text", "lower"),
-    Quantity("energy_perturbed", "perturbed", "energy", "energy score, perturbed text", "lower"),
+    Quantity("energy_perturbed", "perturbed", "energy", "energy score, perturbed text", "lower",
+             relative=False),
     Quantity("flag_rate_perturbed", "perturbed", "flagged",
              "share of perturbed texts the calibrated monitor flags", "lower"),
     Quantity("flag_rate_clean", "clean", "flagged",
@@ -248,7 +251,7 @@ def compare(
             "difference_ci95": _interval(boot_a - boot_b),
             "n_texts": n,
         }
-        if abs(value_b) > 1e-12 and not q.source.startswith("auroc:"):
+        if q.relative and abs(value_b) > 1e-12 and not q.source.startswith("auroc:"):
             entry["relative_change"] = value_a / value_b - 1
             safe = np.where(np.abs(boot_b) > 1e-12, boot_b, np.nan)
             entry["relative_change_ci95"] = _interval(boot_a / safe - 1)
