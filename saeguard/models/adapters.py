@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from saeguard.errors import CorruptFileError, MissingPackageError, SaeguardError
-from saeguard.fileio import atomic_write_json
+from saeguard.fileio import atomic_directory, atomic_write_json
 from saeguard.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -39,22 +37,9 @@ def save_adapter(peft_model: Any, directory: str | Path, info: dict[str, Any]) -
     """Write the adapter weights and ``info`` (base fingerprint, hook, shift...) atomically:
     a temporary directory is renamed into place, so an interrupted save keeps the old one."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         atomic_write_json(tmp / ADAPTER_INFO, info)
-        old = directory.with_name(f".{directory.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

@@ -37,7 +37,7 @@ def fpr_at_tpr(negatives: np.ndarray, positives: np.ndarray, tpr: float = 0.95) 
     return float(fprs[np.searchsorted(tprs, tpr - 1e-12, side="left")])
 
 
-def _rank_auroc(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
+def rank_auroc(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """AUROC of each row pair (Mann-Whitney U from average ranks); [B, n_neg], [B, n_pos]."""
     both = np.concatenate([neg, pos], axis=1)
     ranks = rankdata(both, axis=1)
@@ -46,7 +46,7 @@ def _rank_auroc(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return np.asarray(u / (n_neg * n_pos))
 
 
-def _rank_fpr(neg: np.ndarray, pos: np.ndarray, tpr: float) -> np.ndarray:
+def rank_fpr(neg: np.ndarray, pos: np.ndarray, tpr: float) -> np.ndarray:
     """FPR at ``tpr`` per row: the threshold is the ceil(tpr * n_pos)-th largest positive."""
     n_pos = pos.shape[1]
     need = int(np.ceil(tpr * n_pos - 1e-9))
@@ -69,8 +69,8 @@ def bootstrap_detection(
     rng = np.random.default_rng(seed)
     neg = negatives[rng.integers(0, len(negatives), (resamples, len(negatives)))]
     pos = positives[rng.integers(0, len(positives), (resamples, len(positives)))]
-    aurocs = _rank_auroc(neg, pos)
-    fprs = _rank_fpr(neg, pos, tpr)
+    aurocs = rank_auroc(neg, pos)
+    fprs = rank_fpr(neg, pos, tpr)
     return {
         "auroc": auroc(negatives, positives),
         "auroc_ci95": [float(v) for v in np.percentile(aurocs, [2.5, 97.5])],

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +27,7 @@ from saeguard.activations.exclusion import ExclusionRules
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import id_split_texts
 from saeguard.errors import ConfigError, CorruptFileError, SaeguardError
-from saeguard.fileio import atomic_write_json
+from saeguard.fileio import atomic_directory, atomic_write_json
 from saeguard.models.loading import LoadedModel, load_model
 from saeguard.ood.analysis import TextAnalysis, analyse
 from saeguard.ood.reader import ActivationReader, Keep, ReadFailure, TextActivations
@@ -247,17 +245,21 @@ class Monitor:
         return monitor
 
     # --- scoring ------------------------------------------------------------------------------
-    def analyse(self, items: Sequence[TextActivations], with_lm: bool) -> list[TextAnalysis]:
-        """Every score of a batch of texts (one SAE pass over all their tokens)."""
-        analyses = analyse(
+    def analyse_acts(self, acts: Sequence[torch.Tensor]) -> list[TextAnalysis]:
+        """Every SAE score and activation baseline of texts given by their kept activations."""
+        return analyse(
             self.sae,
-            [it.acts for it in items],
+            acts,
             self.stats,
             self.cfg.tau_rate,
             self.cfg.range_margin,
             self.cfg.knn_k,
             self.reference,
         )
+
+    def analyse(self, items: Sequence[TextActivations], with_lm: bool) -> list[TextAnalysis]:
+        """Every score of a batch of texts (one SAE pass over all their tokens)."""
+        analyses = self.analyse_acts([it.acts for it in items])
         if with_lm:
             for item, analysis in zip(items, analyses, strict=True):
                 analysis.scores.update(item.lm)
@@ -449,9 +451,7 @@ class Monitor:
     def save(self, directory: str | Path) -> Path:
         """Write the monitor directory atomically (temporary directory, then rename)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             save_sae(self.sae, tmp / SAE_SUBDIR, self.sae_metadata)
             save_file(
                 {k: v.contiguous() for k, v in self.stats.tensors().items()},
@@ -459,17 +459,6 @@ class Monitor:
             )
             atomic_write_json(tmp / CALIBRATION_FILE, self.calibration_scores)
             atomic_write_json(tmp / MONITOR_FILE, self.document())
-            old = directory.with_name(f".{directory.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            if directory.exists():
-                directory.rename(old)
-            tmp.rename(directory)
-            if old.exists():
-                shutil.rmtree(old)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     def document(self) -> dict[str, Any]:

@@ -20,7 +20,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import jsonschema
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
 from saeguard import __version__
@@ -38,7 +41,6 @@ from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_path, atomic_write_json, sha256_file
 from saeguard.models.adapters import PEFT_WEIGHTS, merge_adapter, save_adapter
 from saeguard.models.loading import LoadedModel, load_model
-from saeguard.ood.analysis import analyse
 from saeguard.ood.monitor import Monitor, MonitorConfig
 from saeguard.robustify.lora import LoraRobustifier, LoraSettings, add_adapters
 from saeguard.robustify.measure import (
@@ -175,18 +177,23 @@ class _Run:
             self.corpus, cfg.shift, cfg.eval_per_class, cfg.seed,
             cfg.capability_corpus, cfg.capability_texts,
         )  # fmt: skip
-        probe_docs = labelled_split(self.corpus, "validation", cfg.probe_per_class, cfg.seed)
-        x = pooled_activations(
-            self.monitor, [d.text for d in probe_docs], cfg.eval_windows, "probe features"
-        )
-        self.probe = fit_topic_probe(x, [str(d.label) for d in probe_docs], cfg.seed)
-        self.probe_texts = len(probe_docs)
+        self.probe_docs = labelled_split(self.corpus, "validation", cfg.probe_per_class, cfg.seed)
+        self.base_identity = self.base.identity()
         self.monitor_sha = sha256_file(self.monitor_dir / "monitor.json")
         self.measure_signature = _digest(
             self.monitor_sha, cfg.shift, cfg.eval_per_class, cfg.probe_per_class,
-            cfg.eval_windows, cfg.seed, self.base.identity(), __version__,
+            cfg.eval_windows, cfg.seed, self.base_identity, __version__,
             cfg.capability_corpus, cfg.capability_texts,
         )  # fmt: skip
+
+    @cached_property
+    def probe(self) -> Pipeline:
+        """The topic probe on clean base-model activations (fitted only when a measurement
+        is not already on disk: a finished run re-run reads no probe text)."""
+        x = pooled_activations(
+            self.monitor, [d.text for d in self.probe_docs], self.cfg.eval_windows, "probe features"
+        )
+        return fit_topic_probe(x, [str(d.label) for d in self.probe_docs], self.cfg.seed)
 
     def _monitor_dir(self) -> Path:
         cfg = self.cfg
@@ -226,14 +233,18 @@ class _Run:
         return directory
 
     # --- measurement ----------------------------------------------------------------------
-    def measured(self, name: str, loaded: LoadedModel, extra: str = "") -> dict[str, Any]:
-        """``name``.json: per-text values of ``loaded``; kept when its signature matches."""
+    def measured(
+        self, name: str, load: Callable[[], LoadedModel], extra: str = ""
+    ) -> dict[str, Any]:
+        """``name``.json: per-text values of the model ``load`` returns (called only when the
+        file is missing or its signature differs)."""
         path = self.out / f"{name}.json"
         signature = _digest(self.measure_signature, extra)
         saved = _read_json(path)
         if saved and saved.get("signature") == signature:
             log.info("%s: kept from an earlier run", path)
             return dict(saved["values"])
+        loaded = load()
         monitor = self.monitor if loaded is self.base else Monitor.load(
             self.monitor_dir, loaded=loaded
         )  # fmt: skip
@@ -244,11 +255,7 @@ class _Run:
     # --- training -------------------------------------------------------------------------
     def energy_of(self, acts: list[torch.Tensor]) -> torch.Tensor:
         """The monitor's energy score of each text (for ``--energy-weighting``)."""
-        analyses = analyse(
-            self.monitor.sae, acts, self.monitor.stats, self.monitor.cfg.tau_rate,
-            self.monitor.cfg.range_margin, self.monitor.cfg.knn_k, self.monitor.reference,
-        )  # fmt: skip
-        return torch.tensor([a.scores["energy"] for a in analyses])
+        return torch.tensor([a.scores["energy"] for a in self.monitor.analyse_acts(acts)])
 
     def train(self, name: str, settings: LoraSettings) -> tuple[Path, list[dict[str, float]]]:
         """Train (or resume) one adapter; returns its directory and the per-step losses."""
@@ -257,7 +264,7 @@ class _Run:
         adapter_dir = directory / "adapter"
         signature = _digest(
             asdict(settings), cfg.batch_size, cfg.train_ctx, cfg.shift, cfg.seed, self.monitor_sha,
-            self.base.identity(), self.corpus,
+            self.base_identity, self.corpus,
         )  # fmt: skip
         progress_path = directory / "progress.json"
         state_path = directory / "checkpoint.safetensors"
@@ -315,7 +322,7 @@ class _Run:
         progress["seconds"] = progress.get("seconds", 0.0) + time.perf_counter() - started
         save_adapter(model, adapter_dir, {
             "base_model": cfg.model,
-            "base_fingerprint": self.base.identity(),
+            "base_fingerprint": self.base_identity,
             "hook": self.monitor.hook,
             "sae": str(cfg.sae),
             "shift": cfg.shift,
@@ -327,6 +334,11 @@ class _Run:
         return adapter_dir, list(progress["losses"])
 
 
+def _adapted_model(model: str, adapter_dir: Path) -> LoadedModel:
+    """A fresh copy of the base model with the saved adapter merged in (what users load)."""
+    return merge_adapter(load_model(model), adapter_dir)
+
+
 def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the ``robustify.json`` document."""
     if cfg.threads > 0:
@@ -336,7 +348,7 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
     job = _Run(cfg)
     timings["setup"] = time.perf_counter() - started
     t = time.perf_counter()
-    before = job.measured("before", job.base)
+    before = job.measured("before", lambda: job.base)
     timings["before"] = time.perf_counter() - t
     arms: dict[str, Any] = {}
     names = [("robust", cfg.lora())]
@@ -347,8 +359,11 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
         adapter_dir, losses = job.train(name, settings)
         timings[f"train_{name}"] = time.perf_counter() - t
         t = time.perf_counter()
-        adapted = merge_adapter(load_model(cfg.model), adapter_dir)
-        after = job.measured(f"after_{name}", adapted, sha256_file(adapter_dir / PEFT_WEIGHTS))
+        after = job.measured(
+            f"after_{name}",
+            partial(_adapted_model, cfg.model, adapter_dir),
+            sha256_file(adapter_dir / PEFT_WEIGHTS),
+        )
         timings[f"after_{name}"] = time.perf_counter() - t
         arms[name] = {
             "adapter": str(adapter_dir),
@@ -374,7 +389,7 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
             "texts": len(job.pairs.clean),
             "split": "test",
             "topics": sorted(set(job.pairs.labels)),
-            "probe_texts": job.probe_texts,
+            "probe_texts": len(job.probe_docs),
             "probe_split": "validation",
             "windows_per_text": cfg.eval_windows,
             "capability_corpus": cfg.capability_corpus if job.pairs.other else "",

@@ -32,7 +32,7 @@ from saeguard.data.perturb import add_typos, parse_shift
 from saeguard.data.splits import Document, select_split
 from saeguard.errors import ConfigError, CorpusError
 from saeguard.evals.datasets import sample_per_class
-from saeguard.ood.metrics import BOOTSTRAP_RESAMPLES, _rank_auroc
+from saeguard.ood.metrics import BOOTSTRAP_RESAMPLES, rank_auroc
 from saeguard.ood.monitor import Monitor
 from saeguard.ood.reader import ReadFailure
 
@@ -204,7 +204,7 @@ def _statistic(snapshot: dict[str, dict[str, np.ndarray]], q: Quantity, idx: np.
     if q.source.startswith("auroc:"):
         score = q.source.split(":", 1)[1]
         neg, pos = snapshot["clean"][score][idx], snapshot["perturbed"][score][idx]
-        return _rank_auroc(np.atleast_2d(neg), np.atleast_2d(pos))
+        return rank_auroc(np.atleast_2d(neg), np.atleast_2d(pos))
     return snapshot[q.side][q.source][idx].mean(axis=-1)
 
 
@@ -219,11 +219,9 @@ def compare(
     b = {s: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for s, d in before.items()}
     a = {s: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for s, d in after.items()}
     sizes = {side: len(values["nll"]) for side, values in b.items()}
-    if (
-        sizes["clean"] != sizes["perturbed"]
-        or any(len(v) != sizes.get(side, -1) for side, d in a.items() for v in d.values())
-        or set(a) != set(b)
-        or any(len(v) != sizes[s] for s, d in b.items() for v in d.values())
+    same_sets = set(a) == set(b) and sizes["clean"] == sizes["perturbed"]
+    if not same_sets or any(
+        len(v) != sizes[side] for snap in (a, b) for side, d in snap.items() for v in d.values()
     ):
         raise ConfigError("before and after were measured on different text sets")
     # One resampling per text set: a clean text and its perturbed copy are drawn together.

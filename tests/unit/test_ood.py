@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from saeguard.errors import ConfigError, CorruptFileError
 from saeguard.ood import Monitor, MonitorConfig
 from saeguard.ood.analysis import analyse
-from saeguard.ood.metrics import _rank_auroc, _rank_fpr, auroc, bootstrap_detection, fpr_at_tpr
+from saeguard.ood.metrics import auroc, bootstrap_detection, fpr_at_tpr, rank_auroc, rank_fpr
 from saeguard.ood.scores import energy, sparse_codes
 from saeguard.ood.stats import QUANTILES, IDStats, StatsAccumulator, per_latent_quantiles
 from saeguard.sae import SAEConfig, create_sae
@@ -151,8 +151,8 @@ def test_detection_metrics_agree_with_scikit_learn() -> None:
     neg, pos = rng.normal(0, 1, 300), rng.normal(1, 1, 200)
     labels = np.r_[np.zeros(300), np.ones(200)]
     assert auroc(neg, pos) == pytest.approx(roc_auc_score(labels, np.r_[neg, pos]))
-    assert _rank_auroc(neg[None], pos[None])[0] == pytest.approx(auroc(neg, pos))
-    assert _rank_fpr(neg[None], pos[None], 0.95)[0] == pytest.approx(fpr_at_tpr(neg, pos))
+    assert rank_auroc(neg[None], pos[None])[0] == pytest.approx(auroc(neg, pos))
+    assert rank_fpr(neg[None], pos[None], 0.95)[0] == pytest.approx(fpr_at_tpr(neg, pos))
     result = bootstrap_detection(neg, pos, resamples=200)
     low, high = result["auroc_ci95"]  # type: ignore[misc]
     assert low < result["auroc"] < high
