@@ -1,12 +1,16 @@
-"""`saeguard run`: the main job, end to end, resumable.
+"""`saeguard run`: the main job, end to end, resumable, sized to a time budget.
 
-1. harvest + train: a masked TopK SAE, streaming activations from the model (masked
-   regularization replaces input tokens before the model runs, so activations cannot come from
-   an unmasked cache); checkpoints let an interrupted run resume bit-identically;
-2. evaluate it (core reconstruction metrics and CE loss recovered);
-3. fit the OOD monitor on ID text and calibrate its threshold on held-out ID text;
-4. run the OOD benchmark (every score and baseline on every shift);
-5. write ``index.html``, which links everything.
+0. plan: time the model forward (float32 and bfloat16), and an SAE training step, on this
+   machine; size every step to ``--time-budget`` (:mod:`saeguard.planning`); the plan and the
+   measurements are recorded in ``run.json`` and reused on every re-run;
+1. harvest: masked regularization happens here (input tokens are replaced before the model runs),
+   into a sharded, checksummed activation cache that resumes per shard;
+2. train a TopK SAE from that cache (several passes), checkpointing every N steps and at least
+   every two minutes; a resume reads the cache again instead of running the model;
+3. evaluate it (core reconstruction metrics and CE loss recovered);
+4. fit the OOD monitor on ID text and calibrate its threshold on held-out ID text;
+5. run the OOD benchmark (every score and baseline on every shift);
+6. write ``index.html``, which links everything.
 
 Each step leaves its result on disk; running the same command again skips finished steps and
 resumes an unfinished one where it stopped.
@@ -19,7 +23,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import DEFAULT_SHIFTS
@@ -28,7 +32,7 @@ from saeguard.fileio import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
-STEPS = ("train", "eval", "monitor", "benchmark", "report")
+STEPS = ("plan", "harvest", "train", "eval", "monitor", "benchmark", "report")
 
 
 @dataclass
@@ -43,8 +47,14 @@ class RunConfig:
     """Hook point the SAE reads."""
     corpus: str = "wiki-en"
     """ID corpus (train split: SAE and monitor; validation: calibration; test: evaluation)."""
-    tokens: int = 400_000
-    """Training activations for the SAE (after masked positions are dropped)."""
+    time_budget: float = 30.0
+    """Minutes for the whole job: the first minute measures this machine and sizes the harvest,
+    the training and the text counts to fit (see docs/training.md)."""
+    tokens: int = 0
+    """SAE training tokens (0: planned from --time-budget); the cache holds half as many."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Model dtype of the harvest (auto: bfloat16 only if the probe finds it faster and within
+    cosine 0.99 of float32 on this machine)."""
     mask_prob: float = 0.1
     """Masked regularization: probability that an input token is replaced by the mask token."""
     k: int = 32
@@ -52,17 +62,17 @@ class RunConfig:
     expansion: int = 16
     """d_sae / d_model."""
     fit_texts: int = 1500
-    """ID texts the monitor's statistics are fitted on."""
+    """ID texts the monitor's statistics are fitted on (at most; the plan may give fewer)."""
     calibration_texts: int = 500
-    """Held-out ID texts the monitor's threshold is calibrated on."""
+    """Held-out ID texts the monitor's threshold is calibrated on (at most)."""
     target_fpr: float = 0.05
     """False-positive rate the monitor is calibrated for."""
     shifts: list[str] = field(default_factory=lambda: list(DEFAULT_SHIFTS))
     """Shifts the OOD benchmark scores (see `saeguard ood benchmark --help`)."""
     id_texts: int = 400
-    """In-distribution negatives of the OOD benchmark."""
+    """In-distribution negatives of the OOD benchmark (at most)."""
     per_shift: int = 200
-    """OOD texts per shift."""
+    """OOD texts per shift (at most)."""
     quick: bool = False
     """Smoke-test scale (minutes): few tokens, texts and a 4x SAE. Not a result."""
     threads: int = 0
@@ -71,16 +81,21 @@ class RunConfig:
     def __post_init__(self) -> None:
         validate_literals(self)
         if self.quick:
-            self.tokens = min(self.tokens, 24_576)
+            self.tokens = min(self.tokens or 24_576, 24_576)
             self.expansion = min(self.expansion, 4)
             self.fit_texts = min(self.fit_texts, 120)
             self.calibration_texts = min(self.calibration_texts, 60)
             self.id_texts = min(self.id_texts, 40)
             self.per_shift = min(self.per_shift, 20)
-        if self.tokens < 4096:
-            raise ConfigError(f"--tokens must be at least one batch (4096), got {self.tokens}")
+        if self.tokens and self.tokens < 8192:
+            raise ConfigError(
+                f"--tokens must be 0 (planned) or at least two batches (8192), got {self.tokens}"
+            )
         if not 0 <= self.mask_prob < 1:
             raise ConfigError(f"--mask-prob must lie in [0, 1), got {self.mask_prob}")
+        if not self.time_budget > 0:
+            raise ConfigError(f"--time-budget must be a positive number of minutes, got "
+                              f"{self.time_budget}")  # fmt: skip
 
 
 def _step_done(state: dict[str, Any], step: str, signature: str) -> bool:
@@ -90,6 +105,7 @@ def _step_done(state: dict[str, Any], step: str, signature: str) -> bool:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) every step; returns the run summary written to ``run.json``."""
+    from saeguard.activations.harvest import HarvestConfig, harvest
     from saeguard.evals import EvalConfig, run_eval
     from saeguard.ood import Monitor, MonitorConfig, OodBenchmarkConfig, run_benchmark
     from saeguard.train import TrainJobConfig, run_training
@@ -106,35 +122,67 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     state["config"] = asdict(cfg)
     state.setdefault("steps", {})
     sae_dir, monitor_dir, ood_dir = out / "sae", out / "monitor", out / "ood"
+    acts_dir = out / "acts"
 
     def mark(step: str, signature: str, seconds: float, **extra: Any) -> None:
         state["steps"][step] = {"done": True, "signature": signature, "seconds": seconds, **extra}
         atomic_write_json(state_path, state)
 
-    job = TrainJobConfig(
-        out=str(sae_dir),
+    started = time.perf_counter()
+    log.info("step 0/6: measure this machine and plan the job for %.0f minutes", cfg.time_budget)
+    plan_signature = json.dumps(
+        {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads")}, sort_keys=True
+    )
+    if _step_done(state, "plan", plan_signature):
+        plan = state["steps"]["plan"]["plan"]
+        log.info("reusing the recorded plan: %s", _describe_plan(plan))
+    else:
+        start = time.perf_counter()
+        plan = _make_plan(cfg)
+        log.info("plan: %s", _describe_plan(plan))
+        mark("plan", plan_signature, time.perf_counter() - start, plan=plan,
+             throughput=plan.pop("throughput"))  # fmt: skip
+
+    log.info("step 1/6: harvest %s masked activations (p=%s) into %s",
+             f"{plan['harvest_tokens']:,}", cfg.mask_prob, acts_dir)  # fmt: skip
+    harvest_cfg = HarvestConfig(
+        out=str(acts_dir),
         model=cfg.model,
         hooks=[cfg.hook],
         corpus=cfg.corpus,
         split="train",
+        tokens=plan["harvest_tokens"],
         mask_prob=cfg.mask_prob,
-        tokens=cfg.tokens,
+        dtype=plan["dtype"],
+        threads=cfg.threads,
+    )
+    if not _step_done(state, "harvest", json.dumps(harvest_cfg.identity(), sort_keys=True)):
+        start = time.perf_counter()
+        harvest(harvest_cfg)
+        mark("harvest", json.dumps(harvest_cfg.identity(), sort_keys=True),
+             time.perf_counter() - start)  # fmt: skip
+
+    job = TrainJobConfig(
+        out=str(sae_dir),
+        acts=str(acts_dir),
+        model=cfg.model,
+        hooks=[cfg.hook],
+        corpus=cfg.corpus,
+        split="train",
+        tokens=plan["train_tokens"],
         architectures=["topk"],
         k=[cfg.k],
         expansion=[cfg.expansion],
         threads=cfg.threads,
-        # The stream comes from the model, so every activation the shuffle pool holds back at
-        # the end is a wasted forward pass: 64k tokens (~500 contexts) still mix well.
-        buffer_tokens=max(8192, min(65_536, cfg.tokens)),
     )
     eval_cfg = EvalConfig(evals=["core", "ce"], quick=cfg.quick, threads=cfg.threads)
     monitor_cfg = MonitorConfig(
-        fit_texts=cfg.fit_texts,
-        calibration_texts=cfg.calibration_texts,
+        fit_texts=plan["fit_texts"],
+        calibration_texts=plan["calibration_texts"],
         target_fpr=cfg.target_fpr,
     )
     bench_cfg = OodBenchmarkConfig(
-        shifts=list(cfg.shifts), id_texts=cfg.id_texts, per_shift=cfg.per_shift
+        shifts=list(cfg.shifts), id_texts=plan["id_texts"], per_shift=plan["per_shift"]
     )
     signatures = {
         "train": json.dumps(asdict(job), sort_keys=True, default=str),
@@ -142,21 +190,19 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "benchmark": json.dumps(asdict(bench_cfg), sort_keys=True),
     }
 
-    log.info(
-        "step 1/5: harvest activations and train a masked TopK SAE (%s tokens)", f"{cfg.tokens:,}"
-    )
+    log.info("step 2/6: train a TopK SAE on %s tokens of the cache", f"{plan['train_tokens']:,}")
     if not _step_done(state, "train", signatures["train"]):
         start = time.perf_counter()
         results = run_training(job)
         mark("train", signatures["train"], time.perf_counter() - start, results=results)
     weights = sha256_file(sae_dir / "sae_weights.safetensors")
 
-    log.info("step 2/5: evaluate the SAE (core metrics, CE loss recovered)")
+    log.info("step 3/6: evaluate the SAE (core metrics, CE loss recovered)")
     start = time.perf_counter()
     run_eval(sae_dir, eval_cfg)  # resumes per eval by itself
     mark("eval", weights, time.perf_counter() - start)
 
-    log.info("step 3/5: fit the OOD monitor and calibrate it on held-out ID text")
+    log.info("step 4/6: fit the OOD monitor and calibrate it on held-out ID text")
     monitor_sig = signatures["monitor"] + weights
     if not (_step_done(state, "monitor", monitor_sig) and (monitor_dir / "monitor.json").is_file()):
         start = time.perf_counter()
@@ -165,16 +211,52 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         monitor.save(monitor_dir)
         mark("monitor", monitor_sig, time.perf_counter() - start)
 
-    log.info("step 4/5: OOD benchmark (%d shifts)", len(cfg.shifts))
+    log.info("step 5/6: OOD benchmark (%d shifts)", len(cfg.shifts))
     start = time.perf_counter()
     document = run_benchmark(monitor_dir, ood_dir, bench_cfg)  # resumes per text set
     mark("benchmark", signatures["benchmark"] + monitor_sig, time.perf_counter() - start)
 
-    log.info("step 5/5: write the report")
+    log.info("step 6/6: write the report")
     from saeguard.report.run_report import write_run_report
 
+    state["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
+    state["step_seconds_total"] = round(
+        sum(state["steps"].get(step, {}).get("seconds", 0.0) for step in STEPS), 1
+    )
     index = write_run_report(out, state, document)
     state["report"] = str(index)
     atomic_write_json(state_path, state)
     log.info("done: open %s", index)
     return state
+
+
+def _make_plan(cfg: RunConfig) -> dict[str, Any]:
+    """Measure this machine, then size the job to the budget (``throughput`` included)."""
+    from saeguard.planning import measure, plan_run
+
+    rates = measure(cfg.model, cfg.hook, cfg.expansion, cfg.k, contexts=8 if cfg.quick else 32)
+    plan = plan_run(
+        60 * cfg.time_budget,
+        rates,
+        n_shifts=len(cfg.shifts),
+        fit_texts=cfg.fit_texts,
+        calibration_texts=cfg.calibration_texts,
+        id_texts=cfg.id_texts,
+        per_shift=cfg.per_shift,
+        tokens=cfg.tokens,
+        dtype=cfg.dtype,
+    ).to_dict()
+    plan["throughput"] = rates.to_dict()
+    return plan
+
+
+def _describe_plan(plan: dict[str, Any]) -> str:
+    expected = plan.get("expected_s", {})
+    return (
+        f"harvest {plan['harvest_tokens']:,} activations ({plan['dtype']}), train on "
+        f"{plan['train_tokens']:,} tokens, monitor {plan['fit_texts']}+{plan['calibration_texts']}"
+        f" texts, benchmark {plan['id_texts']} ID + {plan['per_shift']} per shift; expected "
+        f"{sum(expected.values()) / 60:.1f} of {plan['budget_s'] / 60:.0f} minutes ("
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in expected.items())
+        + ")"
+    )

@@ -1,12 +1,13 @@
 """Train one or several SAEs from any iterator of activation batches.
 
 The trainer knows nothing about where batches come from (a cache, a live model, a test's random
-tensors). It implements what makes short SAE runs work: Adam with LR warm-up and a final linear
-decay, a sparsity-coefficient warm-up, unit-norm decoder rows with the parallel gradient removed,
+tensors). It implements what makes short SAE runs work: sign-SGD (or Adam) inside schedule-free
+averaging, or LR warm-up and a final linear decay (see :mod:`saeguard.train.optim`); a
+sparsity-coefficient warm-up, unit-norm decoder rows with the parallel gradient removed,
 ``b_dec`` initialised at the geometric median (or mean) of the first batch, inputs scaled so that
 E|x|^2 = d_in (folded into the weights at save), dead-latent tracking feeding AuxK, gradient
-clipping, checkpoints that resume to bit-identical weights, a progress bar, a JSONL metrics log
-and optional TensorBoard / W&B logging.
+clipping, checkpoints every N steps and every few minutes that resume to bit-identical weights,
+a progress bar, a JSONL metrics log and optional TensorBoard / W&B logging.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,13 +34,21 @@ from saeguard.fileio import atomic_path, atomic_write_json, atomic_write_text
 from saeguard.sae import SparseAutoencoder
 from saeguard.sae.base import normalized_mse
 from saeguard.sae.io import save_sae
+from saeguard.train.optim import OptimizerName, SaeOptimizer, default_lr
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 # Settings that may change between an interrupted run and its resume.
 # (The thread count stays in: it changes reduction order, so resumed weights would differ.)
-_NOT_IDENTITY = {"out", "eval_tokens", "logger", "log_every", "checkpoint_every"}
+_NOT_IDENTITY = {
+    "out",
+    "eval_tokens",
+    "logger",
+    "log_every",
+    "checkpoint_every",
+    "checkpoint_minutes",
+}
 
 
 @dataclass(kw_only=True)
@@ -50,12 +59,21 @@ class TrainerConfig:
     """Training activations per SAE (after exclusions and masking drops)."""
     batch_tokens: int = 4096
     """Activations per optimisation step."""
-    lr: float = 4e-4
-    """Adam learning rate."""
+    optimizer: OptimizerName = "signsgd"
+    """Update rule: signsgd (sign of the gradient) or adam; see docs/training.md."""
+    schedule_free: bool = True
+    """Wrap the optimiser in schedule-free averaging (replaces the LR decay; the saved SAE is
+    the running average)."""
+    sf_momentum: float = 0.95
+    """Schedule-free interpolation momentum beta."""
+    lr: float | None = None
+    """Learning rate (none: the optimiser's width-aware default, signsgd 5e-3 and adam 3e-4 at
+    16,384 latents, times sqrt(16384 / d_sae))."""
     lr_warmup_steps: int = 50
-    """Steps of linear LR warm-up from 0."""
+    """Steps of linear LR warm-up from 0 (capped at a tenth of the run)."""
     lr_decay_fraction: float = 0.2
-    """Final fraction of the steps over which the LR decays linearly to 0."""
+    """Final fraction of the steps over which the LR decays linearly to 0 (without
+    schedule-free only)."""
     sparsity_warmup_steps: int = 100
     """Steps of linear warm-up of the sparsity coefficient (relu, jumprelu)."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
@@ -65,7 +83,9 @@ class TrainerConfig:
     grad_clip: float = 1.0
     """Clip each SAE's gradient norm to this (0 disables)."""
     checkpoint_every: int = 100
-    """Write a resumable checkpoint every this many steps (0 disables)."""
+    """Write a resumable checkpoint every this many steps (0 disables step checkpoints)."""
+    checkpoint_minutes: float = 2.0
+    """Also write one whenever this many minutes passed since the last (0 disables)."""
     log_every: int = 10
     """Write a metrics line every this many steps."""
     train_seed: int = 0
@@ -86,8 +106,12 @@ class TrainerConfig:
                 f"--tokens ({self.tokens}) is less than one batch (--batch-tokens "
                 f"{self.batch_tokens}): nothing would be trained"
             )
-        if self.lr <= 0 or not math.isfinite(self.lr):
+        if self.lr is not None and (self.lr <= 0 or not math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 < self.sf_momentum < 1:
+            raise ConfigError(f"--sf-momentum must lie in (0, 1), got {self.sf_momentum}")
+        if self.checkpoint_minutes < 0:
+            raise ConfigError("--checkpoint-minutes must be >= 0")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError("--lr-decay-fraction must lie in [0, 1]")
         if self.buffer_tokens < 2 * self.batch_tokens:
@@ -144,8 +168,15 @@ class Trainer:
         self.out = Path(out)
         self.metadata = metadata or {}
         self.d_in = widths.pop()
+        self.lrs = {
+            name: cfg.lr if cfg.lr is not None else default_lr(cfg.optimizer, sae.cfg.d_sae)
+            for name, sae in saes.items()
+        }
         self.optimizers = {
-            name: torch.optim.Adam(sae.parameters(), lr=cfg.lr) for name, sae in saes.items()
+            name: SaeOptimizer(
+                sae, cfg.optimizer, self.lrs[name], cfg.schedule_free, cfg.sf_momentum
+            )  # fmt: skip
+            for name, sae in saes.items()
         }
         self.since_fired = {
             name: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for name, sae in saes.items()
@@ -171,9 +202,8 @@ class Trainer:
         for name, sae in self.saes.items():
             for key, value in sae.state_dict().items():
                 tensors[f"{name}/param/{key}"] = value.detach().clone()
-            for index, state in self.optimizers[name].state_dict()["state"].items():
-                for key, value in state.items():
-                    tensors[f"{name}/adam/{index}/{key}"] = torch.as_tensor(value).clone()
+            for key, value in self.optimizers[name].state_tensors().items():
+                tensors[f"{name}/opt/{key}"] = value
             tensors[f"{name}/since_fired"] = self.since_fired[name].clone()
         tensors["rng/torch"] = torch.get_rng_state()
         directory = self.out / CHECKPOINT_DIR
@@ -183,6 +213,7 @@ class Trainer:
         state = {"step": self.step, "scale": self.scale, "identity": self._identity()}
         metadata = {
             "state": json.dumps(state),
+            "optimizer": json.dumps({n: o.state_scalars() for n, o in self.optimizers.items()}),
             "history": json.dumps(self.history),
             "tokens_per_s": str(self.tokens_per_s),
         }
@@ -204,20 +235,17 @@ class Trainer:
                 "or delete the checkpoint to start over"
             )
         tensors = load_file(str(directory / "state.safetensors"))
+        scalars = json.loads(metadata.get("optimizer", "{}"))
         for name, sae in self.saes.items():
             prefix = f"{name}/param/"
             sae.load_state_dict(
                 {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             )
-            opt_state = self.optimizers[name].state_dict()
-            restored: dict[int, dict[str, torch.Tensor]] = {}
-            adam_prefix = f"{name}/adam/"
-            for key, value in tensors.items():
-                if key.startswith(adam_prefix):
-                    index, field_name = key[len(adam_prefix) :].split("/")
-                    restored.setdefault(int(index), {})[field_name] = value
-            opt_state["state"] = restored
-            self.optimizers[name].load_state_dict(opt_state)
+            opt_prefix = f"{name}/opt/"
+            self.optimizers[name].load_state(
+                {k[len(opt_prefix) :]: v for k, v in tensors.items() if k.startswith(opt_prefix)},
+                scalars.get(name, []),
+            )
             self.since_fired[name] = tensors[f"{name}/since_fired"].clone()
         torch.set_rng_state(tensors["rng/torch"])
         self.step, self.scale = int(state["step"]), float(state["scale"])
@@ -264,8 +292,16 @@ class Trainer:
             )
         return batch
 
-    def fit(self, batches: Iterable[torch.Tensor]) -> dict[str, dict[str, float]]:
-        """Train until ``cfg.tokens`` per SAE or the end of ``batches``; save every SAE."""
+    def fit(
+        self,
+        batches: Iterable[torch.Tensor],
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """Train until ``cfg.tokens`` per SAE or the end of ``batches``; save every SAE.
+
+        ``on_step`` is called after every step (e.g. a benchmark measuring held-out quality
+        along the way); its time is not counted in the tokens/s rate.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.try_resume()
         metrics_path = self.out / "metrics.jsonl"
@@ -285,6 +321,7 @@ class Trainer:
         total = self.cfg.steps
         bar = tqdm(total=total, initial=self.step, unit="step", desc="train", dynamic_ncols=True)
         started, trained_tokens = time.perf_counter(), 0
+        last_checkpoint = time.monotonic()
         try:
             with open(metrics_path, "a", encoding="utf-8") as metrics_file:
                 while self.step < total:
@@ -299,6 +336,10 @@ class Trainer:
                     trained_tokens += len(x)
                     self.step += 1
                     self.trained_steps += 1
+                    if on_step is not None:
+                        paused = time.perf_counter()
+                        on_step(self)
+                        started += time.perf_counter() - paused
                     rate = trained_tokens / max(time.perf_counter() - started, 1e-9)
                     if self.step % self.cfg.log_every == 0 or self.step == total:
                         line = {"step": self.step, "tokens": self.step * self.cfg.batch_tokens,
@@ -316,8 +357,9 @@ class Trainer:
                         tok_s=f"{rate:,.0f}",
                     )
                     bar.update(1)
-                    if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    if self._checkpoint_due(last_checkpoint):
                         self.save_checkpoint()
+                        last_checkpoint = time.monotonic()
         finally:
             bar.close()
         self.tokens_per_s = trained_tokens / max(time.perf_counter() - started, 1e-9)
@@ -325,24 +367,32 @@ class Trainer:
         self.save_all()
         return self.history
 
+    def _checkpoint_due(self, last_checkpoint: float) -> bool:
+        """Every ``checkpoint_every`` steps, and whenever ``checkpoint_minutes`` have passed, so a
+        kill never loses more than a few minutes whatever a step costs."""
+        if self.step >= self.cfg.steps:
+            return False  # the final checkpoint follows at once
+        every, minutes = self.cfg.checkpoint_every, self.cfg.checkpoint_minutes
+        if every and self.step % every == 0:
+            return True
+        return bool(minutes) and time.monotonic() - last_checkpoint >= 60 * minutes
+
     def _train_step(self, x: torch.Tensor) -> dict[str, float]:
         row: dict[str, float] = {}
-        factor = lr_factor(self.step, self.cfg.steps, self.cfg.lr_warmup_steps,
-                           self.cfg.lr_decay_fraction)  # fmt: skip
+        decay = 0.0 if self.cfg.schedule_free else self.cfg.lr_decay_fraction
+        factor = lr_factor(self.step, self.cfg.steps, self.cfg.lr_warmup_steps, decay)
         sparsity = min(1.0, (self.step + 1) / max(self.cfg.sparsity_warmup_steps, 1))
         for name, sae in self.saes.items():
             opt = self.optimizers[name]
-            for group in opt.param_groups:
-                group["lr"] = self.cfg.lr * factor
             dead = self.since_fired[name] >= sae.cfg.dead_tokens
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
                 out = sae.training_step(x, dead, sparsity)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             out.loss.backward()
             sae.remove_parallel_decoder_grad_()
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
-            opt.step()
+            opt.step(self.lrs[name] * factor)
             sae.normalize_decoder_()
             sae.after_step_()
             self.since_fired[name] += len(x)
@@ -354,7 +404,7 @@ class Trainer:
                 "fvu": fvu,
                 "l0": out.l0,
                 "dead_frac": float(dead.float().mean()),
-                "lr": self.cfg.lr * factor,
+                "lr": self.lrs[name] * factor,
                 **{k: float(v) for k, v in out.metrics.items()},
             }
             row.update({f"{name}/{k}": v for k, v in stats.items()})
@@ -364,6 +414,9 @@ class Trainer:
     def folded(self, name: str) -> SparseAutoencoder:
         """A copy of an SAE that reads and reconstructs raw (unscaled) activations."""
         sae = copy.deepcopy(self.saes[name])
+        with torch.no_grad():
+            for key, value in self.optimizers[name].eval_parameters().items():
+                sae.get_parameter(key).copy_(value)
         sae.fold_input_scale_(self.scale)
         return sae.eval()
 

@@ -275,3 +275,65 @@ def test_missing_logger_package_names_the_install(
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails as if not installed
     with pytest.raises(SaeguardError, match="pip install wandb"):
         _trainer(tmp_path, tokens=256 * 2, logger="wandb").fit(_batches(2))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "schedule_free"), [("adam", False), ("signsgd", True), ("adam", True)]
+)
+def test_every_optimizer_resumes_to_identical_saved_weights(
+    tmp_path: Path, optimizer: str, schedule_free: bool
+) -> None:
+    settings = {"optimizer": optimizer, "schedule_free": schedule_free, "lr": None}
+    _trainer(tmp_path / "ref", **settings).fit(_batches(40))
+
+    def crashing(n: int):
+        for i, batch in enumerate(_batches(40)):
+            if i == n:
+                raise KeyboardInterrupt
+            yield batch
+
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path / "run", **settings).fit(crashing(17))
+    _trainer(tmp_path / "run", **settings).fit(_batches(40))
+    ref = (tmp_path / "ref/sae_weights.safetensors").read_bytes()
+    assert (tmp_path / "run/sae_weights.safetensors").read_bytes() == ref
+
+
+def test_checkpoints_at_any_moment_leave_training_unchanged(tmp_path: Path) -> None:
+    """Time-based checkpoints fall on different steps in different runs: they must not perturb
+    the schedule-free state (the saved average is computed out of place)."""
+    _trainer(tmp_path / "none", checkpoint_every=0, checkpoint_minutes=0).fit(_batches(40))
+    every = _trainer(tmp_path / "every", checkpoint_every=0, checkpoint_minutes=1e-9)
+    every.fit(_batches(40))
+    a = (tmp_path / "none/sae_weights.safetensors").read_bytes()
+    assert (tmp_path / "every/sae_weights.safetensors").read_bytes() == a
+
+
+def test_schedule_free_saves_the_average_and_sign_sgd_steps_by_lr(tmp_path: Path) -> None:
+    from saeguard.train.optim import SaeOptimizer, SignSGD, default_lr
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    p.grad = torch.tensor([0.5, -1e-6, 0.0])
+    SignSGD([p], lr=0.1).step()
+    assert torch.allclose(p.detach(), torch.tensor([0.9, -1.9, 3.0]))
+    assert default_lr("signsgd", 16_384) == pytest.approx(5e-3)
+    assert default_lr("signsgd", 4 * 16_384) == pytest.approx(2.5e-3)
+
+    trainer = _trainer(tmp_path, tokens=256 * 10, optimizer="signsgd", schedule_free=True)
+    trainer.fit(_batches(10))
+    opt: SaeOptimizer = trainer.optimizers["topk"]
+    sae = trainer.saes["topk"]
+    z = opt.base.state[sae.W_dec]["z"]
+    average = sae.W_dec.detach().lerp(z, 1 - 1 / 0.95)
+    assert not torch.equal(average, sae.W_dec.detach())  # y (trained) and x (saved) differ
+    saved, _ = load_sae(tmp_path)
+    assert torch.allclose(saved.W_dec * trainer.scale, average, atol=1e-6)
+
+
+def test_optimizer_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="sf-momentum"):
+        TrainerConfig(sf_momentum=1.0)
+    with pytest.raises(ConfigError, match="checkpoint-minutes"):
+        TrainerConfig(checkpoint_minutes=-1)
+    with pytest.raises(ConfigError, match="--optimizer"):
+        TrainerConfig(optimizer="sgd")  # type: ignore[arg-type]
