@@ -73,6 +73,8 @@ class RunConfig:
     """In-distribution negatives of the OOD benchmark (at most)."""
     per_shift: int = 200
     """OOD texts per shift (at most)."""
+    checkpoint_every: int = 50
+    """SAE training steps between checkpoints (one is also written every 2 minutes)."""
     quick: bool = False
     """Smoke-test scale (minutes): few tokens, texts and a 4x SAE. Not a result."""
     threads: int = 0
@@ -81,7 +83,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         validate_literals(self)
         if self.quick:
-            self.tokens = min(self.tokens or 24_576, 24_576)
+            self.tokens = self.tokens or 24_576
             self.expansion = min(self.expansion, 4)
             self.fit_texts = min(self.fit_texts, 120)
             self.calibration_texts = min(self.calibration_texts, 60)
@@ -131,7 +133,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     log.info("step 0/6: measure this machine and plan the job for %.0f minutes", cfg.time_budget)
     plan_signature = json.dumps(
-        {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads")}, sort_keys=True
+        {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads", "checkpoint_every")},
+        sort_keys=True,
     )
     if _step_done(state, "plan", plan_signature):
         plan = state["steps"]["plan"]["plan"]
@@ -174,6 +177,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         k=[cfg.k],
         expansion=[cfg.expansion],
         threads=cfg.threads,
+        checkpoint_every=cfg.checkpoint_every,
+        # the pool needs no more than the cache: it would hold copies of it
+        buffer_tokens=max(8192, min(262_144, plan["harvest_tokens"])),
     )
     eval_cfg = EvalConfig(evals=["core", "ce"], quick=cfg.quick, threads=cfg.threads)
     monitor_cfg = MonitorConfig(

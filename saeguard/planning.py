@@ -130,16 +130,6 @@ def plan_run(
     chosen = dtype if dtype != "auto" else ("bfloat16" if rates.bfloat16_ok else "float32")
     forward = rates.forward_bfloat16 if chosen == "bfloat16" else rates.forward_float32
     usable = max(budget_s - FIXED_SECONDS, 0.0)
-    # Per harvested activation: its forward plus EPOCHS training steps on it.
-    per_activation = 1 / forward + EPOCHS / rates.train
-    if tokens > 0:
-        harvest = max(int(tokens / EPOCHS), 1)
-    else:
-        harvest = int(SAE_SHARE * usable / per_activation)
-        harvest = min(max(harvest, MIN_HARVEST), MAX_HARVEST)
-    train_tokens = tokens if tokens > 0 else int(EPOCHS * harvest)
-    sae_s = harvest / forward + train_tokens / rates.train
-
     # Evaluation, monitor and benchmark load the model in float32 whatever the harvest used.
     text_rate = rates.forward_float32
     full = {
@@ -147,8 +137,22 @@ def plan_run(
         "monitor": MONITOR_TOKENS_PER_TEXT * (fit_texts + calibration_texts) / text_rate,
         "benchmark": BENCHMARK_TOKENS_PER_TEXT * (id_texts + per_shift * n_shifts) / text_rate,
     }
-    left = max(usable - sae_s - full["eval"], 0.0)
     text_cost = full["monitor"] + full["benchmark"]
+    # Per harvested activation: its forward plus EPOCHS training steps on it.
+    per_activation = 1 / forward + EPOCHS / rates.train
+    if tokens > 0:
+        harvest = max(int(tokens / EPOCHS), 1)
+        train_tokens = tokens
+        sae_s = harvest / forward + train_tokens / rates.train
+        left = max(usable - sae_s - full["eval"], 0.0)
+    else:
+        sae_s = SAE_SHARE * usable
+        left = max(usable - sae_s - full["eval"], 0.0)
+        if left > text_cost:  # the texts are paid in full: the rest makes a better SAE
+            sae_s += left - text_cost
+            left = text_cost
+        harvest = min(max(int(sae_s / per_activation), MIN_HARVEST), MAX_HARVEST)
+        train_tokens = int(EPOCHS * harvest)
     scale = min(1.0, left / text_cost) if text_cost > 0 else 1.0
 
     def shrink(name: str, value: int) -> int:

@@ -171,14 +171,14 @@ def auxk_loss(
     sae: SparseAutoencoder, x: torch.Tensor, x_hat: torch.Tensor, dead_mask: torch.Tensor | None
 ) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the dead latents' top-k_aux pre-activations reconstruct the
-    residual ``x - x_hat``; only the dead latents' encoder columns are computed."""
+    residual ``x - x_hat``; only the dead latents' encoder columns are computed, and the backward
+    pass touches only the k_aux kept per token (the sparse TopK kernel)."""
     if dead_mask is None or sae.cfg.aux_coef == 0 or not bool(dead_mask.any()):
         return x.new_zeros(())
-    from saeguard.sae.kernels import sparse_decode
+    from saeguard.sae.kernels import sparse_decode, sparse_topk_encode
 
     dead = dead_mask.nonzero().squeeze(1)
     k_aux = min(sae.cfg.effective_k_aux, len(dead))
-    pre = torch.addmm(sae.b_enc[dead], x - sae.b_dec, sae.W_enc[:, dead])
-    vals, idx = pre.topk(k_aux, dim=-1, sorted=False)
-    aux = sparse_decode(vals.clamp_min(0), idx, sae.W_dec[dead], torch.zeros_like(sae.b_dec))
+    vals, idx = sparse_topk_encode(x, sae.b_dec, sae.W_enc[:, dead], sae.b_enc[dead], k_aux)
+    aux = sparse_decode(vals, idx, sae.W_dec[dead], torch.zeros_like(sae.b_dec))
     return sae.cfg.aux_coef * normalized_mse((x - x_hat).detach(), aux)

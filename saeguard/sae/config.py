@@ -24,7 +24,7 @@ class SAEConfig:
     """Latents used by the AuxK loss on dead latents (0: d_in / 2)."""
     aux_coef: float = 1 / 32
     """Weight of the AuxK loss (0 disables it)."""
-    dead_tokens: int = 262_144
+    dead_tokens: int = 65_536
     """A latent that has not fired for this many training tokens counts as dead."""
     l1_coef: float | None = None
     """Sparsity coefficient lambda of relu (L1) and jumprelu (L0); None: 5 and 1 respectively."""

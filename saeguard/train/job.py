@@ -47,7 +47,7 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
     """Weight of the AuxK loss on dead latents (0 disables it)."""
     k_aux: int = 0
     """Latents in the AuxK loss (0: d_in / 2)."""
-    dead_tokens: int = 262_144
+    dead_tokens: int = 65_536
     """Tokens without firing after which a latent counts as dead."""
     l1_coef: float | None = None
     """Sparsity coefficient of relu/jumprelu (none: their defaults 5 and 1)."""

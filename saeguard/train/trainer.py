@@ -81,7 +81,7 @@ class TrainerConfig:
     normalize: bool = True
     """Scale inputs so E|x|^2 = d_in during training (folded into the saved weights)."""
     grad_clip: float = 1.0
-    """Clip each SAE's gradient norm to this (0 disables)."""
+    """Clip each SAE's gradient norm to this (0 disables; sign-SGD ignores the scale anyway)."""
     checkpoint_every: int = 100
     """Write a resumable checkpoint every this many steps (0 disables step checkpoints)."""
     checkpoint_minutes: float = 2.0
@@ -390,7 +390,7 @@ class Trainer:
             opt.zero_grad()
             out.loss.backward()
             sae.remove_parallel_decoder_grad_()
-            if self.cfg.grad_clip > 0:
+            if self.cfg.grad_clip > 0 and self.cfg.optimizer != "signsgd":  # sign: scale-free
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
             opt.step(self.lrs[name] * factor)
             sae.normalize_decoder_()
