@@ -1,21 +1,53 @@
 """TopK SAE training throughput against a plain dense PyTorch TopK step, in the same run.
 
 Prints training tokens/s of saeguard's TopK step (sparse decode and sparse encoder gradient,
-Adam, decoder renormalisation) beside a dense reference step written here with the same shapes,
-optimiser and thread count, plus the floor implied by the measured matmul speed (the encoder's
-one unavoidable dense matmul), and the speed-up of bfloat16 autocast.
+decoder renormalisation) with its default optimiser (sign-SGD + schedule-free) and with Adam,
+beside a dense reference step written here with the same shapes, Adam and thread count, plus the
+floor implied by the measured matmul speed (the encoder's one unavoidable dense matmul), and the
+speed-up of bfloat16 autocast. The CPU's instruction sets are printed with it: bfloat16 is fast
+only where the CPU has bfloat16 instructions (avx512_bf16, amx_bf16).
+
+With ``--acts CACHE`` it also trains the default SAE for ``--tokens`` on that cache in float32
+and under bfloat16 autocast and prints both held-out FVUs (validation split, sinks excluded).
 
     python benchmarks/train_throughput.py [--batch 4096] [--d-in 576] [--expansion 16] [--k 32]
+        [--acts runs/acts300k --tokens 327680]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 import torch
 from timing import timed
 
+from saeguard.planning import cpu_flags
 from saeguard.sae import SAEConfig, create_sae
+from saeguard.train.optim import SaeOptimizer, default_lr
+
+
+def quality(acts: str, tokens: int, out: Path) -> dict[str, tuple[float, float]]:
+    """(held-out FVU, training tokens/s) of the default trainer in float32 and bf16 autocast."""
+    from time_to_quality import batches, held_out
+
+    from saeguard.activations import CachedActivationSource
+    from saeguard.train import Trainer, TrainerConfig, evaluate_reconstruction
+
+    x_eval = held_out(acts, 16_384, out)
+    d = CachedActivationSource(acts).d_model
+    result = {}
+    for name, autocast in (("float32", False), ("bf16 autocast", True)):
+        with tempfile.TemporaryDirectory(dir=out) as scratch:
+            sae = create_sae(SAEConfig(architecture="topk", d_in=d, d_sae=16 * d, k=32))
+            cfg = TrainerConfig(tokens=tokens, checkpoint_every=0, checkpoint_minutes=0,
+                                autocast_bf16=autocast)  # fmt: skip
+            trainer = Trainer({"sae": sae}, cfg, scratch)
+            trainer.fit(batches(acts, 4096, 0))
+            fvu = evaluate_reconstruction(trainer.folded("sae"), x_eval)["fvu"]
+            result[name] = (fvu, trainer.tokens_per_s)
+    return result
 
 
 def main() -> None:
@@ -25,23 +57,33 @@ def main() -> None:
     parser.add_argument("--expansion", type=int, default=16)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--acts", default="", help="cache for the float32 vs bf16 FVU check")
+    parser.add_argument("--tokens", type=int, default=327_680)
+    parser.add_argument("--out", default="runs/train_throughput")
     args = parser.parse_args()
     n, d, k = args.batch, args.d_in, args.k
     d_sae = d * args.expansion
     torch.manual_seed(0)
     x = torch.randn(n, d)
 
-    sae = create_sae(SAEConfig(architecture="topk", d_in=d, d_sae=d_sae, k=k, aux_coef=0))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    def saeguard_step(optimizer: str, schedule_free: bool):  # type: ignore[no-untyped-def]
+        sae = create_sae(SAEConfig(architecture="topk", d_in=d, d_sae=d_sae, k=k, aux_coef=0))
+        lr = default_lr(optimizer, d_sae)
+        opt = SaeOptimizer(sae, optimizer, lr, schedule_free)  # type: ignore[arg-type]
 
-    def ours(autocast: bool = False) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = sae.training_step(x, None, 1.0)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.remove_parallel_decoder_grad_()
-        opt.step()
-        sae.normalize_decoder_()
+        def step(autocast: bool = False) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = sae.training_step(x, None, 1.0)
+            opt.zero_grad()
+            out.loss.backward()
+            sae.remove_parallel_decoder_grad_()
+            opt.step(lr)
+            sae.normalize_decoder_()
+
+        return step
+
+    default = saeguard_step("signsgd", True)
+    adam = saeguard_step("adam", False)
 
     w_enc = torch.nn.Parameter(torch.randn(d, d_sae) * d**-0.5)
     b_enc = torch.nn.Parameter(torch.zeros(d_sae))
@@ -64,22 +106,32 @@ def main() -> None:
     a, b = torch.randn(n, d), torch.randn(d, d_sae)
     matmul_s = timed(lambda: a @ b, args.repeats)
     gflops = 2 * n * d * d_sae / matmul_s / 1e9
-    t_ours = timed(ours, args.repeats)
+    t_default = timed(default, args.repeats)
+    t_adam = timed(adam, args.repeats)
     t_dense = timed(dense, args.repeats)
-    t_bf16 = timed(lambda: ours(autocast=True), args.repeats)
-    rate = {name: n / t for name, t in (("ours", t_ours), ("dense", t_dense), ("bf16", t_bf16))}
+    t_bf16 = timed(lambda: default(autocast=True), args.repeats)
+    rate = {"default": n / t_default, "adam": n / t_adam, "dense": n / t_dense,
+            "bf16": n / t_bf16}  # fmt: skip
     floor = n / matmul_s
     print(
         f"TopK k={k}, d_in={d}, d_sae={d_sae}, batch={n}, threads={torch.get_num_threads()}, "
-        f"matmul {gflops:.0f} GFLOP/s"
+        f"matmul {gflops:.0f} GFLOP/s, CPU {cpu_flags() or 'flags unknown'}"
     )
-    print(f"saeguard TopK step (fp32):       {rate['ours']:10,.0f} tok/s")
-    print(f"dense reference TopK step (fp32): {rate['dense']:10,.0f} tok/s")
-    print(f"speed-up over dense:              {rate['ours'] / rate['dense']:.2f}x")
-    print(f"floor (encoder matmul alone):     {floor:10,.0f} tok/s  (ours at "
-          f"{100 * rate['ours'] / floor:.0f}% of it)")  # fmt: skip
-    print(f"saeguard TopK step (bf16 autocast): {rate['bf16']:10,.0f} tok/s "
-          f"({rate['bf16'] / rate['ours']:.2f}x fp32)")  # fmt: skip
+    print(f"saeguard TopK step, sign-SGD + schedule-free (default): {rate['default']:10,.0f} tok/s "
+          f"({rate['default'] / rate['dense']:.2f}x dense)")  # fmt: skip
+    print(f"saeguard TopK step, Adam:                              {rate['adam']:10,.0f} tok/s "
+          f"({rate['adam'] / rate['dense']:.2f}x dense)")  # fmt: skip
+    print(f"dense reference TopK step, Adam (fp32):                {rate['dense']:10,.0f} tok/s")
+    print(f"floor (encoder matmul alone):                          {floor:10,.0f} tok/s  "
+          f"(default at {100 * rate['default'] / floor:.0f}% of it)")  # fmt: skip
+    print(f"saeguard default step under bf16 autocast:             {rate['bf16']:10,.0f} tok/s "
+          f"({rate['bf16'] / rate['default']:.2f}x fp32)")  # fmt: skip
+    if args.acts:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, (fvu, tok_s) in quality(args.acts, args.tokens, out).items():
+            print(f"default trainer, {name}, {args.tokens:,} tokens of {args.acts}: held-out FVU "
+                  f"{fvu:.3f}, {tok_s:,.0f} training tok/s")  # fmt: skip
 
 
 if __name__ == "__main__":

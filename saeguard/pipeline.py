@@ -110,6 +110,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from saeguard.activations.harvest import HarvestConfig, harvest
     from saeguard.evals import EvalConfig, run_eval
     from saeguard.ood import Monitor, MonitorConfig, OodBenchmarkConfig, run_benchmark
+    from saeguard.planning import retarget_training
     from saeguard.train import TrainJobConfig, run_training
 
     out = Path(cfg.out)
@@ -165,6 +166,18 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         mark("harvest", json.dumps(harvest_cfg.identity(), sort_keys=True),
              time.perf_counter() - start)  # fmt: skip
 
+    if "train_tokens_final" not in plan:  # decided once, recorded, reused by every resume
+        spent = sum(
+            state["steps"].get(step, {}).get("seconds", 0.0) for step in ("plan", "harvest")
+        )
+        plan["train_tokens_final"] = (
+            plan["train_tokens"] if cfg.tokens else retarget_training(plan, spent)
+        )
+        state["steps"]["plan"]["plan"] = plan
+        atomic_write_json(state_path, state)
+        log.info("the harvest took %.1f min: training on %s tokens (planned %s)", spent / 60,
+                 f"{plan['train_tokens_final']:,}", f"{plan['train_tokens']:,}")  # fmt: skip
+
     job = TrainJobConfig(
         out=str(sae_dir),
         acts=str(acts_dir),
@@ -172,7 +185,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         hooks=[cfg.hook],
         corpus=cfg.corpus,
         split="train",
-        tokens=plan["train_tokens"],
+        tokens=plan["train_tokens_final"],
         architectures=["topk"],
         k=[cfg.k],
         expansion=[cfg.expansion],
@@ -196,7 +209,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "benchmark": json.dumps(asdict(bench_cfg), sort_keys=True),
     }
 
-    log.info("step 2/6: train a TopK SAE on %s tokens of the cache", f"{plan['train_tokens']:,}")
+    log.info("step 2/6: train a TopK SAE on %s tokens of the cache",
+             f"{plan['train_tokens_final']:,}")  # fmt: skip
     if not _step_done(state, "train", signatures["train"]):
         start = time.perf_counter()
         results = run_training(job)
@@ -240,7 +254,9 @@ def _make_plan(cfg: RunConfig) -> dict[str, Any]:
     """Measure this machine, then size the job to the budget (``throughput`` included)."""
     from saeguard.planning import measure, plan_run
 
-    rates = measure(cfg.model, cfg.hook, cfg.expansion, cfg.k, contexts=8 if cfg.quick else 32)
+    rates = measure(
+        cfg.model, cfg.hook, cfg.corpus, cfg.expansion, cfg.k, contexts=8 if cfg.quick else 32
+    )
     plan = plan_run(
         60 * cfg.time_budget,
         rates,

@@ -3,9 +3,9 @@
 Machines differ by 2x or more (an AVX2-only 2-core CPU runs the model forward and the GEMMs at
 about half the speed of an AVX-512 one), so a fixed token count is minutes on one machine and most
 of an hour on another. :func:`measure` times what the job's steps are made of, on the machine at
-hand, in under a minute: the model forward up to the hook in float32 and bfloat16 (and whether the
-bfloat16 activations stay within cosine 0.99 of float32's), the full forward with the LM head, and
-the SAE training step. :func:`plan_run` is a pure function of those rates and the budget, so the
+hand and the job's own corpus, in under a minute: the model forward up to the hook in float32 and
+bfloat16 (and whether the bfloat16 activations stay within cosine 0.99 of float32's) and the SAE
+training step. :func:`plan_run` is a pure function of those rates and the budget, so the
 rule can be tested on fake rates and read in one place:
 
 1. every step's cost is expressed in units the probe measured: harvest tokens at the forward rate,
@@ -37,19 +37,26 @@ SAE_SHARE = 0.5
 """Fraction of the budget (after the fixed allowance) spent harvesting and training the SAE."""
 EPOCHS = 2.0
 """Training tokens per harvested activation (passes over the masked cache)."""
+HARVEST_EFFICIENCY = 0.79
+"""A harvest runs at this fraction of the probe's forward rate (masking draws, exclusions,
+shard writes and checksums): 3.83k vs 4.87k tokens/s in bfloat16 on the make-run machine."""
+TRAIN_EFFICIENCY = 0.62
+"""Training from the cache runs at this fraction of the probe's bare step (shard reads, the
+shuffle buffer, AuxK, metrics): 7.3k vs 11.8k tokens/s on the make-run machine."""
 FIXED_SECONDS = 75.0
 """Model loads, the probe itself, the held-out FVU pass and the report: measured ~60-70 s."""
 MIN_HARVEST = 65_536
 MAX_HARVEST = 4_000_000
 
-# Forward-token equivalents per text (or per eval context), measured from `saeguard run` on the
-# embedded SmolLM2 + wiki-en: seconds a step took x the probe's hook-forward rate, / texts.
-# Monitor fit/calibration: ~128-token windows to the hook plus the SAE and statistics.
-MONITOR_TOKENS_PER_TEXT = 150.0
+# Forward-token equivalents per text (or for the whole evaluation), measured from `saeguard run`
+# on the embedded SmolLM2 + wiki-en: seconds a step took x the probe's float32 forward rate
+# (1,296 tokens/s), / texts. Monitor fit + calibration: 190.6 s for 2,000 texts.
+MONITOR_TOKENS_PER_TEXT = 125.0
 # OOD benchmark: the full model (LM baselines), longer texts (jailbreaks), k-NN and bootstrap.
 BENCHMARK_TOKENS_PER_TEXT = 330.0
-# Evaluation (core + CE): a fixed set of contexts; CE runs three full forwards per context.
-EVAL_TOKENS = 90_000.0
+# Evaluation (core + CE): a fixed set of contexts; CE runs three full forwards per context
+# (73.6 s).
+EVAL_TOKENS = 95_000.0
 
 FLOORS = {"fit_texts": 300, "calibration_texts": 200, "id_texts": 200, "per_shift": 60}
 """Smallest text counts a plan may give (below them AUROC intervals and the 5% threshold are
@@ -99,6 +106,8 @@ class RunPlan:
     calibration_texts: int
     id_texts: int
     per_shift: int
+    train_rate: float
+    """Expected training tokens/s (the probe's rate x TRAIN_EFFICIENCY)."""
     budget_s: float
     """The budget the plan was made for."""
     expected_s: dict[str, float]
@@ -139,11 +148,13 @@ def plan_run(
     }
     text_cost = full["monitor"] + full["benchmark"]
     # Per harvested activation: its forward plus EPOCHS training steps on it.
-    per_activation = 1 / forward + EPOCHS / rates.train
+    harvest_rate = forward * HARVEST_EFFICIENCY
+    train_rate = rates.train * TRAIN_EFFICIENCY
+    per_activation = 1 / harvest_rate + EPOCHS / train_rate
     if tokens > 0:
         harvest = max(int(tokens / EPOCHS), 1)
         train_tokens = tokens
-        sae_s = harvest / forward + train_tokens / rates.train
+        sae_s = harvest / harvest_rate + train_tokens / train_rate
         left = max(usable - sae_s - full["eval"], 0.0)
     else:
         sae_s = SAE_SHARE * usable
@@ -166,8 +177,8 @@ def plan_run(
     }
     expected = {
         "fixed": FIXED_SECONDS,
-        "harvest": harvest / forward,
-        "train": train_tokens / rates.train,
+        "harvest": harvest / harvest_rate,
+        "train": train_tokens / train_rate,
         "eval": full["eval"],
         "monitor": MONITOR_TOKENS_PER_TEXT
         * (counts["fit_texts"] + counts["calibration_texts"])
@@ -180,6 +191,7 @@ def plan_run(
         dtype=chosen,
         harvest_tokens=harvest,
         train_tokens=train_tokens,
+        train_rate=round(train_rate, 1),
         budget_s=budget_s,
         expected_s={k: round(v, 1) for k, v in expected.items()},
         **counts,
@@ -200,41 +212,48 @@ def cpu_flags() -> str:
 def measure(
     model: str,
     hook: str,
+    corpus: str,
     d_sae_multiple: int,
     k: int,
     device: str = "cpu",
     contexts: int = 32,
-    ctx_len: int = 128,
 ) -> Throughput:
-    """Time the forward to ``hook`` in float32 and bfloat16, and an SAE training step.
-
-    Uses real text (the first ``contexts`` packed contexts of wiki-en's train split would need
-    the corpus; random token ids suffice for speed, and the cosine check uses them too, since
-    bfloat16's error does not depend on which tokens are read). Takes ~20-40 s.
+    """Time the forward to ``hook`` in float32 and bfloat16 on the first ``contexts`` packed
+    contexts of ``corpus`` (train split), compare the two dtypes' activations there (special
+    tokens and attention sinks excluded, as in training), and time an SAE training step.
+    Takes ~20-40 s on a 2-core CPU.
     """
+    import itertools
+
+    from saeguard.activations.source import ActivationSourceConfig, prepare
     from saeguard.models import load_model, run_to_hooks
     from saeguard.sae import SAEConfig, create_sae
     from saeguard.train.optim import SaeOptimizer, default_lr
 
-    generator = torch.Generator().manual_seed(0)
     rates: dict[str, float] = {}
     acts: dict[str, torch.Tensor] = {}
+    keep = torch.empty(0)
     for dtype in ("float32", "bfloat16"):
         loaded = load_model(model, dtype=dtype, device=device)
+        source_cfg = ActivationSourceConfig(model=model, hooks=[hook], corpus=corpus, dtype=dtype)
+        prepared = prepare(source_cfg, loaded)
+        tokens = torch.tensor(list(itertools.islice(prepared.contexts(), contexts)))
+        keep = ~prepared.rules.is_special(tokens)
         point = loaded.hook_point(hook)
-        vocab = int(loaded.model.config.vocab_size)
-        tokens = torch.randint(0, vocab, (contexts, ctx_len), generator=generator)
-        tokens = tokens.to(loaded.device)
         with torch.inference_mode():
-            run_to_hooks(loaded.model, tokens[:2], [point])  # warm-up
+            run_to_hooks(loaded.model, tokens[:2].to(loaded.device), [point])  # warm-up
             start = time.perf_counter()
-            out = run_to_hooks(loaded.model, tokens, [point])[point.name]
+            out = run_to_hooks(loaded.model, tokens.to(loaded.device), [point])[point.name]
             rates[dtype] = tokens.numel() / (time.perf_counter() - start)
-        acts[dtype] = out.float().cpu()[:, 1:].reshape(-1, out.shape[-1])  # position 0: a sink
-        generator = torch.Generator().manual_seed(0)  # the same tokens for both dtypes
+        acts[dtype] = out.float().cpu()
         d_in = loaded.d_model
-        del loaded
-    cosine = float(torch.nn.functional.cosine_similarity(acts["float32"], acts["bfloat16"]).mean())
+        del loaded, prepared
+    norms = acts["float32"].norm(dim=-1)
+    keep &= norms < 10 * norms[keep].median()  # attention sinks, as the harvest's default rule
+    cosine = float(
+        torch.nn.functional.cosine_similarity(acts["float32"][keep], acts["bfloat16"][keep]).mean()
+    )
+    generator = torch.Generator().manual_seed(0)
 
     sae = create_sae(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_in * d_sae_multiple, k=k))
     optimizer = SaeOptimizer(sae, "signsgd", default_lr("signsgd", sae.cfg.d_sae), True)
@@ -266,3 +285,18 @@ def measure(
         result.cpu_flags or "CPU flags unknown",
     )
     return result
+
+
+def retarget_training(plan: dict[str, Any], spent_s: float, batch_tokens: int = 4096) -> int:
+    """Training tokens that fit what is left of the budget once the harvest is done.
+
+    The probe's rates are estimates; the harvest's real cost is known when it ends. Training
+    takes what remains after the steps still to come (their expected costs and half the fixed
+    allowance), between one pass over the cache and twice the planned tokens.
+    """
+    expected = plan["expected_s"]
+    later = expected["eval"] + expected["monitor"] + expected["benchmark"] + expected["fixed"] / 2
+    available = max(plan["budget_s"] - spent_s - later, 0.0)
+    tokens = int(available * plan["train_rate"]) // batch_tokens * batch_tokens
+    low = -(-plan["harvest_tokens"] // batch_tokens) * batch_tokens
+    return int(min(max(tokens, low), 2 * plan["train_tokens"]))

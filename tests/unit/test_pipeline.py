@@ -104,3 +104,16 @@ def test_killed_training_resumes_from_the_cache_to_identical_weights(
     assert (out / "sae/sae_weights.safetensors").read_bytes() == reference
     lines = (out / "sae/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines][-1] == 10
+
+
+def test_training_is_retargeted_to_what_the_harvest_left() -> None:
+    from saeguard.planning import retarget_training
+
+    plan = plan_run(1800, _rates(1.0), **DEFAULTS).to_dict()
+    on_time = retarget_training(plan, plan["expected_s"]["harvest"] + 30)
+    assert on_time == pytest.approx(plan["train_tokens"], rel=0.05)
+    late = retarget_training(plan, plan["expected_s"]["harvest"] + 30 + 120)
+    assert late < on_time  # two minutes late: fewer training tokens, not a longer job
+    assert late == pytest.approx(on_time - 120 * plan["train_rate"], rel=0.02)
+    assert retarget_training(plan, 10_000) >= plan["harvest_tokens"]  # at least one pass
+    assert retarget_training(plan, 0) <= 2 * plan["train_tokens"]
