@@ -144,6 +144,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         start = time.perf_counter()
         plan = _make_plan(cfg)
         log.info("plan: %s", _describe_plan(plan))
+        if sum(plan["expected_s"].values()) > 1.1 * plan["budget_s"]:
+            log.warning(
+                "--time-budget %.0f min cannot pay for the smallest text counts on this machine: "
+                "expect about %.0f min (raise the budget, or lower --per-shift/--id-texts)",
+                cfg.time_budget, sum(plan["expected_s"].values()) / 60,
+            )  # fmt: skip
         mark("plan", plan_signature, time.perf_counter() - start, plan=plan,
              throughput=plan.pop("throughput"))  # fmt: skip
 

@@ -10,7 +10,7 @@ import torch
 
 from saeguard.activations import ActivationSourceConfig, ModelActivationSource
 from saeguard.errors import ConfigError, SaeguardError
-from saeguard.sae import SAEConfig, create_sae
+from saeguard.sae import ARCHITECTURES, SAEConfig, create_sae
 from saeguard.sae.io import load_sae
 from saeguard.train import (
     Trainer,
@@ -337,3 +337,23 @@ def test_optimizer_settings_are_checked() -> None:
         TrainerConfig(checkpoint_minutes=-1)
     with pytest.raises(ConfigError, match="--optimizer"):
         TrainerConfig(optimizer="sgd")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_learns_with_the_default_optimiser(tmp_path: Path, arch: str) -> None:
+    """sign-SGD + schedule-free is the default for all of them: each must still learn."""
+    x = _batches(1, 2048, seed=10_000)[0]  # held out
+    saes = {arch: create_sae(SAEConfig(architecture=arch, d_in=D, d_sae=128, k=4))}
+    trainer = Trainer(saes, TrainerConfig(tokens=256 * 60, batch_tokens=256, buffer_tokens=512,
+                                          checkpoint_every=0), tmp_path)  # fmt: skip
+    trainer._initialise(_batches(1)[0])
+    before = trainer.folded(arch)
+    trainer.fit(_batches(60))
+    after, _ = load_sae(tmp_path)
+    with torch.no_grad():
+        fvu = [float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+               for sae in (before, after)]  # fmt: skip
+    if arch == "relu":  # its L1 penalty (lambda 5) trades reconstruction for sparsity here
+        assert fvu[1] < 0.8 * fvu[0], fvu
+    else:
+        assert fvu[1] < 0.7 * fvu[0] and fvu[1] < 0.5, fvu
