@@ -155,16 +155,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     log.info("step 1/6: harvest %s masked activations (p=%s) into %s",
              f"{plan['harvest_tokens']:,}", cfg.mask_prob, acts_dir)  # fmt: skip
+    # What both the harvest and the training read: the same model, hook and documents.
+    source: dict[str, Any] = {"model": cfg.model, "hooks": [cfg.hook], "corpus": cfg.corpus,
+                              "split": "train", "threads": cfg.threads}  # fmt: skip
     harvest_cfg = HarvestConfig(
         out=str(acts_dir),
-        model=cfg.model,
-        hooks=[cfg.hook],
-        corpus=cfg.corpus,
-        split="train",
         tokens=plan["harvest_tokens"],
         mask_prob=cfg.mask_prob,
         dtype=plan["dtype"],
-        threads=cfg.threads,
+        **source,
     )
     if not _step_done(state, "harvest", json.dumps(harvest_cfg.identity(), sort_keys=True)):
         start = time.perf_counter()
@@ -187,16 +186,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     job = TrainJobConfig(
         out=str(sae_dir),
         acts=str(acts_dir),
-        model=cfg.model,
-        hooks=[cfg.hook],
-        corpus=cfg.corpus,
-        split="train",
         tokens=plan["train_tokens_final"],
         architectures=["topk"],
         k=[cfg.k],
         expansion=[cfg.expansion],
-        threads=cfg.threads,
         checkpoint_every=cfg.checkpoint_every,
+        **source,
         # the pool needs no more than the cache: it would hold copies of it
         buffer_tokens=max(8192, min(262_144, plan["harvest_tokens"])),
     )
