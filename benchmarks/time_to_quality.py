@@ -39,7 +39,7 @@ from saeguard.fileio import atomic_write_json
 from saeguard.sae import SAEConfig, create_sae
 from saeguard.sae.base import normalized_mse
 from saeguard.train import Trainer, TrainerConfig, evaluate_reconstruction, held_out_activations
-from saeguard.train.job import TrainJobConfig, _source_config_from_cache
+from saeguard.train.job import TrainJobConfig, source_config_from_cache
 
 # name -> trainer settings (everything else: saeguard's defaults)
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -68,7 +68,7 @@ def held_out(acts: str, tokens: int, out: Path) -> torch.Tensor:
     if path.is_file():
         return load_file(str(path))["acts"]
     source = CachedActivationSource(acts)
-    job = _source_config_from_cache(TrainJobConfig(out=str(out), acts=acts), source.cache)
+    job = source_config_from_cache(TrainJobConfig(out=str(out), acts=acts), source.cache)
     medians = source.cache.manifest["exclusions"].get("median_norms")
     x = held_out_activations(job, source.hook, tokens, medians)
     assert x is not None

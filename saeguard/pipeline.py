@@ -165,11 +165,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         dtype=plan["dtype"],
         **source,
     )
-    if not _step_done(state, "harvest", json.dumps(harvest_cfg.identity(), sort_keys=True)):
+    harvest_signature = json.dumps(harvest_cfg.identity(), sort_keys=True)
+    if not _step_done(state, "harvest", harvest_signature):
         start = time.perf_counter()
         harvest(harvest_cfg)
-        mark("harvest", json.dumps(harvest_cfg.identity(), sort_keys=True),
-             time.perf_counter() - start)  # fmt: skip
+        mark("harvest", harvest_signature, time.perf_counter() - start)
 
     if "train_tokens_final" not in plan:  # decided once, recorded, reused by every resume
         spent = sum(

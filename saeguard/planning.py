@@ -83,11 +83,6 @@ class Throughput:
         """bfloat16 is used only when it is both faster and faithful (cosine >= 0.99)."""
         return self.forward_bfloat16 > self.forward_float32 and self.bfloat16_cosine >= 0.99
 
-    @property
-    def forward(self) -> float:
-        """The rate of the dtype the job will use."""
-        return self.forward_bfloat16 if self.bfloat16_ok else self.forward_float32
-
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "bfloat16_ok": self.bfloat16_ok}
 
@@ -128,7 +123,6 @@ def plan_run(
     per_shift: int,
     tokens: int = 0,
     dtype: str = "auto",
-    eval_scale: float = 1.0,
 ) -> RunPlan:
     """Size the job to ``budget_s`` seconds on a machine with ``rates``.
 
@@ -141,12 +135,15 @@ def plan_run(
     usable = max(budget_s - FIXED_SECONDS, 0.0)
     # Evaluation, monitor and benchmark load the model in float32 whatever the harvest used.
     text_rate = rates.forward_float32
-    full = {
-        "eval": EVAL_TOKENS * eval_scale / text_rate,
-        "monitor": MONITOR_TOKENS_PER_TEXT * (fit_texts + calibration_texts) / text_rate,
-        "benchmark": BENCHMARK_TOKENS_PER_TEXT * (id_texts + per_shift * n_shifts) / text_rate,
-    }
-    text_cost = full["monitor"] + full["benchmark"]
+
+    def text_seconds(fit: int, calibration: int, negatives: int, shifted: int) -> dict[str, float]:
+        return {
+            "monitor": MONITOR_TOKENS_PER_TEXT * (fit + calibration) / text_rate,
+            "benchmark": BENCHMARK_TOKENS_PER_TEXT * (negatives + shifted * n_shifts) / text_rate,
+        }
+
+    eval_s = EVAL_TOKENS / text_rate
+    text_cost = sum(text_seconds(fit_texts, calibration_texts, id_texts, per_shift).values())
     # Per harvested activation: its forward plus EPOCHS training steps on it.
     harvest_rate = forward * HARVEST_EFFICIENCY
     train_rate = rates.train * TRAIN_EFFICIENCY
@@ -155,10 +152,10 @@ def plan_run(
         harvest = max(int(tokens / EPOCHS), 1)
         train_tokens = tokens
         sae_s = harvest / harvest_rate + train_tokens / train_rate
-        left = max(usable - sae_s - full["eval"], 0.0)
     else:
         sae_s = SAE_SHARE * usable
-        left = max(usable - sae_s - full["eval"], 0.0)
+    left = max(usable - sae_s - eval_s, 0.0)
+    if tokens <= 0:
         if left > text_cost:  # the texts are paid in full: the rest makes a better SAE
             sae_s += left - text_cost
             left = text_cost
@@ -179,13 +176,13 @@ def plan_run(
         "fixed": FIXED_SECONDS,
         "harvest": harvest / harvest_rate,
         "train": train_tokens / train_rate,
-        "eval": full["eval"],
-        "monitor": MONITOR_TOKENS_PER_TEXT
-        * (counts["fit_texts"] + counts["calibration_texts"])
-        / text_rate,
-        "benchmark": BENCHMARK_TOKENS_PER_TEXT
-        * (counts["id_texts"] + counts["per_shift"] * n_shifts)
-        / text_rate,
+        "eval": eval_s,
+        **text_seconds(
+            counts["fit_texts"],
+            counts["calibration_texts"],
+            counts["id_texts"],
+            counts["per_shift"],
+        ),  # fmt: skip
     }
     return RunPlan(
         dtype=chosen,
@@ -232,13 +229,14 @@ def measure(
 
     rates: dict[str, float] = {}
     acts: dict[str, torch.Tensor] = {}
-    keep = torch.empty(0)
+    tokens = keep = torch.empty(0)
     for dtype in ("float32", "bfloat16"):
         loaded = load_model(model, dtype=dtype, device=device)
-        source_cfg = ActivationSourceConfig(model=model, hooks=[hook], corpus=corpus, dtype=dtype)
-        prepared = prepare(source_cfg, loaded)
-        tokens = torch.tensor(list(itertools.islice(prepared.contexts(), contexts)))
-        keep = ~prepared.rules.is_special(tokens)
+        if dtype == "float32":  # the same contexts for both dtypes, packed once
+            source_cfg = ActivationSourceConfig(model=model, hooks=[hook], corpus=corpus)
+            prepared = prepare(source_cfg, loaded)
+            tokens = torch.tensor(list(itertools.islice(prepared.contexts(), contexts)))
+            keep = ~prepared.rules.is_special(tokens)
         point = loaded.hook_point(hook)
         with torch.inference_mode():
             run_to_hooks(loaded.model, tokens[:2].to(loaded.device), [point])  # warm-up
@@ -247,7 +245,7 @@ def measure(
             rates[dtype] = tokens.numel() / (time.perf_counter() - start)
         acts[dtype] = out.float().cpu()
         d_in = loaded.d_model
-        del loaded, prepared
+        del loaded
     norms = acts["float32"].norm(dim=-1)
     keep &= norms < 10 * norms[keep].median()  # attention sinks, as the harvest's default rule
     cosine = float(

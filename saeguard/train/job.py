@@ -105,7 +105,7 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
         return configs
 
 
-def _source_config_from_cache(job: TrainJobConfig, cache: ActivationCache) -> TrainJobConfig:
+def source_config_from_cache(job: TrainJobConfig, cache: ActivationCache) -> TrainJobConfig:
     """The job with its source fields replaced by those the cache was harvested with."""
     recorded = cache.manifest["config"]
     fields = {f.name for f in dataclasses.fields(ActivationSourceConfig)}
@@ -124,7 +124,7 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
             job.acts, hook=hook if hook in cache_hooks else None, cycle=job.repeat
         )
         hook = cached.hook
-        source_job = _source_config_from_cache(job, cached.cache)
+        source_job = source_config_from_cache(job, cached.cache)
         source: Any = cached
         d_in = cached.d_model
         provenance = {

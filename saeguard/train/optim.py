@@ -67,7 +67,6 @@ class SaeOptimizer:
         momentum: float = 0.95,
     ) -> None:
         self.module = module
-        self.lr = lr
         self.schedule_free = schedule_free
         self.momentum = momentum
         params = list(module.parameters())
