@@ -330,6 +330,37 @@ def test_schedule_free_saves_the_average_and_sign_sgd_steps_by_lr(tmp_path: Path
     assert torch.allclose(saved.W_dec * trainer.scale, average, atol=1e-6)
 
 
+def test_fused_schedule_free_sign_sgd_matches_the_package_wrapper() -> None:
+    """Our four-pass step is the package's ScheduleFreeWrapper(SignSGD), composed: same y, same z
+    and the same averaging scalars after steps with a changing learning rate."""
+    import schedulefree
+
+    from saeguard.train.optim import ScheduleFreeSignSGD, SignSGD
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    fused = ScheduleFreeSignSGD(ours, lr=0.01, momentum=0.9)
+    reference = schedulefree.ScheduleFreeWrapper(SignSGD(theirs, lr=0.01), momentum=0.9)
+    reference.train()
+    for step, lr in enumerate([0.002, 0.005, 0.01, 0.01, 0.008, 0.01]):
+        grads = [torch.randn_like(p) for p in ours]
+        grads[0][0, 0] = 0.0  # sign(0) = 0: that weight's z stays put
+        for params in (ours, theirs):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+        fused.param_groups[0]["lr"] = lr
+        reference.param_groups[0]["lr"] = lr
+        fused.step()
+        reference.step()
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.allclose(a, b, atol=1e-6), step
+            assert torch.allclose(fused.state[a]["z"], reference.state[b]["z"], atol=1e-6)
+    group, ref_group = fused.param_groups[0], reference.param_groups[0]
+    assert group["k"] == ref_group["k"] == 6
+    assert group["weight_sum"] == pytest.approx(ref_group["weight_sum"])
+
+
 def test_optimizer_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="sf-momentum"):
         TrainerConfig(sf_momentum=1.0)
