@@ -1,5 +1,7 @@
 """BatchTopK SAE (Bussmann et al. 2024): the top k*B pre-activations across a batch of B tokens.
 
+Training runs on sparse kernels, as TopK's does: the latents are kept in CSR form (tokens keep
+different numbers of them), decoded by ``embedding_bag`` and differentiated only where kept.
 After training, inference uses a fixed threshold theta (running mean of the smallest activation
 kept in each training batch), i.e. it behaves as a JumpReLU with one shared threshold, so a
 token's latents no longer depend on the rest of its batch.
@@ -9,15 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from saeguard.sae.base import (
-    SparseAutoencoder,
-    StepOutput,
-    auxk_loss,
-    dense_step_stats,
-    normalized_mse,
-)
+from saeguard.sae.base import SparseAutoencoder, StepOutput, auxk_loss, normalized_mse
 from saeguard.sae.config import SAEConfig
+from saeguard.sae.kernels import batch_topk_select, sparse_batch_topk_encode, sparse_decode_csr
 from saeguard.sae.registry import register
+
+
+def csr_step_stats(
+    values: torch.Tensor, cols: torch.Tensor, n_tokens: int, n_latents: int
+) -> tuple[torch.Tensor, float]:
+    """(fired [d_sae], mean L0) of CSR latents (only positive values are kept)."""
+    fired = torch.zeros(n_latents, dtype=torch.bool, device=cols.device)
+    fired[cols] = True
+    return fired, len(values) / max(n_tokens, 1)
 
 
 @register("batchtopk")
@@ -32,15 +38,9 @@ class BatchTopKSAE(SparseAutoencoder):
         self._last_min_kept: float | None = None
 
     def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
-        """Keep the k * N largest ReLU pre-activations of the whole batch."""
-        acts = torch.relu(pre)
-        keep = min(self.cfg.k * acts.shape[0], acts.numel())
-        flat = acts.reshape(-1)
-        values, indices = flat.topk(keep, sorted=False)
-        dense = torch.zeros_like(flat).scatter(0, indices, values).reshape(acts.shape)
-        positive = values[values > 0]
-        self._last_min_kept = float(positive.detach().min()) if positive.numel() else None
-        return dense
+        """Dense latents keeping the k * N largest ReLU pre-activations of the whole batch."""
+        rows, cols, _ = batch_topk_select(pre.detach(), self.cfg.k)
+        return torch.zeros_like(pre).index_put((rows, cols), pre[rows, cols])
 
     def encode_flat(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
@@ -48,14 +48,24 @@ class BatchTopKSAE(SparseAutoencoder):
             return self.batch_topk(pre)
         return pre * (pre > self.threshold)
 
+    def encode_batch_sparse(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training latents of a flat batch as CSR (values, cols, crow); records the smallest
+        kept value for the inference threshold."""
+        values, cols, crow = sparse_batch_topk_encode(x, self.b_dec, self.W_enc, self.b_enc,
+                                                      self.cfg.k)  # fmt: skip
+        self._last_min_kept = float(values.detach().min()) if values.numel() else None
+        return values, cols, crow
+
     def training_step(
         self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float
     ) -> StepOutput:
-        f = self.batch_topk(self.pre_acts(x))
-        x_hat = f @ self.W_dec + self.b_dec
+        values, cols, crow = self.encode_batch_sparse(x)
+        x_hat = sparse_decode_csr(values, cols, crow, self.W_dec, self.b_dec)
         mse = normalized_mse(x, x_hat)
         aux = auxk_loss(self, x, x_hat, dead_mask)
-        fired, l0 = dense_step_stats(f)
+        fired, l0 = csr_step_stats(values, cols, len(x), self.cfg.d_sae)
         return StepOutput(mse + aux, x_hat, fired, l0, {"mse": mse.detach(), "auxk": aux.detach()})
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from saeguard.sae.base import StepOutput, auxk_loss, dense_step_stats, normalized_mse
-from saeguard.sae.batchtopk import BatchTopKSAE
+from saeguard.sae.base import StepOutput, auxk_loss, normalized_mse
+from saeguard.sae.batchtopk import BatchTopKSAE, csr_step_stats
+from saeguard.sae.kernels import sparse_decode_csr
 from saeguard.sae.registry import register
 
 
@@ -18,17 +19,19 @@ class MatryoshkaSAE(BatchTopKSAE):
     def training_step(
         self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float
     ) -> StepOutput:
-        f = self.batch_topk(self.pre_acts(x))
+        values, cols, crow = self.encode_batch_sparse(x)
         losses = []
         x_hat = self.b_dec.expand_as(x)
+        no_bias = torch.zeros_like(self.b_dec)
         start = 0
-        for size in self.cfg.prefixes():
-            x_hat = x_hat + f[:, start:size] @ self.W_dec[start:size]
+        for size in self.cfg.prefixes():  # each group's latents decoded on their own, summed
+            in_group = (cols >= start) & (cols < size)
+            x_hat = x_hat + sparse_decode_csr(values * in_group, cols, crow, self.W_dec, no_bias)
             losses.append(normalized_mse(x, x_hat))
             start = size
         mse = torch.stack(losses).mean()
         aux = auxk_loss(self, x, x_hat, dead_mask)
-        fired, l0 = dense_step_stats(f)
+        fired, l0 = csr_step_stats(values, cols, len(x), self.cfg.d_sae)
         metrics = {
             "mse": losses[-1].detach(),
             "prefix_mse": mse.detach(),

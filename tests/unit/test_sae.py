@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from saeguard.errors import ConfigError, SaeguardError
 from saeguard.sae import ARCHITECTURES, SAEConfig, create_sae
 from saeguard.sae.io import load_sae, save_sae
-from saeguard.sae.kernels import sparse_decode, sparse_topk_encode
+from saeguard.sae.kernels import batch_topk_select, sparse_decode, sparse_topk_encode
 
 REQUIRED = {"relu", "topk", "batchtopk", "jumprelu", "abstopk", "matryoshka", "mp"}
 
@@ -170,6 +170,61 @@ def test_sparse_kernels_match_dense_gradients(signed: bool) -> None:
     (f @ w_dec2 + b_dec2 - acts).pow(2).sum().backward()
     for a, b in zip(sparse_params, dense_params, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def _flat_batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference BatchTopK: one flat top-k of the ReLU pre-activations, densely scattered."""
+    flat = pre.relu().reshape(-1)
+    values, index = flat.topk(k * pre.shape[0])
+    return torch.zeros_like(flat).scatter(0, index, values).reshape(pre.shape)
+
+
+@pytest.mark.parametrize("case", ["typical", "one token takes many", "few positive"])
+def test_batch_topk_selection_is_the_flat_top_k(case: str) -> None:
+    """The two-stage selection (each token's 4k candidates, then the batch's top k*N) must equal
+    one flat top-k, including when a token would keep more than its 4k candidates."""
+    torch.manual_seed(1)
+    pre = torch.randn(50, 200, dtype=torch.float64)
+    if case == "one token takes many":
+        pre[7] += 10.0  # token 7 alone holds more than 4k of the batch's top entries
+    if case == "few positive":
+        pre -= 3.0
+    rows, cols, values = batch_topk_select(pre, k=3)
+    dense = torch.zeros_like(pre).index_put((rows, cols), values)
+    torch.testing.assert_close(dense, _flat_batch_topk(pre, 3))
+    assert bool((values > 0).all())
+    assert bool(((rows[1:] > rows[:-1]) | ((rows[1:] == rows[:-1]) & (cols[1:] > cols[:-1]))).all())
+    if case == "one token takes many":
+        assert int((rows == 7).sum()) > 4 * 3
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_sparse_batch_topk_training_matches_the_dense_formula(arch: str) -> None:
+    """Loss and every gradient (the input's too) of the CSR training step equal the dense
+    BatchTopK/Matryoshka formulas."""
+    sae = _sae(arch, d=12, n=64, k=4).double()
+    sae.cfg.aux_coef = 0.0
+    acts = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
+    out = sae.training_step(acts, None, 1.0)
+    out.loss.backward()
+    sparse_grads = [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    sparse_acts_grad = acts.grad.clone()
+    sae.zero_grad()
+    acts.grad = None
+    f = _flat_batch_topk(sae.pre_acts(acts), 4)
+    losses, x_hat, start = [], sae.b_dec.expand_as(acts), 0
+    for size in sae.cfg.prefixes() if arch == "matryoshka" else [sae.cfg.d_sae]:
+        x_hat = x_hat + f[:, start:size] @ sae.W_dec[start:size]
+        losses.append((x_hat - acts).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum())
+        start = size
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(out.x_hat, x_hat)
+    assert out.l0 == pytest.approx(float((f != 0).sum()) / 40)
+    for a, p in zip(sparse_grads, (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), strict=True):
+        torch.testing.assert_close(a, p.grad)
+    torch.testing.assert_close(sparse_acts_grad, acts.grad)
 
 
 def test_width_mismatch_and_impossible_configs() -> None:
