@@ -78,9 +78,14 @@ def _cmd_study_masking(args: argparse.Namespace) -> int:
 
 
 def _cmd_ood_fit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from saeguard.fileio import check_output_directory
     from saeguard.ood import Monitor, MonitorConfig
+    from saeguard.ood.monitor import MONITOR_ENTRIES
 
     cfg = config_from_args(MonitorConfig, args)
+    check_output_directory(Path(args.out), MONITOR_ENTRIES)  # before the work, not after
     monitor = Monitor.fit(args.sae_dir, cfg, model=args.model, corpus=args.corpus)
     if args.calibrate:
         monitor.calibrate(corpus=args.corpus)

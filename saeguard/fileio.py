@@ -6,12 +6,13 @@ Everything saeguard writes goes through a temporary file in the same directory f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +24,13 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "saeguard"
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed onto it."""
@@ -31,6 +39,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: honour the umask instead
     try:
         yield tmp
         with open(tmp, "rb") as fh:
@@ -42,26 +51,77 @@ def atomic_path(target: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on success it replaces ``target`` (the old
-    one is moved aside first and removed last), so an interrupted write keeps the old one."""
+def check_output_directory(target: Path, own: Collection[str]) -> None:
+    """Refuse, with one clear line, a ``target`` that is a file or holds entries other than
+    ``own`` (and our staging leftovers): commands call this before any work."""
+    from saeguard.errors import SaeguardError
+
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    if target.exists() and not target.is_dir():
+        raise SaeguardError(f"{target} is an existing file; pass a directory (nothing was written)")
+    if not target.exists():
+        return
+    foreign = sorted(
+        p.name
+        for p in target.iterdir()
+        if p.name not in own and not p.name.startswith(STAGING_PREFIX)
+    )
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise SaeguardError(
+            f"{target} is not empty and holds files saeguard did not write there "
+            f"({', '.join(foreign[:5])}{more}); choose another --out or an empty directory "
+            "(nothing was written or deleted)"
+        )
+
+
+STAGING_PREFIX = ".saeguard-staging-"
+"""Name prefix of the folder a directory's new contents are built in, inside that directory."""
+
+
+@contextmanager
+def atomic_directory(target: Path, own: Collection[str], index: str) -> Iterator[Path]:
+    """Yield a staging folder inside ``target``; on success its entries replace ``target``'s.
+
+    ``own`` names the entries this writer creates; a ``target`` holding anything else is refused
+    before any work, so replacing a previous output never deletes a file saeguard did not write,
+    and nothing is written outside ``target``. ``index`` (e.g. ``monitor.json``) is removed first
+    and moved in last: a directory without it reads as unfinished, never as a mix of old and new
+    files, and running the same command again repairs it. A crash leaves only the staging folder,
+    which the next write removes.
+    """
+    target = Path(target)
+    check_output_directory(target, own)
+    present = list(target.iterdir()) if target.exists() else []
+    target.mkdir(parents=True, exist_ok=True)
+    for stale in present:
+        if stale.name.startswith(STAGING_PREFIX):  # an interrupted earlier write of ours
+            _remove(stale)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
     try:
-        yield tmp
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        if old.exists():
-            shutil.rmtree(old)
+        yield staging
+        made = {p.name for p in staging.iterdir()}
+        if not made <= set(own) or index not in made:
+            raise RuntimeError(f"writer made {sorted(made)}, expected {index} among {sorted(own)}")
+        (target / index).unlink(missing_ok=True)
+        _fsync_dir(target)
+        for name in sorted(set(own) - {index}):  # older outputs' extra entries go too: ours
+            if (target / name).exists() or (target / name).is_symlink():
+                _remove(target / name)
+            if name in made:
+                (staging / name).rename(target / name)
+        (staging / index).rename(target / index)
+        _fsync_dir(target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove(staging)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree (never following a link out of it)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -78,6 +138,30 @@ def atomic_write_text(target: Path, text: str) -> None:
 def atomic_write_json(target: Path, obj: Any) -> None:
     """Write JSON atomically, pretty-printed with sorted keys so files diff cleanly."""
     atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def check_schema(document: Any, schema_path: Path, source: Path, fix: str) -> None:
+    """Raise one clear ``CorruptFileError`` line if ``document`` (read from ``source``) does not
+    follow the JSON schema at ``schema_path``: nothing read back from disk is used unchecked."""
+    import jsonschema
+
+    from saeguard.errors import CorruptFileError
+
+    validator = _validator(str(schema_path))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(document))
+    if error is not None:
+        where = "/".join(str(part) for part in error.absolute_path) or "top level"
+        raise CorruptFileError(
+            f"{source} is corrupt or was edited ({where}: {error.message}). {fix}"
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def _validator(schema_path: str) -> Any:
+    import jsonschema
+
+    schema = json.loads(Path(schema_path).read_text(encoding="utf-8"))
+    return jsonschema.validators.validator_for(schema)(schema)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saeguard.errors import CorruptFileError, SaeguardError
-from saeguard.fileio import atomic_path, atomic_write_json, sha256_file
+from saeguard.fileio import atomic_path, atomic_write_json, check_schema, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = Path(__file__).with_name("manifest.schema.json")
@@ -61,13 +61,18 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{path} is not valid JSON ({exc}). If {directory} is a saeguard activation cache, "
             "its manifest is corrupt: move the folder aside and run the harvest again."
         ) from exc
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CorruptFileError(f"{path} is not a saeguard activation-cache manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if isinstance(version, int) and version > FORMAT_VERSION:
         raise SaeguardError(
-            f"{path} was written by a newer saeguard (format {manifest['format_version']}); "
+            f"{path} was written by a newer saeguard (format {version}); "
             "upgrade saeguard to read it"
         )
+    # The schema also pins every shard's "file" to a plain shard_NNNNN.safetensors name: a path
+    # read from the manifest is never used to read, write or delete anything else.
+    check_schema(manifest, MANIFEST_SCHEMA, path,
+                 "Move the folder aside and run the harvest again.")  # fmt: skip
     return dict(manifest)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import json
 import logging
 import sysconfig
@@ -262,9 +263,30 @@ CORPORA: dict[str, CorpusInfo] = {
 }
 
 
+def read_user_text(path: Path) -> str:
+    """The text of a user's file, one rule for every format: UTF-8 (a byte-order mark is
+    dropped); invalid byte sequences become U+FFFD with a warning that counts them."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CorpusError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8-sig", errors="replace")
+        replaced = text.count("\ufffd") - data.count("\ufffd".encode())
+        log.warning(
+            "%s is not valid UTF-8: %d invalid byte sequence(s) were read as U+FFFD; "
+            "re-save the file as UTF-8 if that is not intended",
+            path,
+            replaced,
+        )
+        return text
+
+
 def _load_text_file(path: Path) -> list[Document]:
     """Plain text: documents are separated by blank lines."""
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    text = read_user_text(path)
     blocks = [b.strip() for b in text.replace("\r\n", "\n").split("\n\n")]
     return [Document(f"{path.name}:{i}", b) for i, b in enumerate(blocks) if b]
 
@@ -272,7 +294,7 @@ def _load_text_file(path: Path) -> list[Document]:
 def _load_jsonl(path: Path) -> list[Document]:
     """JSON lines: each object needs a ``text`` field; ``label`` and ``id`` are optional."""
     docs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_user_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -295,19 +317,25 @@ def _load_jsonl(path: Path) -> list[Document]:
 
 def _load_csv(path: Path) -> list[Document]:
     """CSV with a header: a ``text`` column is required, ``label`` and ``id`` are optional."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(read_user_text(path), newline=""))
+    try:
         if reader.fieldnames is None or "text" not in reader.fieldnames:
             raise CorpusError(
                 f"{path} needs a header row with a 'text' column (found: {reader.fieldnames})"
             )
         return [
             Document(
-                row.get("id") or f"{path.name}:{i}", row["text"].strip(), row.get("label") or None
+                row.get("id") or f"{path.name}:{i}",
+                (row.get("text") or "").strip(),
+                row.get("label") or None,
             )
             for i, row in enumerate(reader)
             if (row.get("text") or "").strip()
         ]
+    except csv.Error as exc:
+        raise CorpusError(
+            f"{path} is not a readable CSV file (line {reader.line_num}: {exc})"
+        ) from exc
 
 
 def _load_hf_dataset(spec: str) -> list[Document]:

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 ADAPTER_INFO = "saeguard_adapter.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, "README.md", ADAPTER_INFO)
+"""What an adapter directory holds (peft writes a model card, README.md, beside its weights)."""
 
 
 def _peft() -> Any:
@@ -34,10 +36,11 @@ def _peft() -> Any:
 
 
 def save_adapter(peft_model: Any, directory: str | Path, info: dict[str, Any]) -> Path:
-    """Write the adapter weights and ``info`` (base fingerprint, hook, shift...) atomically:
-    a temporary directory is renamed into place, so an interrupted save keeps the old one."""
+    """Write the adapter weights and ``info`` (base fingerprint, hook, shift...): built in a
+    staging folder inside ``directory``, moved into place with the info file last; a directory
+    holding files of anything else is refused."""
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, ADAPTER_FILES, index=ADAPTER_INFO) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         atomic_write_json(tmp / ADAPTER_INFO, info)
     return directory

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from saeguard.errors import MissingPackageError, SaeguardError
-from saeguard.fileio import cache_root
+from saeguard.fileio import cache_root, current_umask
 from saeguard.models.hooks import (
     HookPoint,
     all_hook_names,
@@ -250,6 +250,7 @@ def ensure_embedded_cached(name: str) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: a shared cache stays readable
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(

@@ -27,7 +27,7 @@ from saeguard.activations.exclusion import ExclusionRules
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import id_split_texts
 from saeguard.errors import ConfigError, CorruptFileError, SaeguardError
-from saeguard.fileio import atomic_directory, atomic_write_json
+from saeguard.fileio import atomic_directory, atomic_write_json, check_schema
 from saeguard.models.loading import LoadedModel, load_model
 from saeguard.ood.analysis import TextAnalysis, analyse
 from saeguard.ood.reader import ActivationReader, Keep, ReadFailure, TextActivations
@@ -51,6 +51,10 @@ MONITOR_FILE = "monitor.json"
 STATS_FILE = "id_stats.safetensors"
 CALIBRATION_FILE = "calibration_scores.json"
 SAE_SUBDIR = "sae"
+SCHEMA = Path(__file__).with_name("monitor.schema.json")
+"""JSON schema of ``monitor.json``, checked on every load."""
+MONITOR_ENTRIES = (SAE_SUBDIR, STATS_FILE, CALIBRATION_FILE, MONITOR_FILE)
+"""Everything a monitor directory holds: ``ood fit`` refuses a directory with anything else."""
 
 
 @dataclass
@@ -449,9 +453,10 @@ class Monitor:
 
     # --- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write the monitor directory atomically (temporary directory, then rename)."""
+        """Write the monitor directory: built in a staging folder inside it, then moved into place
+        with ``monitor.json`` last; a directory holding files of anything else is refused."""
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, MONITOR_ENTRIES, index=MONITOR_FILE) as tmp:
             save_sae(self.sae, tmp / SAE_SUBDIR, self.sae_metadata)
             save_file(
                 {k: v.contiguous() for k, v in self.stats.tensors().items()},
@@ -503,10 +508,15 @@ class Monitor:
             raise CorruptFileError(
                 f"{path} is not valid JSON ({exc}); re-run `saeguard ood fit`"
             ) from exc
-        if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        if (
+            not isinstance(doc, dict)
+            or doc.get("format") != FORMAT
+            or doc.get("format_version") != FORMAT_VERSION
+        ):
             raise CorruptFileError(
                 f"{path} is not a saeguard monitor of format version {FORMAT_VERSION}"
             )
+        check_schema(doc, SCHEMA, path, "Re-run `saeguard ood fit` to write it again.")
         try:
             tensors = load_file(str(directory / STATS_FILE))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -523,7 +533,10 @@ class Monitor:
             loaded = merge_adapter(loaded, adapter)
         _check_model(loaded, info, doc["hook"], directory)
         known = {f for f in MonitorConfig.__dataclass_fields__}
-        cfg = MonitorConfig(**{k: v for k, v in doc["config"].items() if k in known})
+        try:
+            cfg = MonitorConfig(**{k: v for k, v in doc["config"].items() if k in known})
+        except ConfigError as exc:
+            raise CorruptFileError(f"{path}: its config cannot work ({exc})") from exc
         stats = IDStats.from_parts(doc["stats"], tensors)
         if stats.firing_count.shape[0] != sae.cfg.d_sae:
             raise CorruptFileError(
@@ -547,8 +560,26 @@ class Monitor:
         monitor.calibration = dict(doc.get("calibration") or {})
         calib = directory / CALIBRATION_FILE
         if calib.is_file():
-            monitor.calibration_scores = json.loads(calib.read_text(encoding="utf-8"))
+            monitor.calibration_scores = _read_calibration_scores(calib)
         return monitor
+
+
+def _read_calibration_scores(path: Path) -> dict[str, list[float]]:
+    """``calibration_scores.json``: each score's values on the calibration texts."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({exc}); re-run `saeguard ood fit`"
+        ) from exc
+    ok = isinstance(doc, dict) and all(
+        isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in doc.values()
+    )
+    if not ok:
+        raise CorruptFileError(
+            f"{path} must map each score to a list of numbers; re-run `saeguard ood fit`"
+        )
+    return {str(k): [float(x) for x in v] for k, v in doc.items()}
 
 
 def _fit_stats(

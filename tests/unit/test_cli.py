@@ -199,3 +199,32 @@ def test_ood_fit_and_benchmark_commands_end_to_end(
     assert set(bench["shifts"]) == {"typos:0.2", "wiki-fr"} and "msp" not in bench["scores"]
     rc = main(["-q", "ood", "benchmark", "--monitor", str(tmp_path / "nothing"), "--out", "x"])
     assert rc == 2 and "not a monitor directory" in capsys.readouterr().err
+
+
+def test_ood_fit_never_deletes_files_it_did_not_write(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 13, case 1: `ood fit --out m` into a folder with a user's file used to delete it."""
+    import torch
+
+    from saeguard.sae import SAEConfig, create_sae
+    from saeguard.sae.io import save_sae
+
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
+    save_sae(sae, tmp_path / "sae", {"model": str(tiny_llama_dir), "hook": "resid_post.2",
+                                     "corpus": "wiki-en", "ctx_len": 16})  # fmt: skip
+    mon = tmp_path / "m"
+    mon.mkdir()
+    (mon / "important.txt").write_text("precious")
+    argv = ["-q", "ood", "fit", str(tmp_path / "sae"), "--out", str(mon), "--fit-texts", "40",
+            "--calibration-texts", "30"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "important.txt" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in mon.iterdir()] == ["important.txt"]
+    (mon / "important.txt").unlink()
+    assert main(argv) == 0  # an empty folder is fine, and so is refitting over its own monitor
+    first = (mon / "monitor.json").read_bytes()
+    assert main(argv) == 0
+    assert (mon / "monitor.json").read_bytes() == first

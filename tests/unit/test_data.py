@@ -202,3 +202,22 @@ def test_special_token_strings_in_text_stay_text(tiny_llama_dir: Path) -> None:
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
     (ids,) = tokenize_documents(tok, ["a <|endoftext|> b"])
     assert sep not in ids and len(ids) > 3
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv"])
+def test_invalid_utf8_is_one_rule_for_every_format(
+    tmp_path: Path, fmt: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13, case 3: a .jsonl/.csv with invalid UTF-8 used to crash with a traceback while a
+    .txt was read silently. Now every format reads it with U+FFFD and a warning that counts."""
+    body = {"txt": b"caf\xe9 ok\n\nsecond \xff\xfe doc\n",
+            "jsonl": b'{"text": "caf\xe9 ok"}\n{"text": "second \xff\xfe doc"}\n',
+            "csv": b"\xef\xbb\xbftext\ncaf\xe9 ok\nsecond \xff\xfe doc\n"}[fmt]  # fmt: skip
+    path = tmp_path / f"c.{fmt}"
+    path.write_bytes(body)
+    with caplog.at_level("WARNING"):
+        docs = load_corpus(str(path)).documents
+    assert [d.text for d in docs] == ["caf\ufffd ok", "second \ufffd\ufffd doc"]
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "not valid UTF-8" in warning and "3 invalid byte sequence(s)" in warning
+    assert f"c.{fmt}" in warning

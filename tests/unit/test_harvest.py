@@ -277,3 +277,25 @@ def test_masked_harvest_records_settings_and_fraction(
     tokens = cache.tokens()
     _, index = cache.load("resid_post.1")
     assert not (tokens.reshape(-1)[index] == masking["mask_token_id"]).any()  # stored: originals
+
+
+@pytest.mark.parametrize("planted", ["../victim.txt", "ABSOLUTE"])
+def test_a_tampered_manifest_cannot_make_overwrite_touch_files_outside_out(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path, planted: str
+) -> None:
+    """Issue 13, case 2: a shared cache whose manifest names ``../victim.txt`` (or an absolute
+    path) as a shard must not make ``--overwrite`` (or the checksum pass) touch that file."""
+    out = tmp_path / "cache"
+    harvest(_cfg(tiny_llama_dir, text_corpus, out, tokens=200))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious", encoding="utf-8")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = str(victim) if planted == "ABSOLUTE" else planted
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for cfg in (_cfg(tiny_llama_dir, text_corpus, out, tokens=300, overwrite=True),
+                _cfg(tiny_llama_dir, text_corpus, out, tokens=200)):  # fmt: skip
+        with pytest.raises(CorruptFileError, match=r"shards/0/file.*harvest again"):
+            harvest(cfg)
+    with pytest.raises(CorruptFileError, match="shards/0/file"):
+        ActivationCache.open(out)
+    assert victim.read_text(encoding="utf-8") == "precious"

@@ -339,3 +339,44 @@ def test_run_end_to_end_on_a_tiny_model_resumes_without_redoing_work(
         if path.name != "wiki-es.json":
             assert path.stat().st_mtime_ns == stamp, f"{path.name} was recomputed"
     assert (out / "ood" / "scores" / "wiki-es.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        (("thresholds", "energy"), "abc"),
+        (("config", "target_fpr"), "abc"),
+        (("config", "target_fpr"), 0.9),  # the right type, but a config that cannot work
+        (("reference", "recon_error"), [1.0]),
+        (("exclusions", "surprise"), 1),
+        (("ctx_len",), "128"),
+        (("model",), None),
+        (("stats", "n_tokens"), -5),
+        ((), []),
+    ],
+)
+def test_a_monitor_json_with_wrong_types_is_one_clear_line(
+    tiny_monitor: Path, tmp_path: Path, field: tuple[str, ...], value: object
+) -> None:
+    """Issue 13, case 4: a threshold "abc" used to crash with a ValueError traceback."""
+    import shutil
+
+    broken = tmp_path / "m"
+    shutil.copytree(tiny_monitor, broken)
+    doc = json.loads((broken / "monitor.json").read_text())
+    if not field:
+        doc = value
+    else:
+        *parents, last = field
+        node = doc
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    (broken / "monitor.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptFileError, match=r"monitor\.json") as info:
+        Monitor.load(broken)
+    assert "\n" not in str(info.value)
+    (broken / "monitor.json").write_text((tiny_monitor / "monitor.json").read_text())
+    (broken / "calibration_scores.json").write_text('{"energy": ["x"]}')
+    with pytest.raises(CorruptFileError, match="calibration_scores"):
+        Monitor.load(broken)

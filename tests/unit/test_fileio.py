@@ -1,0 +1,78 @@
+"""Output rules: atomic files and directories that never delete what saeguard did not write,
+never write outside their target, and honour the umask (issue 13, cases 1 and 8)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from saeguard.errors import SaeguardError
+from saeguard.fileio import STAGING_PREFIX, atomic_directory, atomic_write_text
+
+OWN = ("weights.bin", "sub", "index.json")
+
+
+def _write_output(target: Path, version: str) -> None:
+    with atomic_directory(target, OWN, index="index.json") as tmp:
+        (tmp / "weights.bin").write_text(version)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "inner.txt").write_text(version)
+        (tmp / "index.json").write_text(version)
+
+
+def test_a_directory_with_foreign_files_is_refused_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "important.txt").write_text("precious")
+    with pytest.raises(SaeguardError, match=r"important\.txt.*another --out"):
+        _write_output(target, "v1")
+    assert sorted(p.name for p in target.iterdir()) == ["important.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing beside it either
+
+
+def test_own_output_is_replaced_and_nothing_is_written_beside_it(tmp_path: Path) -> None:
+    target = tmp_path / "m"
+    _write_output(target, "v1")
+    _write_output(target, "v2")
+    assert (target / "weights.bin").read_text() == "v2"
+    assert (target / "sub" / "inner.txt").read_text() == "v2"
+    assert sorted(p.name for p in target.iterdir()) == sorted(OWN)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_failed_write_keeps_the_previous_output_and_leftovers_are_cleaned(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "m"
+    _write_output(target, "v1")
+    with pytest.raises(RuntimeError, match="disk"), atomic_directory(target, OWN, "index.json") as t:
+        (t / "weights.bin").write_text("half")
+        raise RuntimeError("disk full")
+    assert (target / "index.json").read_text() == "v1"
+    assert (target / "weights.bin").read_text() == "v1"
+    (target / f"{STAGING_PREFIX}killed").mkdir()  # what a SIGKILL mid-write leaves
+    _write_output(target, "v2")
+    assert sorted(p.name for p in target.iterdir()) == sorted(OWN)
+
+
+@pytest.fixture
+def umask_002() -> Iterator[None]:
+    old = os.umask(0o002)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_written_files_and_directories_honour_the_umask(tmp_path: Path, umask_002: None) -> None:
+    """A team sharing a results directory can read each other's runs (umask 002: 664 / 775)."""
+    atomic_write_text(tmp_path / "a.json", "{}")
+    _write_output(tmp_path / "m", "v1")
+    for path in (tmp_path / "a.json", tmp_path / "m" / "index.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o664, path
+    for path in (tmp_path / "m", tmp_path / "m" / "sub"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o775, path
