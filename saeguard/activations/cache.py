@@ -88,13 +88,36 @@ def corrupt_shard_error(directory: Path, name: str, reason: str) -> CorruptFileE
     )
 
 
-def load_shard(directory: Path, entry: dict[str, Any], verify: bool = True) -> dict[str, Any]:
-    """Load a shard's tensors, checking its SHA-256 against the manifest first."""
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+"""Shards whose SHA-256 this process has checked, by (path, size, mtime): a training run that
+cycles over a cache hashes each shard once, not once per pass."""
+
+
+def check_shard(directory: Path, entry: dict[str, Any]) -> Path:
+    """The path of a shard whose size and SHA-256 match the manifest (size first: it is free)."""
     path = Path(directory) / entry["file"]
-    if not path.is_file():
+    try:
+        status = path.stat()
+    except OSError:
+        raise corrupt_shard_error(directory, entry["file"], "file missing") from None
+    if status.st_size != entry["bytes"]:
+        reason = f"{status.st_size:,} bytes where the manifest says {entry['bytes']:,}"
+        raise corrupt_shard_error(directory, entry["file"], reason)
+    key = (str(path.resolve()), status.st_size, status.st_mtime_ns)
+    if _VERIFIED.get(key) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
+            raise corrupt_shard_error(directory, entry["file"], "SHA-256 mismatch")
+        _VERIFIED[key] = entry["sha256"]
+    return path
+
+
+def load_shard(directory: Path, entry: dict[str, Any], verify: bool = True) -> dict[str, Any]:
+    """Load a shard's tensors, checking its size and SHA-256 against the manifest first."""
+    path = Path(directory) / entry["file"]
+    if verify:
+        check_shard(directory, entry)
+    elif not path.is_file():
         raise corrupt_shard_error(directory, entry["file"], "file missing")
-    if verify and sha256_file(path) != entry["sha256"]:
-        raise corrupt_shard_error(directory, entry["file"], "SHA-256 mismatch")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -141,13 +164,9 @@ class ActivationCache:
         return hook
 
     def verify(self) -> None:
-        """Check every shard's SHA-256; raises naming the first corrupt shard."""
+        """Check every shard's size and SHA-256; raises naming the first corrupt shard."""
         for entry in self.shards:
-            path = self.directory / entry["file"]
-            if not path.is_file():
-                raise corrupt_shard_error(self.directory, entry["file"], "file missing")
-            if sha256_file(path) != entry["sha256"]:
-                raise corrupt_shard_error(self.directory, entry["file"], "SHA-256 mismatch")
+            check_shard(self.directory, entry)
 
     def iter_shards(
         self, hook: str, verify: bool = True, with_index: bool = False

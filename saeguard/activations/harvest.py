@@ -27,7 +27,7 @@ from saeguard.activations.cache import (
     FORMAT_VERSION,
     MANIFEST,
     ActivationCache,
-    corrupt_shard_error,
+    check_shard,
     read_manifest,
     shard_name,
     write_manifest,
@@ -41,7 +41,7 @@ from saeguard.activations.source import (
 )
 from saeguard.configs import config_to_dict
 from saeguard.errors import ConfigError, SaeguardError
-from saeguard.fileio import remove_stale_temporaries, sha256_file
+from saeguard.fileio import remove_stale_temporaries
 from saeguard.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,10 @@ def harvest(
     if previous is not None and previous.get("config") == cfg.identity():
         present = all((out / e["file"]).is_file() for e in previous["shards"])
         if previous.get("complete") and present:
-            log.info("%s already holds a complete cache for these arguments", out)
-            return ActivationCache(out, previous)
+            cache = ActivationCache(out, previous)
+            cache.verify()  # "complete" must mean intact: a corrupt shard is named now
+            log.info("%s already holds a complete, verified cache for these arguments", out)
+            return cache
     elif previous is not None and not cfg.overwrite:
         raise _different_arguments_error(out, previous, cfg)
 
@@ -348,8 +350,7 @@ def _resume_manifest(
                 log.warning("shard %s is missing: it will be recomputed", entry["file"])
                 manifest["complete"] = False
                 continue
-            if sha256_file(path) != entry["sha256"]:
-                raise corrupt_shard_error(out, entry["file"], "SHA-256 mismatch")
+            check_shard(out, entry)
             kept.append(entry)
         manifest["shards"] = kept
         return manifest

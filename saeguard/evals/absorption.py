@@ -25,16 +25,17 @@ import random
 import re
 import string
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
 
 from saeguard.errors import ConfigError
 from saeguard.evals.results import MetricResult, sampled_metric
 from saeguard.sae.base import SparseAutoencoder
+
+if TYPE_CHECKING:  # scikit-learn loads lazily: the CLI starts without it
+    from sklearn.linear_model import LogisticRegression
 
 VERSION = 2  # 2: projections f_i <W_dec,i, d>, balanced probe
 _WORD_TOKEN = re.compile(r"^ [a-z]{2,}$")
@@ -85,6 +86,8 @@ def fit_letter_probe(
 ) -> LogisticRegression:
     """The 26-way ground-truth probe (inputs scaled by one number, so directions are kept;
     classes weighted so rare letters are not ignored)."""
+    from sklearn.linear_model import LogisticRegression
+
     probe = LogisticRegression(C=c, max_iter=5000, class_weight="balanced", random_state=seed)
     probe.fit(x, y)
     return probe
@@ -98,6 +101,9 @@ def choose_main_latents(
     cfg: AbsorptionConfig,
 ) -> tuple[list[int], float]:
     """Greedy k-sparse probing: (main latent ids, their probe's test F1)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
     active_train = f_train != 0
     diff = f_train[is_letter_train].mean(0) - f_train[~is_letter_train].mean(0)
     # Only latents that fire on the letter's words can be its main latents.
@@ -161,6 +167,8 @@ def measure_absorption(
     cfg: AbsorptionConfig,
 ) -> tuple[list[MetricResult], dict[str, Any]]:
     """Absorption metrics from word activations and their letters (ints 0..25)."""
+    from sklearn.metrics import f1_score
+
     scale = float(x_train.norm(dim=-1).median().clamp_min(1e-12))
     probe = fit_letter_probe((x_train / scale).numpy(), y_train, cfg.seed, cfg.probe_c)
     predicted = probe.predict((x_test / scale).numpy())

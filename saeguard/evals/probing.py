@@ -18,10 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from saeguard.evals import datasets
 from saeguard.evals.datasets import LabelledSet
@@ -139,6 +135,11 @@ def fit_and_score(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
 ) -> tuple[float, float, Any]:
     """(test accuracy, test ROC AUC, fitted pipeline) of an L2 logistic probe."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
     probe.fit(x_train, y_train)
     scores = probe.decision_function(x_test)

@@ -170,8 +170,6 @@ def load_model(
 ) -> LoadedModel:
     """Load an embedded model (see :data:`EMBEDDED_MODELS`), a local directory or a hub id;
     with ``adapter``, merge that LoRA adapter directory (from `saeguard robustify`) into it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if dtype not in DTYPES:
         raise SaeguardError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if name_or_path in EMBEDDED_MODELS:
@@ -184,6 +182,10 @@ def load_model(
     # A hub id is first looked up in the local HF cache; the network is tried only when the hub
     # resolves, so offline machines fail in a second instead of after minutes of retries.
     local_only = directory is None and not _hub_reachable()
+    if directory is None:
+        _check_hub_id(name_or_path, local_only)  # before transformers loads: a fast, clear error
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
@@ -195,7 +197,7 @@ def load_model(
         raise SaeguardError(
             f"unknown model {name_or_path!r}: it is not an embedded model "
             f"({', '.join(EMBEDDED_MODELS)}), not a local directory, and the Hugging Face Hub "
-            f"could not provide it (offline, or no such id). Details: {exc}"
+            f"could not provide it (offline, or no such id). Details: {' '.join(str(exc).split())}"
         ) from exc
     nn.Module.to(model, torch.device(device))
     model.eval()
@@ -208,6 +210,31 @@ def load_model(
 
         return merge_adapter(loaded, adapter)
     return loaded
+
+
+def _unknown_model(name: str, why: str) -> SaeguardError:
+    return SaeguardError(
+        f"unknown model {name!r}: it is not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+        f"not a local directory, and {why}"
+    )
+
+
+def _check_hub_id(name: str, offline: bool) -> None:
+    """Refuse at once a name that cannot be a hub id, or (offline) one absent from the local
+    Hugging Face cache, instead of after transformers has loaded and searched for it."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise _unknown_model(name, "not a valid Hugging Face id (OWNER/NAME)") from None
+    if offline and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise _unknown_model(
+            name,
+            "the Hugging Face Hub cannot be reached (offline) and it is not in the local "
+            "Hugging Face cache; check the spelling, or download it once on a connected machine",
+        )
 
 
 def _hub_reachable() -> bool:

@@ -11,8 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn.metrics import roc_auc_score, roc_curve
 
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -26,12 +24,16 @@ def score_values(results: list[dict[str, Any]], score: str) -> np.ndarray:
 
 def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
     """Area under the ROC curve: P(score of a positive > score of a negative), ties half."""
+    from sklearn.metrics import roc_auc_score
+
     labels = np.r_[np.zeros(len(negatives)), np.ones(len(positives))]
     return float(roc_auc_score(labels, np.r_[negatives, positives]))
 
 
 def fpr_at_tpr(negatives: np.ndarray, positives: np.ndarray, tpr: float = 0.95) -> float:
     """False-positive rate at the highest threshold that flags at least ``tpr`` of positives."""
+    from sklearn.metrics import roc_curve
+
     labels = np.r_[np.zeros(len(negatives)), np.ones(len(positives))]
     fprs, tprs, _ = roc_curve(labels, np.r_[negatives, positives])
     return float(fprs[np.searchsorted(tprs, tpr - 1e-12, side="left")])
@@ -39,6 +41,8 @@ def fpr_at_tpr(negatives: np.ndarray, positives: np.ndarray, tpr: float = 0.95) 
 
 def rank_auroc(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """AUROC of each row pair (Mann-Whitney U from average ranks); [B, n_neg], [B, n_pos]."""
+    from scipy.stats import rankdata
+
     both = np.concatenate([neg, pos], axis=1)
     ranks = rankdata(both, axis=1)
     n_neg, n_pos = neg.shape[1], pos.shape[1]

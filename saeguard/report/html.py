@@ -9,15 +9,12 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from saeguard.fileio import atomic_write_text
 
-matplotlib.use("Agg")  # no display on servers and CI
-
-from matplotlib.figure import Figure  # noqa: E402
-
-from saeguard.fileio import atomic_write_text  # noqa: E402
+if TYPE_CHECKING:  # matplotlib loads with the first plot, not with the CLI
+    from matplotlib.figure import Figure
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}

@@ -24,13 +24,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
 from saeguard import __version__
@@ -54,6 +53,9 @@ from saeguard.robustify.measure import (
     perturb,
     pooled_activations,
 )
+
+if TYPE_CHECKING:  # scikit-learn loads lazily: the CLI starts without it
+    from sklearn.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,9 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from saeguard.data.corpora import load_corpus
 from saeguard.data.perturb import add_typos, parse_shift
@@ -35,6 +32,9 @@ from saeguard.evals.datasets import sample_per_class
 from saeguard.ood.metrics import BOOTSTRAP_RESAMPLES, rank_auroc
 from saeguard.ood.monitor import Monitor
 from saeguard.ood.reader import ReadFailure
+
+if TYPE_CHECKING:  # scikit-learn loads lazily: the CLI starts without it
+    from sklearn.pipeline import Pipeline
 
 MONITOR_SCORES: tuple[str, ...] = ("fallacious_count", "fallacious_mass", "recon_error", "energy")
 
@@ -108,6 +108,10 @@ def pooled_activations(
 
 def fit_topic_probe(x: np.ndarray, labels: Sequence[str], seed: int) -> Pipeline:
     """Multinomial logistic regression on standardised pooled activations (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
     probe.set_params(logisticregression__random_state=seed)
     probe.fit(x, list(labels))

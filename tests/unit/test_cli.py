@@ -228,3 +228,25 @@ def test_ood_fit_never_deletes_files_it_did_not_write(
     first = (mon / "monitor.json").read_bytes()
     assert main(argv) == 0
     assert (mon / "monitor.json").read_bytes() == first
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "bad id!"])
+def test_an_unknown_model_fails_before_transformers_searches_for_it(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 13, case 7: an unknown name took ~30 s to fail offline (transformers searched the
+    hub and its cache); now the id is checked first, with one line and nothing written."""
+    import transformers
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("transformers was asked to load an unknown model")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", never)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "x"
+    rc = main(["harvest", "--model", name, "--hook", "resid_post.1", "--corpus", "wiki-en",
+               "--tokens", "100", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and f"unknown model {name!r}" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

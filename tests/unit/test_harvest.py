@@ -299,3 +299,32 @@ def test_a_tampered_manifest_cannot_make_overwrite_touch_files_outside_out(
     with pytest.raises(CorruptFileError, match="shards/0/file"):
         ActivationCache.open(out)
     assert victim.read_text(encoding="utf-8") == "precious"
+
+
+def test_rerunning_a_complete_harvest_names_a_corrupt_shard_and_hashes_once(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13, case 5: re-running a harvest on a complete cache said complete without checking
+    the shards; now sizes and checksums are checked, and each shard is hashed once per process
+    while it is unchanged (a training run cycling over the cache does not re-hash every pass)."""
+    import saeguard.activations.cache as cache_module
+
+    cfg = _cfg(tiny_llama_dir, text_corpus, tmp_path / "c")
+    harvest(cfg)
+    hashed: list[str] = []
+    real = cache_module.sha256_file
+    monkeypatch.setattr(cache_module, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    cache = harvest(cfg)  # complete: verified, nothing recomputed
+    n_shards = len(cache.shards)
+    cache.verify()
+    list(cache.iter_shards("resid_post.1"))
+    assert sorted(hashed) == sorted({e["file"] for e in cache.shards}) and n_shards >= 2
+    shard = tmp_path / "c" / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))  # same size, new mtime: hashed again, mismatch named
+    with pytest.raises(CorruptFileError, match=r"shard_00001\.safetensors.*SHA-256"):
+        harvest(cfg)
+    shard.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CorruptFileError, match=r"shard_00001\.safetensors.*bytes where"):
+        list(ActivationCache.open(tmp_path / "c").iter_shards("resid_post.1"))
