@@ -75,6 +75,55 @@ def check_output_directory(target: Path, own: Collection[str]) -> None:
         )
 
 
+OUTPUT_MARKER = ".saeguard-output.json"
+"""Written first into every command's --out: the folder is that command's own output."""
+
+
+def claim_output_directory(out: Path, command: str, index: Collection[str] = ()) -> None:
+    """Make ``out`` the output folder of ``command``, or refuse it with one clear line.
+
+    A missing or empty folder is claimed (``OUTPUT_MARKER`` is written before anything else). A
+    non-empty folder must be this command's: its marker names ``command``, or (outputs of older
+    saeguard versions, written before markers) it holds one of the ``index`` files the command
+    writes. Anything else is refused before any work: a command never writes into, or deletes
+    from, a folder that is not its own.
+    """
+    from saeguard.errors import CorruptFileError, SaeguardError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SaeguardError(
+            f"--out {out} is an existing file; pass a directory (nothing was written)"
+        )
+    entries = [p for p in out.iterdir()] if out.exists() else []
+    marker = out / OUTPUT_MARKER
+    if marker.exists():
+        try:
+            owner = json.loads(marker.read_text(encoding="utf-8"))["command"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CorruptFileError(
+                f"{marker} is corrupt ({exc}); if {out} is a saeguard output, delete that file "
+                "and run again, otherwise choose another --out"
+            ) from exc
+        if owner != command:
+            raise SaeguardError(
+                f"--out {out} is the output of `saeguard {owner}`, not of `saeguard {command}`; "
+                "choose another --out (nothing was written)"
+            )
+        return
+    names = {p.name for p in entries}
+    if names and not names & set(index):
+        shown = ", ".join(sorted(names)[:5]) + (
+            f" and {len(names) - 5} more" if len(names) > 5 else ""
+        )
+        raise SaeguardError(
+            f"--out {out} is not empty and is not an output of `saeguard {command}` (it holds "
+            f"{shown}); choose another --out or an empty directory (nothing was written)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"format": "saeguard-output", "command": command})
+
+
 STAGING_PREFIX = ".saeguard-staging-"
 """Name prefix of the folder a directory's new contents are built in, inside that directory."""
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import DEFAULT_SHIFTS
 from saeguard.errors import ConfigError
-from saeguard.fileio import atomic_write_json, sha256_file
+from saeguard.fileio import atomic_write_json, claim_output_directory, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from saeguard.train import TrainJobConfig, run_training
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_directory(out, "run", index=("run.json",))
     state_path = out / "run.json"
     state: dict[str, Any] = {}
     if state_path.is_file():

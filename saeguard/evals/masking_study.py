@@ -26,7 +26,7 @@ from saeguard.errors import ConfigError
 from saeguard.evals.results import BOOTSTRAP_RESAMPLES, statistic_of
 from saeguard.evals.runner import EvalConfig, run_eval
 from saeguard.evals.subject import EvalSubject, load_subject
-from saeguard.fileio import atomic_write_json, atomic_write_text
+from saeguard.fileio import atomic_write_json, atomic_write_text, claim_output_directory
 from saeguard.sae.io import load_sae
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ def run_study(cfg: MaskingStudyConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_directory(out, "study masking", index=("study.json",))
     train_all(cfg)
     evaluate_all(cfg)
     table = summarise(cfg)

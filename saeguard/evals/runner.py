@@ -28,7 +28,7 @@ from saeguard.evals.ood_probing import OODProbingConfig, run_ood_probing
 from saeguard.evals.probing import ProbingConfig, run_probing
 from saeguard.evals.results import MetricResult
 from saeguard.evals.subject import EvalSubject, load_subject
-from saeguard.fileio import atomic_write_json
+from saeguard.fileio import atomic_write_json, claim_output_directory
 
 log = logging.getLogger(__name__)
 EVALS = ("core", "ce", "absorption", "probing", "ood_probing", "effective")
@@ -163,6 +163,8 @@ def run_eval(
     sae_dir = Path(sae_dir)
     # An adapted model's eval never overwrites the base model's eval.json in the SAE directory.
     out = Path(cfg.out) if cfg.out else (Path(cfg.adapter) / "eval" if cfg.adapter else sae_dir)
+    if cfg.out:  # a folder of the user's choosing must be empty or an earlier eval's
+        claim_output_directory(out, "eval", index=("eval.json",))
     out.mkdir(parents=True, exist_ok=True)
     subject = subject or load_subject(sae_dir, cfg.model, cfg.corpus, adapter=cfg.adapter)
     settings = _settings(cfg)

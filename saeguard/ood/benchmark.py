@@ -25,7 +25,12 @@ from saeguard import __version__
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import DEFAULT_SHIFTS, ShiftSet, build_shift, id_split_texts
 from saeguard.errors import ConfigError, CorruptFileError
-from saeguard.fileio import atomic_write_json, atomic_write_text, sha256_file
+from saeguard.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    claim_output_directory,
+    sha256_file,
+)
 from saeguard.ood.metrics import bootstrap_detection, proportion_ci, score_values
 from saeguard.ood.monitor import MONITOR_FILE, Monitor, TextScore
 from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
@@ -119,6 +124,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Score every shift and the ID negatives; write the JSON, markdown table and HTML report."""
     monitor_dir, out = Path(monitor_dir), Path(out)
+    claim_output_directory(out, "ood benchmark", index=(RESULT_FILE, "scores"))
     monitor = Monitor.load(monitor_dir, adapter=cfg.adapter)
     if not monitor.thresholds:
         raise ConfigError(
@@ -192,7 +198,6 @@ def run_benchmark(
         "shifts": table,
     }
     jsonschema.validate(document, json.loads(SCHEMA.read_text(encoding="utf-8")))
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / RESULT_FILE, document)
     atomic_write_text(out / "ood_benchmark.md", markdown_tables(document))
     examples = _explained_examples(monitor, cfg, scored, id_texts, id_rows, deployed)

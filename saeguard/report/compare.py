@@ -14,7 +14,7 @@ from typing import Any
 
 from saeguard.evals.results import MetricResult, paired_difference
 from saeguard.evals.runner import load_eval
-from saeguard.fileio import atomic_write_text
+from saeguard.fileio import atomic_write_text, claim_output_directory
 from saeguard.report.html import HtmlPage, fmt, markdown_table
 
 
@@ -84,7 +84,7 @@ def compare(directories: list[str], out: str = "", metrics: str = "", seed: int 
     terminal = "\n".join(lines)
     if out:
         target = Path(out)
-        target.mkdir(parents=True, exist_ok=True)
+        claim_output_directory(target, "compare", index=("compare.md",))
         atomic_write_text(target / "compare.md", md + "\n")
         page = HtmlPage("SAE comparison")
         page.paragraph(

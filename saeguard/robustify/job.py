@@ -37,7 +37,12 @@ from saeguard.configs import validate_literals
 from saeguard.data.shifts import id_split_texts
 from saeguard.data.tokenize import tokenize_documents
 from saeguard.errors import ConfigError
-from saeguard.fileio import atomic_path, atomic_write_json, sha256_file
+from saeguard.fileio import (
+    atomic_path,
+    atomic_write_json,
+    claim_output_directory,
+    sha256_file,
+)
 from saeguard.models.adapters import PEFT_WEIGHTS, merge_adapter, save_adapter
 from saeguard.models.loading import LoadedModel, load_model
 from saeguard.ood.monitor import Monitor, MonitorConfig
@@ -165,7 +170,7 @@ class _Run:
     def __init__(self, cfg: RobustifyConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        claim_output_directory(self.out, "robustify", index=("robustify.json", "monitor"))
         self.base = load_model(cfg.model)
         self.monitor_dir = self._monitor_dir()
         self.monitor = Monitor.load(self.monitor_dir, loaded=self.base)

@@ -21,12 +21,15 @@ from saeguard.activations import (
 )
 from saeguard.activations.cache import ActivationCache
 from saeguard.errors import ConfigError
-from saeguard.fileio import atomic_write_json
+from saeguard.fileio import atomic_write_json, claim_output_directory
 from saeguard.sae import ARCHITECTURES, SAEConfig, SparseAutoencoder, create_sae
 from saeguard.sae.base import normalized_mse
 from saeguard.train.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
+
+TRAIN_INDEX = ("train_results.json", "cfg.json", "checkpoint", "metrics.jsonl")
+"""Files by which an output of an older saeguard (before output markers) is recognised."""
 
 
 @dataclass(kw_only=True)
@@ -115,6 +118,7 @@ def source_config_from_cache(job: TrainJobConfig, cache: ActivationCache) -> Tra
 
 def run_training(job: TrainJobConfig) -> dict[str, Any]:
     """Train every SAE of the job, evaluate on held-out text, write ``train_results.json``."""
+    claim_output_directory(Path(job.out), "train", index=TRAIN_INDEX)
     hook = job.hooks[0]
     if job.acts:
         cache_hooks = _cache_hooks(job)

@@ -76,3 +76,44 @@ def test_written_files_and_directories_honour_the_umask(tmp_path: Path, umask_00
         assert stat.S_IMODE(path.stat().st_mode) == 0o664, path
     for path in (tmp_path / "m", tmp_path / "m" / "sub"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o775, path
+
+
+def test_a_command_claims_only_an_empty_folder_or_its_own_output(tmp_path: Path) -> None:
+    from saeguard.errors import CorruptFileError
+    from saeguard.fileio import OUTPUT_MARKER, claim_output_directory
+
+    fresh = tmp_path / "fresh"
+    claim_output_directory(fresh, "train")
+    assert (fresh / OUTPUT_MARKER).is_file()
+    claim_output_directory(fresh, "train")  # a re-run (resume) of the same command
+    with pytest.raises(SaeguardError, match=r"output of `saeguard train`.*another --out"):
+        claim_output_directory(fresh, "ood benchmark")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(SaeguardError, match=r"thesis\.tex.*another --out"):
+        claim_output_directory(foreign, "run", index=("run.json",))
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+    legacy = tmp_path / "legacy"  # written by a saeguard without markers: adopted by its index
+    legacy.mkdir()
+    (legacy / "run.json").write_text("{}")
+    claim_output_directory(legacy, "run", index=("run.json",))
+    assert (legacy / OUTPUT_MARKER).is_file()
+    (legacy / OUTPUT_MARKER).write_text("{not json")
+    with pytest.raises(CorruptFileError, match="delete that file"):
+        claim_output_directory(legacy, "run")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SaeguardError, match="existing file"):
+        claim_output_directory(tmp_path / "file", "run")
+
+
+def test_train_refuses_a_folder_holding_someone_elses_files(tmp_path: Path) -> None:
+    """The rule at a command's entry: `saeguard train --out` into a non-empty foreign folder."""
+    from saeguard.train import TrainJobConfig, run_training
+
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("precious")
+    with pytest.raises(SaeguardError, match=r"todo\.txt"):
+        run_training(TrainJobConfig(acts=str(tmp_path / "no-cache"), out=str(out)))
+    assert [p.name for p in out.iterdir()] == ["todo.txt"]
