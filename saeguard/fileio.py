@@ -11,11 +11,32 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+FAULT_KILL_ENV = "SAEGUARD_FAULT_KILL_AT"
+"""Fault injection (tests/faults): SIGKILL the process at its N-th failpoint."""
+FAULT_COUNT_ENV = "SAEGUARD_FAULT_COUNT_FILE"
+"""Fault injection: keep the number of failpoints passed so far in this file."""
+_failpoints_passed = 0
+
+
+def failpoint() -> None:
+    """A moment where a crash leaves a distinct state on disk (before and after each atomic
+    rename, after each training step). Without the two environment variables above this only
+    counts; the fault-injection suite uses them to kill a command at seeded random points, as a
+    power cut or an out-of-memory kill would, and checks that re-running it repairs everything."""
+    global _failpoints_passed
+    _failpoints_passed += 1
+    count_file = os.environ.get(FAULT_COUNT_ENV)
+    if count_file:
+        Path(count_file).write_text(str(_failpoints_passed), encoding="utf-8")
+    if os.environ.get(FAULT_KILL_ENV) == str(_failpoints_passed):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def cache_root() -> Path:
@@ -44,8 +65,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        failpoint()
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+        failpoint()
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -154,11 +177,14 @@ def atomic_directory(target: Path, own: Collection[str], index: str) -> Iterator
             raise RuntimeError(f"writer made {sorted(made)}, expected {index} among {sorted(own)}")
         (target / index).unlink(missing_ok=True)
         _fsync_dir(target)
+        failpoint()
         for name in sorted(set(own) - {index}):  # older outputs' extra entries go too: ours
             if (target / name).exists() or (target / name).is_symlink():
                 _remove(target / name)
+                failpoint()
             if name in made:
                 (staging / name).rename(target / name)
+                failpoint()
         (staging / index).rename(target / index)
         _fsync_dir(target)
     finally:

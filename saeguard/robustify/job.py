@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -153,6 +153,21 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _checkpoint_progress(path: Path) -> dict[str, Any] | None:
+    """The progress saved inside a LoRA checkpoint, or None (no checkpoint, or unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as handle:
+            progress = json.loads((handle.metadata() or {})["progress"])
+    except (SafetensorError, OSError, KeyError, ValueError):
+        log.warning("checkpoint %s is unreadable: training anew", path)
+        return None
+    ok = isinstance(progress, dict) and isinstance(progress.get("step"), int)
+    ok = ok and isinstance(progress.get("losses"), list)
+    return progress if ok else None
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -275,14 +290,15 @@ class _Run:
         )  # fmt: skip
         progress_path = directory / "progress.json"
         state_path = directory / "checkpoint.safetensors"
-        progress = _read_json(progress_path) or {}
-        if progress.get("signature") != signature or int(progress.get("step", 0)) > cfg.steps:
-            if progress:
-                log.info("%s: settings changed (or fewer steps asked): training anew", directory)
-            progress = {"signature": signature, "step": 0, "losses": []}
-        if progress["step"] == cfg.steps and (adapter_dir / PEFT_WEIGHTS).is_file():
+        finished = _read_json(progress_path) or {}
+        if (
+            finished.get("signature") == signature
+            and finished.get("step") == cfg.steps
+            and (adapter_dir / PEFT_WEIGHTS).is_file()
+        ):
             log.info("%s: %d steps already trained, kept", adapter_dir, cfg.steps)
-            return adapter_dir, list(progress["losses"])
+            return adapter_dir, list(finished["losses"])
+        progress: dict[str, Any] = {"signature": signature, "step": 0, "losses": []}
 
         torch.manual_seed(cfg.seed)  # the adapters' initialisation
         loaded = load_model(cfg.model)
@@ -291,13 +307,18 @@ class _Run:
         pad = self.monitor.rules.special_ids[0] if self.monitor.rules.special_ids else 0
         robustifier = LoraRobustifier(model, self.monitor.sae, point, self.monitor.rules,
                                       settings, pad, self.energy_of)  # fmt: skip
-        if progress["step"] > 0:
+        saved = _checkpoint_progress(state_path)  # kept inside the checkpoint: they agree
+        if saved is not None and saved.get("signature") != signature:
+            log.info("%s: settings changed: training anew", directory)
+        elif saved is not None and int(saved.get("step", 0)) > cfg.steps:
+            log.info("%s: fewer steps asked than already trained: training anew", directory)
+        elif saved is not None:
             try:
                 robustifier.load_state_tensors(load_file(str(state_path)))
             except (SafetensorError, OSError) as exc:
                 log.warning("checkpoint %s unreadable (%s): training anew", state_path, exc)
-                progress = {"signature": signature, "step": 0, "losses": []}
             else:
+                progress = saved
                 log.info("%s: resuming at step %d of %d", directory, progress["step"], cfg.steps)
         pool = id_split_texts(self.corpus, "train", cfg.steps * cfg.batch_size, cfg.seed + 1)
         start_id = self.monitor.reader.spec.start_id
@@ -322,9 +343,11 @@ class _Run:
             bar.update(1)
             bar.set_postfix(consistency=f"{losses.consistency:.3f}", lm=f"{losses.lm:.3f}")
             if progress["step"] % cfg.checkpoint_every == 0 or progress["step"] == cfg.steps:
+                # The step and losses travel inside the weights' file: one atomic write, so a
+                # kill can never leave weights of one step beside the progress of another.
                 with atomic_path(state_path) as tmp:
-                    save_file(robustifier.state_tensors(), str(tmp))
-                atomic_write_json(progress_path, progress)
+                    save_file(robustifier.state_tensors(), str(tmp),
+                              metadata={"progress": json.dumps(progress)})  # fmt: skip
         bar.close()
         progress["seconds"] = progress.get("seconds", 0.0) + time.perf_counter() - started
         save_adapter(model, adapter_dir, {

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from saeguard.configs import config_to_dict, validate_literals
 from saeguard.errors import ConfigError, MissingPackageError, SaeguardError
-from saeguard.fileio import atomic_path, atomic_write_json, atomic_write_text
+from saeguard.fileio import atomic_path, atomic_write_json, atomic_write_text, failpoint
 from saeguard.sae import SparseAutoencoder
 from saeguard.sae.base import normalized_mse
 from saeguard.sae.io import save_sae
@@ -335,6 +335,7 @@ class Trainer:
                     row = self._train_step(x)
                     trained_tokens += len(x)
                     self.step += 1
+                    failpoint()
                     self.trained_steps += 1
                     if on_step is not None:
                         paused = time.perf_counter()

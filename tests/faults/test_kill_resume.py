@@ -1,0 +1,175 @@
+"""Fault injection: SIGKILL every long command at seeded random moments, run it again, and demand
+the outputs of an uninterrupted run.
+
+The moments are drawn among the command's failpoints (``saeguard.fileio.failpoint``: before and
+after every atomic rename, after every training step), which are exactly the moments where a
+crash leaves a distinct state on disk; the process kills itself there with SIGKILL, as a power
+cut or the out-of-memory killer would. Each command runs on a tiny random model built here.
+
+Outputs are compared file by file: byte for byte, except that JSON documents are compared
+without the fields that measure time (seconds, rates, dates), and HTML/markdown reports, which
+print those timings, are compared with every number-with-a-unit of time masked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from saeguard.fileio import FAULT_COUNT_ENV, FAULT_KILL_ENV
+
+KILLS_PER_COMMAND = 5
+TIMING_KEY = re.compile(r"(^|_)(seconds|secs|time|times|timings?|elapsed|duration|date|started|"
+                        r"finished|tok_s|tokens_per_s|per_s|rate|wall|hours|minutes)($|_)|_s$")  # fmt: skip
+TIMING_TEXT = re.compile(r"\d[\d,.]*\s*(s|ms|min|minutes|seconds|tok/s|tokens/s)\b")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the commands run on: built once per module."""
+
+    model: Path
+    corpus: Path
+    cache: Path
+    sae: Path
+    monitor: Path
+    env: dict[str, str]
+
+
+def _cli(args: list[str], env: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "saeguard", "-q", *args],
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    from conftest import make_text_corpus
+
+    root = tmp_path_factory.mktemp("faults")
+    env = {k: v for k, v in os.environ.items() if k not in (FAULT_KILL_ENV, FAULT_COUNT_ENV)}
+    env.update(HF_HUB_OFFLINE="1", SAEGUARD_CACHE=str(root / "cache-root"))
+    corpus = make_text_corpus(root / "corpus.txt", n_docs=80)
+    cache, sae, monitor = root / "acts", root / "sae", root / "monitor"
+    for args in (
+        _harvest_args(tiny_llama_dir, corpus, cache),
+        ["train", "--acts", str(cache), "--arch", "topk", "--k", "4", "--expansion", "2",
+         "--tokens", "1024", "--batch-tokens", "128", "--buffer-tokens", "256",
+         "--eval-tokens", "128", "--out", str(sae)],
+        ["ood", "fit", str(sae), "--out", str(monitor), "--fit-texts", "40",
+         "--calibration-texts", "30"],
+    ):  # fmt: skip
+        done = _cli(args, env)
+        assert done.returncode == 0, done.stderr
+    return Setup(tiny_llama_dir, corpus, cache, sae, monitor, env)
+
+
+def _harvest_args(model: Path, corpus: Path, out: Path) -> list[str]:
+    return ["harvest", "--model", str(model), "--hook", "resid_post.2", "--corpus", str(corpus),
+            "--split", "all", "--ctx-len", "16", "--batch-size", "4", "--shard-tokens", "96",
+            "--tokens", "600", "--calibration-contexts", "4", "--out", str(out)]  # fmt: skip
+
+
+COMMANDS: dict[str, Callable[[Setup, Path], list[str]]] = {
+    "harvest": lambda s, out: _harvest_args(s.model, s.corpus, out),
+    "train from a cache": lambda s, out: [
+        "train", "--acts", str(s.cache), "--arch", "topk", "--k", "4", "--expansion", "2",
+        "--tokens", "2048", "--batch-tokens", "128", "--buffer-tokens", "256",
+        "--eval-tokens", "128", "--checkpoint-every", "5", "--out", str(out),
+    ],
+    "train from the model": lambda s, out: [
+        "train", "--model", str(s.model), "--hook", "resid_post.2", "--corpus", str(s.corpus),
+        "--split", "all", "--ctx-len", "16", "--calibration-contexts", "4", "--arch", "topk",
+        "--k", "4", "--expansion", "2", "--tokens", "1024", "--batch-tokens", "128",
+        "--buffer-tokens", "256", "--eval-tokens", "128", "--mask-prob", "0.1",
+        "--checkpoint-every", "3", "--out", str(out),
+    ],
+    "run --quick": lambda s, out: [
+        "run", "--model", str(s.model), "--hook", "resid_post.2", "--quick", "--tokens", "4096",
+        "--fit-texts", "40", "--calibration-texts", "30", "--id-texts", "16", "--per-shift",
+        "10", "--shifts", "typos:0.2,wiki-es", "--checkpoint-every", "4", "--out", str(out),
+    ],
+    "ood benchmark": lambda s, out: [
+        "ood", "benchmark", "--monitor", str(s.monitor), "--shifts", "typos:0.2,wiki-fr",
+        "--id-texts", "12", "--per-shift", "10", "--no-lm-baselines", "--resamples", "100",
+        "--out", str(out),
+    ],
+    "robustify --quick": lambda s, out: [
+        "robustify", "--model", str(s.model), "--sae", str(s.sae),
+        "--quick", "--steps", "4", "--checkpoint-every", "2", "--fit-texts", "60",
+        "--calibration-texts", "30", "--out", str(out),
+    ],
+    "study masking --quick": lambda s, out: [
+        "study", "masking", "--model", str(s.model), "--hook", "resid_post.2", "--corpus",
+        "wiki-en", "--mask-probs", "0,0.2", "--ks", "4", "--seeds", "1", "--tokens", "1024",
+        "--quick", "--batch-tokens", "256", "--ctx-len", "32", "--probing-per-class", "6",
+        "--absorption-words", "60", "--core-contexts", "8", "--ce-contexts", "2",
+        "--out", str(out),
+    ],
+}  # fmt: skip
+
+
+def _normalised(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items() if not TIMING_KEY.search(str(k))}
+    if isinstance(value, list):
+        return [_normalised(v) for v in value]
+    return value
+
+
+def snapshot(out: Path) -> dict[str, str]:
+    """Every output file under ``out`` -> a digest of its content (timings left out)."""
+    digests = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        name = str(path.relative_to(out))
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            data = json.dumps(_normalised(json.loads(data)), sort_keys=True).encode()
+        elif path.suffix == ".jsonl":
+            rows = [_normalised(json.loads(line)) for line in data.splitlines() if line.strip()]
+            data = json.dumps(rows, sort_keys=True).encode()
+        elif path.suffix in (".html", ".md"):
+            data = TIMING_TEXT.sub("T", data.decode("utf-8")).encode()
+        digests[name] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_killed_at_random_moments_then_rerun_gives_the_uninterrupted_outputs(
+    setup: Setup, tmp_path: Path, command: str
+) -> None:
+    reference = tmp_path / "reference"
+    count_file = tmp_path / "failpoints"
+    done = _cli(COMMANDS[command](setup, reference), setup.env,
+                **{FAULT_COUNT_ENV: str(count_file)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    n_points = int(count_file.read_text())
+    expected = snapshot(reference)
+    assert expected, "the command wrote nothing"
+    rng = random.Random(f"{command}:{n_points}")
+    moments = sorted(rng.sample(range(1, n_points + 1), min(KILLS_PER_COMMAND, n_points)))
+    for moment in moments:
+        out = tmp_path / f"killed-at-{moment}"
+        killed = _cli(COMMANDS[command](setup, out), setup.env, **{FAULT_KILL_ENV: str(moment)})
+        assert killed.returncode == -signal.SIGKILL, (moment, n_points, killed.stderr[-2000:])
+        resumed = _cli(COMMANDS[command](setup, out), setup.env)
+        assert resumed.returncode == 0, (moment, resumed.stderr[-2000:])
+        got = snapshot(out)
+        differing = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+        assert not differing, f"killed at failpoint {moment} of {n_points}: {differing}"
