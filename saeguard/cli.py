@@ -138,10 +138,10 @@ def _read_bytes(path: str) -> bytes:
 def _cmd_ood_score(args: argparse.Namespace) -> int:
     from saeguard.ood import Monitor
 
-    monitor = Monitor.load(args.monitor, model=args.model, adapter=args.adapter)
-    texts = _read_texts(args)
+    texts = _read_texts(args)  # bad input fails before the model loads
     if not texts:
         raise SaeguardError("no text to score: pass texts as arguments, --file PATH, or stdin")
+    monitor = Monitor.load(args.monitor, model=args.model, adapter=args.adapter)
     results = monitor.score(
         texts,
         with_lm=args.with_lm,

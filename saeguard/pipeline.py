@@ -120,8 +120,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if state_path.is_file():
         try:
             state = json.loads(state_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except ValueError:  # invalid JSON or UTF-8
             log.warning("%s is unreadable: re-checking every step", state_path)
+        steps = state.get("steps") if isinstance(state, dict) else None
+        if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()):
+            if state:
+                log.warning("%s has an unexpected form: re-checking every step", state_path)
+            state = {}
     state["config"] = asdict(cfg)
     state.setdefault("steps", {})
     sae_dir, monitor_dir, ood_dir = out / "sae", out / "monitor", out / "ood"

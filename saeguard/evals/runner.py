@@ -28,7 +28,7 @@ from saeguard.evals.ood_probing import OODProbingConfig, run_ood_probing
 from saeguard.evals.probing import ProbingConfig, run_probing
 from saeguard.evals.results import MetricResult
 from saeguard.evals.subject import EvalSubject, load_subject
-from saeguard.fileio import atomic_write_json, claim_output_directory
+from saeguard.fileio import atomic_write_json, check_schema, claim_output_directory
 
 log = logging.getLogger(__name__)
 EVALS = ("core", "ce", "absorption", "probing", "ood_probing", "effective")
@@ -144,9 +144,14 @@ def _load_previous(path: Path, sae_path: str) -> dict[str, Any] | None:
         return None
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # invalid JSON or UTF-8
         raise CorruptFileError(f"{path} is not valid JSON ({exc}); delete it and re-run") from exc
-    if previous.get("sae", {}).get("path") != sae_path or "eval_settings" not in previous:
+    if not isinstance(previous, dict):
+        raise CorruptFileError(f"{path} is not an eval.json saeguard wrote; delete it and re-run")
+    fields = ("sae", "settings", "metrics", "details", "timings_s", "eval_settings")
+    if not all(isinstance(previous.get(f), dict) for f in fields) or (
+        previous["sae"].get("path") != sae_path
+    ):
         log.info("%s belongs to another SAE or an older saeguard: starting over", path)
         return None
     return dict(previous)
@@ -264,13 +269,20 @@ def load_eval(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConfigError(f"{path} does not exist; run `saeguard eval {directory}` first")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-        jsonschema.validate(document, json.loads(EVAL_SCHEMA.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, jsonschema.ValidationError) as exc:
-        raise CorruptFileError(
-            f"{path} is not a valid eval.json ({str(exc)[:200]}); re-run saeguard eval"
-        ) from exc
+    except ValueError as exc:  # invalid JSON or UTF-8
+        raise CorruptFileError(f"{path} is not valid JSON ({exc}); re-run saeguard eval") from exc
+    check_schema(document, EVAL_SCHEMA, path, "Re-run `saeguard eval`.")
     samples_path = path.with_name("eval_samples.json")
-    samples = json.loads(samples_path.read_text(encoding="utf-8")) if samples_path.exists() else {}
+    samples: Any = {}
+    if samples_path.exists():
+        try:
+            samples = json.loads(samples_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise CorruptFileError(
+                f"{samples_path} is not valid JSON; re-run saeguard eval"
+            ) from exc
+        if not isinstance(samples, dict):
+            raise CorruptFileError(f"{samples_path} is not an object; re-run saeguard eval")
     return document, samples
 
 

@@ -101,9 +101,10 @@ def _score_set(
     if path.is_file():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("signature") == signature:
-                return list(saved["results"])
-        except (json.JSONDecodeError, KeyError):
+            results = saved["results"] if saved.get("signature") == signature else None
+            if isinstance(results, list) and all(isinstance(r, dict) for r in results):
+                return results
+        except (ValueError, KeyError, TypeError, AttributeError):  # torn, edited, other form
             log.warning("%s is unreadable: scoring %s again", path, name)
     lm = cfg.lm_baselines if with_lm is None else with_lm
     results = monitor.score(

@@ -497,26 +497,7 @@ class Monitor:
         with that adapter merged in, judged against the base model's statistics."""
         directory = Path(directory)
         path = directory / MONITOR_FILE
-        if not path.is_file():
-            raise SaeguardError(
-                f"{directory} holds no {MONITOR_FILE}: not a monitor directory (create one with "
-                "`saeguard ood fit`)"
-            )
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptFileError(
-                f"{path} is not valid JSON ({exc}); re-run `saeguard ood fit`"
-            ) from exc
-        if (
-            not isinstance(doc, dict)
-            or doc.get("format") != FORMAT
-            or doc.get("format_version") != FORMAT_VERSION
-        ):
-            raise CorruptFileError(
-                f"{path} is not a saeguard monitor of format version {FORMAT_VERSION}"
-            )
-        check_schema(doc, SCHEMA, path, "Re-run `saeguard ood fit` to write it again.")
+        doc = read_monitor_document(directory)
         try:
             tensors = load_file(str(directory / STATS_FILE))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -562,6 +543,33 @@ class Monitor:
         if calib.is_file():
             monitor.calibration_scores = _read_calibration_scores(calib)
         return monitor
+
+
+def read_monitor_document(directory: Path) -> dict[str, Any]:
+    """``monitor.json`` of a monitor directory, checked against its schema (one clear line for a
+    missing, torn or edited file)."""
+    path = directory / MONITOR_FILE
+    if not path.is_file():
+        raise SaeguardError(
+            f"{directory} holds no {MONITOR_FILE}: not a monitor directory (create one with "
+            "`saeguard ood fit`)"
+        )
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({exc}); re-run `saeguard ood fit`"
+        ) from exc
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != FORMAT
+        or doc.get("format_version") != FORMAT_VERSION
+    ):
+        raise CorruptFileError(
+            f"{path} is not a saeguard monitor of format version {FORMAT_VERSION}"
+        )
+    check_schema(doc, SCHEMA, path, "Re-run `saeguard ood fit` to write it again.")
+    return dict(doc)
 
 
 def _read_calibration_scores(path: Path) -> dict[str, list[float]]:

@@ -111,13 +111,25 @@ def load_sae(directory: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
         document = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{cfg_path} is not valid JSON ({exc})") from exc
-    if (directory / WEIGHTS_FILE).is_file():
-        tensors = _load_tensors(directory / WEIGHTS_FILE)
-        if "saeguard" in document:
-            return _load_saeguard(document, tensors)
-        return _load_saelens(document, tensors)
-    if (directory / SPARSIFY_WEIGHTS).is_file():
-        return _load_sparsify(document, _load_tensors(directory / SPARSIFY_WEIGHTS))
+    if not isinstance(document, dict):
+        raise CorruptFileError(f"{cfg_path} must hold a JSON object, not {type(document).__name__}")
+    try:
+        if (directory / WEIGHTS_FILE).is_file():
+            tensors = _load_tensors(directory / WEIGHTS_FILE)
+            if "saeguard" in document:
+                return _load_saeguard(document, tensors)
+            return _load_saelens(document, tensors)
+        if (directory / SPARSIFY_WEIGHTS).is_file():
+            return _load_sparsify(document, _load_tensors(directory / SPARSIFY_WEIGHTS))
+    except SaeguardError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        # A field missing or of the wrong type, or an extra tensor of the wrong shape: the typed
+        # readers below index the document directly; whatever they trip on, the file is wrong.
+        raise CorruptFileError(
+            f"{cfg_path} does not describe an SAE that saeguard can read "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())}); re-save or re-train it"
+        ) from exc
     raise SaeguardError(
         f"{directory} has {CFG_FILE} but neither {WEIGHTS_FILE} (SAELens/saeguard) nor "
         f"{SPARSIFY_WEIGHTS} (sparsify)"
@@ -138,12 +150,14 @@ def _config_from(values: dict[str, Any]) -> SAEConfig:
     return SAEConfig(**{k: v for k, v in values.items() if k in known})
 
 
-def _fill(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor]) -> SparseAutoencoder:
+def _fill(cfg: SAEConfig, tensors: dict[str, torch.Tensor]) -> SparseAutoencoder:
+    """The SAE of ``cfg`` holding ``tensors``, whose names, shapes and values are checked before
+    anything is allocated (a cfg.json claiming a huge width cannot exhaust memory)."""
     expected = {
-        "W_enc": (sae.cfg.d_in, sae.cfg.d_sae),
-        "b_enc": (sae.cfg.d_sae,),
-        "W_dec": (sae.cfg.d_sae, sae.cfg.d_in),
-        "b_dec": (sae.cfg.d_in,),
+        "W_enc": (cfg.d_in, cfg.d_sae),
+        "b_enc": (cfg.d_sae,),
+        "W_dec": (cfg.d_sae, cfg.d_in),
+        "b_dec": (cfg.d_in,),
     }
     for name, shape in expected.items():
         if name not in tensors:
@@ -153,8 +167,9 @@ def _fill(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor]) -> SparseAut
                 f"SAE tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
                 "from cfg.json"
             )
-        if not torch.isfinite(tensors[name]).all():
-            raise CorruptFileError(f"SAE tensor {name} holds NaN or inf values")
+        if not tensors[name].is_floating_point() or not torch.isfinite(tensors[name]).all():
+            raise CorruptFileError(f"SAE tensor {name} holds NaN, inf or non-float values")
+    sae = create_sae(cfg)
     with torch.no_grad():
         for name in expected:
             getattr(sae, name).copy_(tensors[name].float())
@@ -167,7 +182,7 @@ def _load_saeguard(
     document: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> tuple[SparseAutoencoder, dict[str, Any]]:
     block = dict(document["saeguard"])
-    sae = _fill(create_sae(_config_from(block.pop("sae_config"))), tensors)
+    sae = _fill(_config_from(block.pop("sae_config")), tensors)
     return sae, block
 
 
@@ -201,7 +216,7 @@ def _load_saelens(
         "model": meta.get("model_name", ""),
         "hook": from_saelens_hook(meta.get("hook_name", "")),
     }
-    return _fill(create_sae(cfg), tensors), metadata
+    return _fill(cfg, tensors), metadata
 
 
 def _load_sparsify(
@@ -226,4 +241,4 @@ def _load_sparsify(
         "W_dec": tensors["W_dec"],
         "b_dec": tensors["b_dec"],
     }
-    return _fill(create_sae(cfg), mapped), {"format": "sparsify"}
+    return _fill(cfg, mapped), {"format": "sparsify"}

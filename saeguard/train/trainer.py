@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saeguard.configs import config_to_dict, validate_literals
-from saeguard.errors import ConfigError, MissingPackageError, SaeguardError
+from saeguard.errors import ConfigError, CorruptFileError, MissingPackageError, SaeguardError
 from saeguard.fileio import atomic_path, atomic_write_json, atomic_write_text, failpoint
 from saeguard.sae import SparseAutoencoder
 from saeguard.sae.base import normalized_mse
@@ -226,10 +226,23 @@ class Trainer:
         directory = self.out / CHECKPOINT_DIR
         if not (directory / "state.safetensors").is_file():
             return False
+        try:
+            return self._resume_from(directory)
+        except SaeguardError:
+            raise
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CorruptFileError(
+                f"the checkpoint in {directory} is corrupt ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]}); delete {directory} to train from the start"
+            ) from exc
+
+    def _resume_from(self, directory: Path) -> bool:
         with safe_open(str(directory / "state.safetensors"), framework="pt") as handle:
             metadata = handle.metadata() or {}
         state = json.loads(metadata.get("state", "{}"))
-        if state.get("identity") != json.loads(json.dumps(self._identity())):
+        if not isinstance(state, dict) or state.get("identity") != json.loads(
+            json.dumps(self._identity())
+        ):
             raise SaeguardError(
                 f"{directory} holds a checkpoint of a run with other settings; use another --out "
                 "or delete the checkpoint to start over"

@@ -31,8 +31,10 @@ import pytest
 from saeguard.fileio import FAULT_COUNT_ENV, FAULT_KILL_ENV
 
 KILLS_PER_COMMAND = 5
-TIMING_KEY = re.compile(r"(^|_)(seconds|secs|time|times|timings?|elapsed|duration|date|started|"
-                        r"finished|tok_s|tokens_per_s|per_s|rate|wall|hours|minutes)($|_)|_s$")  # fmt: skip
+TIMING_KEY = re.compile(
+    r"(^|_)(seconds|secs|time|times|timings?|elapsed|duration|date|started|finished|tok_s|"
+    r"tokens_per_s|per_s|rate|wall|hours|minutes)($|_)|_s$"
+)
 TIMING_TEXT = re.compile(r"\d[\d,.]*\s*(s|ms|min|minutes|seconds|tok/s|tokens/s)\b")
 
 
@@ -72,7 +74,7 @@ def setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Set
         ["train", "--acts", str(cache), "--arch", "topk", "--k", "4", "--expansion", "2",
          "--tokens", "1024", "--batch-tokens", "128", "--buffer-tokens", "256",
          "--eval-tokens", "128", "--out", str(sae)],
-        ["ood", "fit", str(sae), "--out", str(monitor), "--fit-texts", "40",
+        ["ood", "fit", str(sae), "--corpus", "wiki-en", "--out", str(monitor), "--fit-texts", "40",
          "--calibration-texts", "30"],
     ):  # fmt: skip
         done = _cli(args, env)
@@ -101,7 +103,7 @@ COMMANDS: dict[str, Callable[[Setup, Path], list[str]]] = {
         "--checkpoint-every", "3", "--out", str(out),
     ],
     "run --quick": lambda s, out: [
-        "run", "--model", str(s.model), "--hook", "resid_post.2", "--quick", "--tokens", "4096",
+        "run", "--model", str(s.model), "--hook", "resid_post.2", "--quick", "--tokens", "8192",
         "--fit-texts", "40", "--calibration-texts", "30", "--id-texts", "16", "--per-shift",
         "10", "--shifts", "typos:0.2,wiki-es", "--checkpoint-every", "4", "--out", str(out),
     ],
@@ -111,7 +113,7 @@ COMMANDS: dict[str, Callable[[Setup, Path], list[str]]] = {
         "--out", str(out),
     ],
     "robustify --quick": lambda s, out: [
-        "robustify", "--model", str(s.model), "--sae", str(s.sae),
+        "robustify", "--model", str(s.model), "--sae", str(s.sae), "--monitor", str(s.monitor),
         "--quick", "--steps", "4", "--checkpoint-every", "2", "--fit-texts", "60",
         "--calibration-texts", "30", "--out", str(out),
     ],
@@ -134,11 +136,25 @@ def _normalised(value: Any) -> Any:
 
 
 def snapshot(out: Path) -> dict[str, str]:
-    """Every output file under ``out`` -> a digest of its content (timings left out)."""
+    """Every output file under ``out`` -> a digest of its content, with timings left out and the
+    output folder's own path written as OUT (a killed run and the reference differ in both)."""
+    from safetensors import safe_open
+
+    here = str(out).encode()
     digests = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         name = str(path.relative_to(out))
         data = path.read_bytes()
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as handle:
+                metadata = {
+                    k: _normalised(_maybe_json(v.replace(str(out), "OUT")))
+                    for k, v in (handle.metadata() or {}).items()
+                }
+                tensors = {k: hashlib.sha256(handle.get_tensor(k).numpy().tobytes()).hexdigest()
+                           for k in sorted(handle.keys())}  # fmt: skip
+            data = json.dumps([metadata, tensors], sort_keys=True).encode()
+        data = data.replace(here, b"OUT")
         if path.suffix == ".json":
             data = json.dumps(_normalised(json.loads(data)), sort_keys=True).encode()
         elif path.suffix == ".jsonl":
@@ -148,6 +164,13 @@ def snapshot(out: Path) -> dict[str, str]:
             data = TIMING_TEXT.sub("T", data.decode("utf-8")).encode()
         digests[name] = hashlib.sha256(data).hexdigest()
     return digests
+
+
+def _maybe_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

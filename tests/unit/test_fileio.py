@@ -49,8 +49,11 @@ def test_a_failed_write_keeps_the_previous_output_and_leftovers_are_cleaned(
 ) -> None:
     target = tmp_path / "m"
     _write_output(target, "v1")
-    with pytest.raises(RuntimeError, match="disk"), atomic_directory(target, OWN, "index.json") as t:
-        (t / "weights.bin").write_text("half")
+    with (
+        pytest.raises(RuntimeError, match="disk"),
+        atomic_directory(target, OWN, "index.json") as tmp,
+    ):
+        (tmp / "weights.bin").write_text("half")
         raise RuntimeError("disk full")
     assert (target / "index.json").read_text() == "v1"
     assert (target / "weights.bin").read_text() == "v1"
