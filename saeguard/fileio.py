@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -98,6 +99,8 @@ def check_output_directory(target: Path, own: Collection[str]) -> None:
         )
 
 
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+"""The name ``atomic_path`` gives its temporary files (``.NAME.XXXXXXXX.tmp``, from mkstemp)."""
 OUTPUT_MARKER = ".saeguard-output.json"
 """Written first into every command's --out: the folder is that command's own output."""
 
@@ -133,6 +136,9 @@ def claim_output_directory(out: Path, command: str, index: Collection[str] = ())
                 f"--out {out} is the output of `saeguard {owner}`, not of `saeguard {command}`; "
                 "choose another --out (nothing was written)"
             )
+        for stale in out.rglob(".*.tmp"):  # our atomic writes' leftovers from a killed run
+            if _TEMPORARY.fullmatch(stale.name) and stale.is_file() and not stale.is_symlink():
+                stale.unlink()
         return
     names = {p.name for p in entries}
     if names and not names & set(index):

@@ -322,6 +322,7 @@ class Trainer:
         self.trained_steps = 0
         if resumed and self.step >= self.cfg.steps:
             log.info("%s already holds a finished run: nothing to train", self.out)
+            self.save_all()  # a kill after the final checkpoint may have cut the saves short
             return self.history
         stream: Iterator[torch.Tensor] = iter(batches)
         first = self._check(next(stream))

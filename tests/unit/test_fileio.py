@@ -120,3 +120,17 @@ def test_train_refuses_a_folder_holding_someone_elses_files(tmp_path: Path) -> N
     with pytest.raises(SaeguardError, match=r"todo\.txt"):
         run_training(TrainJobConfig(acts=str(tmp_path / "no-cache"), out=str(out)))
     assert [p.name for p in out.iterdir()] == ["todo.txt"]
+
+
+def test_claiming_its_own_output_clears_only_its_killed_writes_temporaries(tmp_path: Path) -> None:
+    from saeguard.fileio import claim_output_directory
+
+    out = tmp_path / "out"
+    claim_output_directory(out, "train")
+    (out / "checkpoint").mkdir()
+    leftover = out / "checkpoint" / ".state.json.ab12cd34.tmp"  # a SIGKILL between write and rename
+    leftover.write_text("half")
+    users = out / "notes.tmp"
+    users.write_text("mine")
+    claim_output_directory(out, "train")
+    assert not leftover.exists() and users.read_text() == "mine"
