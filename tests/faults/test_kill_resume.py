@@ -148,8 +148,10 @@ def snapshot(out: Path) -> dict[str, str]:
         if path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as handle:
                 metadata = _normalised(
-                    {k: _maybe_json(v.replace(str(out), "OUT"))
-                     for k, v in (handle.metadata() or {}).items()}  # fmt: skip
+                    {
+                        k: _maybe_json(v.replace(str(out), "OUT"))
+                        for k, v in (handle.metadata() or {}).items()
+                    }  # fmt: skip
                 )
                 # The saved global RNG state is left out: it differs between two uninterrupted
                 # runs as well (the weights and optimiser state it accompanies do not).
