@@ -221,6 +221,17 @@ def atomic_write_json(target: Path, obj: Any) -> None:
     atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: Path, fix: str) -> Any:
+    """The JSON value in ``path``; invalid JSON or UTF-8 is one ``CorruptFileError`` line ending
+    with ``fix``."""
+    from saeguard.errors import CorruptFileError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both derive from it
+        raise CorruptFileError(f"{path} is not valid JSON ({exc}). {fix}") from exc
+
+
 def check_schema(document: Any, schema_path: Path, source: Path, fix: str) -> None:
     """Raise one clear ``CorruptFileError`` line if ``document`` (read from ``source``) does not
     follow the JSON schema at ``schema_path``: nothing read back from disk is used unchecked."""

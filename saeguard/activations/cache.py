@@ -14,7 +14,6 @@ the same harvest command completes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saeguard.errors import CorruptFileError, SaeguardError
-from saeguard.fileio import atomic_path, atomic_write_json, check_schema, sha256_file
+from saeguard.fileio import (
+    atomic_path,
+    atomic_write_json,
+    check_schema,
+    read_json,
+    sha256_file,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = Path(__file__).with_name("manifest.schema.json")
@@ -54,13 +59,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{directory} is not an activation cache (no {MANIFEST}); "
             "create one with `saeguard harvest ... --out DIR`"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(
-            f"{path} is not valid JSON ({exc}). If {directory} is a saeguard activation cache, "
-            "its manifest is corrupt: move the folder aside and run the harvest again."
-        ) from exc
+    manifest = read_json(
+        path,
+        f"If {directory} is a saeguard activation cache, its manifest is corrupt: move the "
+        "folder aside and run the harvest again.",
+    )
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CorruptFileError(f"{path} is not a saeguard activation-cache manifest")
     version = manifest.get("format_version", 0)

@@ -9,7 +9,6 @@ leaves a half-written monitor and never destroys the previous one.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from saeguard.activations.exclusion import ExclusionRules
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import id_split_texts
 from saeguard.errors import ConfigError, CorruptFileError, SaeguardError
-from saeguard.fileio import atomic_directory, atomic_write_json, check_schema
+from saeguard.fileio import atomic_directory, atomic_write_json, check_schema, read_json
 from saeguard.models.loading import LoadedModel, load_model
 from saeguard.ood.analysis import TextAnalysis, analyse
 from saeguard.ood.reader import ActivationReader, Keep, ReadFailure, TextActivations
@@ -554,12 +553,7 @@ def read_monitor_document(directory: Path) -> dict[str, Any]:
             f"{directory} holds no {MONITOR_FILE}: not a monitor directory (create one with "
             "`saeguard ood fit`)"
         )
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(
-            f"{path} is not valid JSON ({exc}); re-run `saeguard ood fit`"
-        ) from exc
+    doc = read_json(path, "Re-run `saeguard ood fit`.")
     if (
         not isinstance(doc, dict)
         or doc.get("format") != FORMAT
@@ -574,12 +568,7 @@ def read_monitor_document(directory: Path) -> dict[str, Any]:
 
 def _read_calibration_scores(path: Path) -> dict[str, list[float]]:
     """``calibration_scores.json``: each score's values on the calibration texts."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(
-            f"{path} is not valid JSON ({exc}); re-run `saeguard ood fit`"
-        ) from exc
+    doc = read_json(path, "Re-run `saeguard ood fit`.")
     ok = isinstance(doc, dict) and all(
         isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in doc.values()
     )

@@ -172,9 +172,8 @@ def test_ood_and_run_help_explains_every_option(
         assert " ".join(docs[f.name].split()[:3]) in text
 
 
-def test_ood_fit_and_benchmark_commands_end_to_end(
-    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def _random_sae(model: Path, directory: Path) -> None:
+    """A random TopK SAE for the tiny model's resid_post.2, saved in ``directory``."""
     import torch
 
     from saeguard.sae import SAEConfig, create_sae
@@ -182,8 +181,14 @@ def test_ood_fit_and_benchmark_commands_end_to_end(
 
     torch.manual_seed(0)
     sae = create_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
-    save_sae(sae, tmp_path / "sae", {"model": str(tiny_llama_dir), "hook": "resid_post.2",
-                                     "corpus": "wiki-en", "ctx_len": 16})  # fmt: skip
+    save_sae(sae, directory, {"model": str(model), "hook": "resid_post.2", "corpus": "wiki-en",
+                              "ctx_len": 16})  # fmt: skip
+
+
+def test_ood_fit_and_benchmark_commands_end_to_end(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _random_sae(tiny_llama_dir, tmp_path / "sae")
     mon = str(tmp_path / "mon")
     argv = ["-q", "ood", "fit", str(tmp_path / "sae"), "--out", mon, "--fit-texts", "40",
             "--calibration-texts", "30"]  # fmt: skip
@@ -205,15 +210,7 @@ def test_ood_fit_never_deletes_files_it_did_not_write(
     tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Issue 13, case 1: `ood fit --out m` into a folder with a user's file used to delete it."""
-    import torch
-
-    from saeguard.sae import SAEConfig, create_sae
-    from saeguard.sae.io import save_sae
-
-    torch.manual_seed(0)
-    sae = create_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
-    save_sae(sae, tmp_path / "sae", {"model": str(tiny_llama_dir), "hook": "resid_post.2",
-                                     "corpus": "wiki-en", "ctx_len": 16})  # fmt: skip
+    _random_sae(tiny_llama_dir, tmp_path / "sae")
     mon = tmp_path / "m"
     mon.mkdir()
     (mon / "important.txt").write_text("precious")
