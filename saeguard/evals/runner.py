@@ -270,7 +270,9 @@ def load_eval(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:  # invalid JSON or UTF-8
-        raise CorruptFileError(f"{path} is not valid JSON ({exc}); re-run saeguard eval") from exc
+        raise CorruptFileError(
+            f"{path} is not a valid eval.json (invalid JSON: {exc}); re-run saeguard eval"
+        ) from exc
     check_schema(document, EVAL_SCHEMA, path, "Re-run `saeguard eval`.")
     samples_path = path.with_name("eval_samples.json")
     samples: Any = {}

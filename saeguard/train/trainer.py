@@ -322,7 +322,8 @@ class Trainer:
         self.trained_steps = 0
         if resumed and self.step >= self.cfg.steps:
             log.info("%s already holds a finished run: nothing to train", self.out)
-            self.save_all()  # a kill after the final checkpoint may have cut the saves short
+            if not self._all_saved():  # a kill after the final checkpoint cut the saves short
+                self.save_all()
             return self.history
         stream: Iterator[torch.Tensor] = iter(batches)
         first = self._check(next(stream))
@@ -434,6 +435,14 @@ class Trainer:
                 sae.get_parameter(key).copy_(value)
         sae.fold_input_scale_(self.scale)
         return sae.eval()
+
+    def _all_saved(self) -> bool:
+        """Whether every SAE's weights and cfg.json (written last) are on disk."""
+        return all(
+            (sae_directory(self.out, name, len(self.saes)) / file).is_file()
+            for name in self.saes
+            for file in ("sae_weights.safetensors", "cfg.json")
+        )
 
     def save_all(self) -> None:
         """Save each SAE (scale folded in) into ``out`` (one SAE) or ``out/NAME`` (several)."""
