@@ -156,9 +156,16 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
     }
     batches = ShuffleBuffer(source, job.batch_tokens, job.buffer_tokens, seed=job.train_seed)
     trainer = Trainer(saes, job, job.out, metadata)
+    on_step = None
     if isinstance(source, ModelActivationSource):
         trainer.metadata["masking"] = source.describe()["masking"]
-    trainer.fit(batches)
+
+        def on_step(trainer: Trainer) -> None:  # checkpoints carry the stream's counts so far
+            described = source.describe()
+            trainer.metadata["masking"] = described["masking"]
+            trainer.metadata["exclusions"] = described["exclusions"]
+
+    trainer.fit(batches, on_step=on_step)
     if isinstance(source, ModelActivationSource) and trainer.trained_steps:
         # The final masked fraction and thresholds, known once the stream has been read.
         trainer.metadata["masking"] = source.describe()["masking"]

@@ -216,6 +216,11 @@ class Trainer:
             "optimizer": json.dumps({n: o.state_scalars() for n, o in self.optimizers.items()}),
             "history": json.dumps(self.history),
             "tokens_per_s": str(self.tokens_per_s),
+            # What the live stream has counted so far (masked fraction, outlier thresholds): a
+            # re-run that finds the training finished reads no stream, and reports these.
+            "stream_stats": json.dumps(
+                {k: self.metadata[k] for k in STREAM_STATS if k in self.metadata}
+            ),
         }
         with atomic_path(directory / "state.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -263,6 +268,14 @@ class Trainer:
         torch.set_rng_state(tensors["rng/torch"])
         self.step, self.scale = int(state["step"]), float(state["scale"])
         self.history = json.loads(metadata.get("history", "{}"))
+        stream_stats = json.loads(metadata.get("stream_stats", "{}"))
+        self.metadata.update({k: v for k, v in stream_stats.items() if k in STREAM_STATS})
+        try:
+            mirror = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            mirror = None
+        if mirror != state:  # a kill between the two checkpoint writes left the copy behind
+            atomic_write_json(directory / "state.json", state)
         self.tokens_per_s = float(metadata.get("tokens_per_s", "0"))
         log.info("resumed from %s at step %d", directory, self.step)
         return True
@@ -457,6 +470,10 @@ class Trainer:
                 "final_train_metrics": self.history.get(name, {}),
             }
             save_sae(self.folded(name), directory, metadata)
+
+
+STREAM_STATS = ("masking", "exclusions")
+"""Metadata keys counted by a live activation stream, kept in checkpoints."""
 
 
 def _chain_first(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
