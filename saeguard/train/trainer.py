@@ -513,6 +513,7 @@ def _external_logger(cfg: TrainerConfig, out: Path) -> Any:
             for key, value in line.items():
                 if key != "step":
                     writer.add_scalar(key, value, int(line["step"]))
+            writer.flush()  # the writer is never closed: without this a line may stay buffered
 
         return write
     if cfg.logger == "wandb":
