@@ -125,8 +125,8 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Score every shift and the ID negatives; write the JSON, markdown table and HTML report."""
     monitor_dir, out = Path(monitor_dir), Path(out)
+    monitor = Monitor.load(monitor_dir, adapter=cfg.adapter)  # a bad monitor creates no --out
     claim_output_directory(out, "ood benchmark", index=(RESULT_FILE, "scores"))
-    monitor = Monitor.load(monitor_dir, adapter=cfg.adapter)
     if not monitor.thresholds:
         raise ConfigError(
             f"the monitor in {monitor_dir} is not calibrated; run `saeguard ood fit` (it "

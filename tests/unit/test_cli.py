@@ -202,8 +202,10 @@ def test_ood_fit_and_benchmark_commands_end_to_end(
     assert "measured FPR" in capsys.readouterr().out
     bench = json.loads((tmp_path / "b" / "ood_benchmark.json").read_text())
     assert set(bench["shifts"]) == {"typos:0.2", "wiki-fr"} and "msp" not in bench["scores"]
-    rc = main(["-q", "ood", "benchmark", "--monitor", str(tmp_path / "nothing"), "--out", "x"])
+    out = tmp_path / "x"
+    rc = main(["-q", "ood", "benchmark", "--monitor", str(tmp_path / "nothing"), "--out", str(out)])
     assert rc == 2 and "not a monitor directory" in capsys.readouterr().err
+    assert not out.exists()  # a bad input creates nothing
 
 
 def test_ood_fit_never_deletes_files_it_did_not_write(
