@@ -167,18 +167,30 @@ def normalized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
-def auxk_loss(
-    sae: SparseAutoencoder, x: torch.Tensor, x_hat: torch.Tensor, dead_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """AuxK (Gao et al. 2024): the dead latents' top-k_aux pre-activations reconstruct the
-    residual ``x - x_hat``; only the dead latents' encoder columns are computed, and the backward
-    pass touches only the k_aux kept per token (the sparse TopK kernel)."""
+def aux_latents(
+    sae: SparseAutoencoder, dead_mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, int]:
+    """(ids of the dead latents, k_aux) for this step's AuxK, or (None, 0) when it is off: the
+    sparse encoders select AuxK's latents from the pre-activations they already compute."""
     if dead_mask is None or sae.cfg.aux_coef == 0 or not bool(dead_mask.any()):
-        return x.new_zeros(())
-    from saeguard.sae.kernels import sparse_decode, sparse_topk_encode
-
+        return None, 0
     dead = dead_mask.nonzero().squeeze(1)
-    k_aux = min(sae.cfg.effective_k_aux, len(dead))
-    vals, idx = sparse_topk_encode(x, sae.b_dec, sae.W_enc[:, dead], sae.b_enc[dead], k_aux)
-    aux = sparse_decode(vals, idx, sae.W_dec[dead], torch.zeros_like(sae.b_dec))
+    return dead, min(sae.cfg.effective_k_aux, len(dead))
+
+
+def auxk_loss(
+    sae: SparseAutoencoder,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    dead: torch.Tensor | None,
+    aux_values: torch.Tensor,
+    aux_local: torch.Tensor,
+) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): the dead latents' top-k_aux pre-activations (``aux_values`` of
+    ``dead[aux_local]`` [N, k_aux], from the encoder) reconstruct the residual ``x - x_hat``."""
+    if dead is None or aux_values.shape[-1] == 0:
+        return x.new_zeros(())
+    from saeguard.sae.kernels import aux_decode
+
+    aux = aux_decode(aux_values, aux_local, dead, sae.W_dec)
     return sae.cfg.aux_coef * normalized_mse((x - x_hat).detach(), aux)

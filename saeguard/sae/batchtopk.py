@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from saeguard.sae.base import SparseAutoencoder, StepOutput, auxk_loss, normalized_mse
+from saeguard.sae.base import (
+    SparseAutoencoder,
+    StepOutput,
+    aux_latents,
+    auxk_loss,
+    normalized_mse,
+)
 from saeguard.sae.config import SAEConfig
 from saeguard.sae.kernels import batch_topk_select, sparse_batch_topk_encode, sparse_decode_csr
 from saeguard.sae.registry import register
@@ -49,22 +55,25 @@ class BatchTopKSAE(SparseAutoencoder):
         return pre * (pre > self.threshold)
 
     def encode_batch_sparse(
-        self, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training latents of a flat batch as CSR (values, cols, crow); records the smallest
-        kept value for the inference threshold."""
-        values, cols, crow = sparse_batch_topk_encode(x, self.b_dec, self.W_enc, self.b_enc,
-                                                      self.cfg.k)  # fmt: skip
+        self, x: torch.Tensor, dead: torch.Tensor | None = None, k_aux: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training latents of a flat batch as CSR (values, cols, crow) and AuxK's (values,
+        positions into ``dead``); records the smallest kept value for the inference
+        threshold."""
+        out = sparse_batch_topk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, dead,
+                                       k_aux)  # fmt: skip
+        values = out[0]
         self._last_min_kept = float(values.detach().min()) if values.numel() else None
-        return values, cols, crow
+        return out
 
     def training_step(
         self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float
     ) -> StepOutput:
-        values, cols, crow = self.encode_batch_sparse(x)
+        dead, k_aux = aux_latents(self, dead_mask)
+        values, cols, crow, aux_values, aux_local = self.encode_batch_sparse(x, dead, k_aux)
         x_hat = sparse_decode_csr(values, cols, crow, self.W_dec, self.b_dec)
         mse = normalized_mse(x, x_hat)
-        aux = auxk_loss(self, x, x_hat, dead_mask)
+        aux = auxk_loss(self, x, x_hat, dead, aux_values, aux_local)
         fired, l0 = csr_step_stats(values, cols, len(x), self.cfg.d_sae)
         return StepOutput(mse + aux, x_hat, fired, l0, {"mse": mse.detach(), "auxk": aux.detach()})
 

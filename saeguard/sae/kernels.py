@@ -15,6 +15,16 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+AuxLatents = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""AuxK's selection for the backward pass: (dead latent ids [n_dead], kept positions into them
+[N, k_aux], gradient of the kept values [N, k_aux])."""
+
+DENSE_AUX_RATIO = 7
+"""AuxK's encoder gradient and decode run as dense products over the dead latents while there
+are at most this many per kept one, else as sparse ones: on a 2-core CPU (N=4096, d=576,
+k_aux=288) the two cross near 2,000-2,300 dead latents, and at 300 dead the dense decode with
+its backward takes 30 ms against 135 ms for ``embedding_bag``."""
+
 
 def _encoder_grads(
     x: torch.Tensor,
@@ -23,13 +33,15 @@ def _encoder_grads(
     grad_values: torch.Tensor,
     w_enc: torch.Tensor,
     want_acts: bool,
+    aux: AuxLatents | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (acts, b_dec, W_enc, b_enc) of kept pre-activations given in CSR form.
 
     The latents' gradient is a CSR matrix G [N, n] (row pointers ``crow``, sorted columns
     ``cols`` per row): ``grad W_enc = (G^T x)^T``, ~4x faster on a CPU than the same product
     through a COO matrix, and ``grad acts = G W_enc^T`` when the activations need one (e.g. a
-    consistency loss back-propagating into the LM).
+    consistency loss back-propagating into the LM). AuxK's latents, when given, add their
+    block over the dead columns.
     """
     n_latents = w_enc.shape[1]
     with warnings.catch_warnings():  # "sparse CSR support is in beta": we rely on mm only
@@ -37,16 +49,81 @@ def _encoder_grads(
         sparse_g = torch.sparse_csr_tensor(
             crow, cols, grad_values, size=(x.shape[0], n_latents), check_invariants=False
         )
-        grad_w_enc = (sparse_g.t() @ x).t()  # [d, n] via (n x N sparse) @ (N x d)
+        grad_w_enc_t = sparse_g.t() @ x  # [n, d] via (n x N sparse) @ (N x d)
         grad_acts = sparse_g @ w_enc.t() if want_acts else None
     grad_b_enc = torch.zeros(n_latents, dtype=grad_values.dtype, device=grad_values.device)
     grad_b_enc.index_add_(0, cols, grad_values)
+    if aux is not None:
+        dead, local, grad_aux = aux
+        block_t, b_enc_part, acts_part = _dead_block_grads(x, dead, local, grad_aux, w_enc,
+                                                           want_acts)  # fmt: skip
+        grad_w_enc_t.index_add_(0, dead, block_t)
+        grad_b_enc.index_add_(0, dead, b_enc_part)
+        if grad_acts is not None and acts_part is not None:
+            grad_acts = grad_acts + acts_part
     grad_b_dec = -(w_enc @ grad_b_enc)
-    return grad_acts, grad_b_dec, grad_w_enc, grad_b_enc
+    return grad_acts, grad_b_dec, grad_w_enc_t.t(), grad_b_enc
+
+
+def _dead_block_grads(
+    x: torch.Tensor,
+    dead: torch.Tensor,
+    local: torch.Tensor,
+    grad_aux: torch.Tensor,
+    w_enc: torch.Tensor,
+    want_acts: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """AuxK's gradients restricted to the dead columns: (W_enc block transposed [n_dead, d],
+    b_enc block [n_dead], acts part or None). Dense over the dead columns while they are few,
+    else a sparse product whose rows are the dead latents."""
+    n_rows, n_dead = x.shape[0], len(dead)
+    if n_dead <= DENSE_AUX_RATIO * local.shape[1]:
+        dense_g = grad_aux.new_zeros(n_rows, n_dead).scatter_(1, local, grad_aux)
+        acts_part = dense_g @ w_enc.index_select(1, dead).t() if want_acts else None
+        return dense_g.t() @ x, dense_g.sum(0), acts_part
+    flat_local = local.reshape(-1)
+    order = flat_local.argsort()
+    by_latent = flat_local[order]
+    crow = torch.zeros(n_dead + 1, dtype=torch.long, device=x.device)
+    crow[1:] = torch.bincount(by_latent, minlength=n_dead).cumsum(0)
+    tokens = torch.div(order, local.shape[1], rounding_mode="floor")
+    values = grad_aux.reshape(-1)[order]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        g_t = torch.sparse_csr_tensor(crow, tokens, values, size=(n_dead, n_rows),
+                                      check_invariants=False)  # fmt: skip
+        block_t = g_t @ x
+        acts_part = (g_t.t() @ w_enc.index_select(1, dead).t()) if want_acts else None
+    b_enc_part = torch.zeros(n_dead, dtype=values.dtype, device=x.device)
+    b_enc_part.index_add_(0, by_latent, values)
+    return block_t, b_enc_part, acts_part
+
+
+def _aux_select(
+    pre: torch.Tensor, dead: torch.Tensor, k_aux: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AuxK's (values [N, k_aux], positions into ``dead``, live mask): the top ``k_aux`` ReLU
+    pre-activations among the ``dead`` latents, read from the pre-activations the main
+    selection already computed (no second matmul over the dead encoder columns)."""
+    values, local = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
+    return values.clamp_min(0), local, values > 0
+
+
+def aux_decode(
+    values: torch.Tensor, local: torch.Tensor, dead: torch.Tensor, w_dec: torch.Tensor
+) -> torch.Tensor:
+    """``sum_j values[:, j] * w_dec[dead[local[:, j]]]``: AuxK's reconstruction, as a dense
+    product over the dead rows while they are few (see ``DENSE_AUX_RATIO``), else a sparse one."""
+    values = values.to(w_dec.dtype)
+    if len(dead) <= DENSE_AUX_RATIO * local.shape[1]:
+        dense = values.new_zeros(values.shape[0], len(dead)).scatter(1, local, values)
+        return dense @ w_dec.index_select(0, dead)
+    return F.embedding_bag(dead[local], w_dec, per_sample_weights=values, mode="sum")
 
 
 class _SparseTopKEncode(torch.autograd.Function):
-    """(values, indices) of the top-k pre-activations, with a sparse backward pass.
+    """(values, indices) of the top-k pre-activations and, when ``dead`` latents are given,
+    AuxK's (values, indices) of the top ``k_aux`` dead ones, with one sparse backward pass.
 
     Inputs: activations x [N, d] (their gradient is computed only when they require one),
     b_dec [d] (subtracted before the encoder, so it gets -W_enc @ grad_b_enc), W_enc [d, n],
@@ -62,7 +139,9 @@ class _SparseTopKEncode(torch.autograd.Function):
         b_enc: torch.Tensor,
         k: int,
         signed: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dead: torch.Tensor | None,
+        k_aux: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = acts - b_dec
         pre = torch.addmm(b_enc, x, w_enc)
         if signed:
@@ -73,22 +152,31 @@ class _SparseTopKEncode(torch.autograd.Function):
             vals, idx = pre.topk(k, dim=-1, sorted=False)
             live = vals > 0
             vals = vals.clamp_min(0)
-        ctx.save_for_backward(x, idx, live, w_enc)
-        ctx.mark_non_differentiable(idx)
-        return vals, idx
+        if dead is None or k_aux == 0:
+            aux_vals, aux_idx = vals[:, :0], idx[:, :0]
+            ctx.save_for_backward(x, idx, live, w_enc)
+        else:
+            aux_vals, aux_idx, aux_live = _aux_select(pre, dead, k_aux)
+            ctx.save_for_backward(x, idx, live, w_enc, dead, aux_idx, aux_live)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
 
     @staticmethod
-    def backward(ctx: Any, grad_vals: torch.Tensor, _grad_idx: Any) -> Any:  # type: ignore[override]
-        x, idx, live, w_enc = ctx.saved_tensors
-        # Under bf16 autocast grad_vals arrives in bf16; the products below run in fp32.
+    def backward(ctx: Any, grad_vals: torch.Tensor, _gi: Any, grad_aux: torch.Tensor,
+                 _ga: Any) -> Any:  # type: ignore[override]  # fmt: skip
+        x, idx, live, w_enc, *rest = ctx.saved_tensors
+        # Under bf16 autocast the gradients arrive in bf16; the products below run in fp32.
         g = (grad_vals * live).to(x.dtype)
         n_rows, k = idx.shape
         cols, order = idx.sort(dim=-1)  # sparse libraries expect sorted columns per row
         crow = torch.arange(0, n_rows * k + 1, k, device=idx.device)
+        aux = None
+        if rest:
+            dead, local, aux_live = rest
+            aux = (dead, local, (grad_aux * aux_live).to(x.dtype))
         grads = _encoder_grads(x, crow, cols.reshape(-1), g.gather(-1, order).reshape(-1),
-                               w_enc, ctx.needs_input_grad[0])  # fmt: skip
-        grad_acts, grad_b_dec, grad_w_enc, grad_b_enc = grads
-        return grad_acts, grad_b_dec, grad_w_enc, grad_b_enc, None, None
+                               w_enc, ctx.needs_input_grad[0], aux)  # fmt: skip
+        return (*grads, None, None, None, None)
 
 
 def sparse_topk_encode(
@@ -104,7 +192,24 @@ def sparse_topk_encode(
     ``signed`` keeps the k largest magnitudes with their signs (AbsTopK) instead of the k
     largest values through a ReLU.
     """
-    return _SparseTopKEncode.apply(acts, b_dec, w_enc, b_enc, k, signed)  # type: ignore[no-any-return]
+    vals, idx, _, _ = _SparseTopKEncode.apply(acts, b_dec, w_enc, b_enc, k, signed, None, 0)
+    return vals, idx
+
+
+def sparse_topk_encode_aux(
+    acts: torch.Tensor,
+    b_dec: torch.Tensor,
+    w_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    signed: bool,
+    dead: torch.Tensor | None,
+    k_aux: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sparse_topk_encode` plus AuxK's top ``k_aux`` ReLU pre-activations among the
+    ``dead`` latent ids, as (values, indices, aux values, aux positions into ``dead``); the
+    AuxK pair is empty without dead latents."""
+    return _SparseTopKEncode.apply(acts, b_dec, w_enc, b_enc, k, signed, dead, k_aux)  # type: ignore[no-any-return]
 
 
 def sparse_decode(
@@ -150,8 +255,10 @@ def batch_topk_select(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 
 
 class _SparseBatchTopKEncode(torch.autograd.Function):
-    """BatchTopK latents in CSR form (values [nnz], columns [nnz], row pointers [N+1]), with the
-    same sparse backward pass as TopK; tokens keep different numbers of latents."""
+    """BatchTopK latents in CSR form (values [nnz], columns [nnz], row pointers [N+1]) and, when
+    ``dead`` latents are given, AuxK's (values, indices) of the top ``k_aux`` dead ones per
+    token, with the same sparse backward pass as TopK; tokens keep different numbers of
+    latents."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -161,28 +268,48 @@ class _SparseBatchTopKEncode(torch.autograd.Function):
         w_enc: torch.Tensor,
         b_enc: torch.Tensor,
         k: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dead: torch.Tensor | None,
+        k_aux: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = acts - b_dec
-        rows, cols, values = batch_topk_select(torch.addmm(b_enc, x, w_enc), k)
+        pre = torch.addmm(b_enc, x, w_enc)
+        rows, cols, values = batch_topk_select(pre, k)
         crow = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
         crow[1:] = torch.bincount(rows, minlength=x.shape[0]).cumsum(0)
-        ctx.save_for_backward(x, crow, cols, w_enc)
-        ctx.mark_non_differentiable(cols, crow)
-        return values, cols, crow
+        if dead is None or k_aux == 0:
+            aux_vals, aux_idx = pre[:, :0], cols.new_zeros(x.shape[0], 0)
+            ctx.save_for_backward(x, crow, cols, w_enc)
+        else:
+            aux_vals, aux_idx, aux_live = _aux_select(pre, dead, k_aux)
+            ctx.save_for_backward(x, crow, cols, w_enc, dead, aux_idx, aux_live)
+        ctx.mark_non_differentiable(cols, crow, aux_idx)
+        return values, cols, crow, aux_vals, aux_idx
 
     @staticmethod
-    def backward(ctx: Any, grad_values: torch.Tensor, *_: Any) -> Any:  # type: ignore[override]
-        x, crow, cols, w_enc = ctx.saved_tensors
+    def backward(ctx: Any, grad_values: torch.Tensor, _gc: Any, _gr: Any,
+                 grad_aux: torch.Tensor, _ga: Any) -> Any:  # type: ignore[override]  # fmt: skip
+        x, crow, cols, w_enc, *rest = ctx.saved_tensors
+        aux = None
+        if rest:
+            dead, local, aux_live = rest
+            aux = (dead, local, (grad_aux * aux_live).to(x.dtype))
         grads = _encoder_grads(x, crow, cols, grad_values.to(x.dtype), w_enc,
-                               ctx.needs_input_grad[0])  # fmt: skip
-        return (*grads, None)
+                               ctx.needs_input_grad[0], aux)  # fmt: skip
+        return (*grads, None, None, None)
 
 
 def sparse_batch_topk_encode(
-    acts: torch.Tensor, b_dec: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BatchTopK latents of ``(acts - b_dec) @ w_enc + b_enc`` as CSR (values, cols, crow)."""
-    return _SparseBatchTopKEncode.apply(acts, b_dec, w_enc, b_enc, k)  # type: ignore[no-any-return]
+    acts: torch.Tensor,
+    b_dec: torch.Tensor,
+    w_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    dead: torch.Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchTopK latents of ``(acts - b_dec) @ w_enc + b_enc`` as CSR (values, cols, crow), plus
+    AuxK's (values [N, k_aux], positions into ``dead``) (empty without dead latents)."""
+    return _SparseBatchTopKEncode.apply(acts, b_dec, w_enc, b_enc, k, dead, k_aux)  # type: ignore[no-any-return]
 
 
 def sparse_decode_csr(

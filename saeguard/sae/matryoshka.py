@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from saeguard.sae.base import StepOutput, auxk_loss, normalized_mse
+from saeguard.sae.base import StepOutput, aux_latents, auxk_loss, normalized_mse
 from saeguard.sae.batchtopk import BatchTopKSAE, csr_step_stats
 from saeguard.sae.kernels import sparse_decode_csr
 from saeguard.sae.registry import register
@@ -19,7 +19,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     def training_step(
         self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float
     ) -> StepOutput:
-        values, cols, crow = self.encode_batch_sparse(x)
+        dead, k_aux = aux_latents(self, dead_mask)
+        values, cols, crow, aux_values, aux_local = self.encode_batch_sparse(x, dead, k_aux)
         losses = []
         x_hat = self.b_dec.expand_as(x)
         no_bias = torch.zeros_like(self.b_dec)
@@ -30,7 +31,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             losses.append(normalized_mse(x, x_hat))
             start = size
         mse = torch.stack(losses).mean()
-        aux = auxk_loss(self, x, x_hat, dead_mask)
+        aux = auxk_loss(self, x, x_hat, dead, aux_values, aux_local)
         fired, l0 = csr_step_stats(values, cols, len(x), self.cfg.d_sae)
         metrics = {
             "mse": losses[-1].detach(),

@@ -10,11 +10,17 @@ import torch
 from saeguard.sae.base import (
     SparseAutoencoder,
     StepOutput,
+    aux_latents,
     auxk_loss,
     normalized_mse,
     sparse_step_stats,
 )
-from saeguard.sae.kernels import scatter_dense, sparse_decode, sparse_topk_encode
+from saeguard.sae.kernels import (
+    scatter_dense,
+    sparse_decode,
+    sparse_topk_encode,
+    sparse_topk_encode_aux,
+)
 from saeguard.sae.registry import register
 
 
@@ -36,9 +42,12 @@ class TopKSAE(SparseAutoencoder):
     def training_step(
         self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float
     ) -> StepOutput:
-        values, indices = self.encode_sparse(x)
+        dead, k_aux = aux_latents(self, dead_mask)
+        values, indices, aux_values, aux_indices = sparse_topk_encode_aux(
+            x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.signed, dead, k_aux
+        )
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         mse = normalized_mse(x, x_hat)
-        aux = auxk_loss(self, x, x_hat, dead_mask)
+        aux = auxk_loss(self, x, x_hat, dead, aux_values, aux_indices)
         fired, l0 = sparse_step_stats(values, indices, self.cfg.d_sae)
         return StepOutput(mse + aux, x_hat, fired, l0, {"mse": mse.detach(), "auxk": aux.detach()})

@@ -227,6 +227,43 @@ def test_sparse_batch_topk_training_matches_the_dense_formula(arch: str) -> None
     torch.testing.assert_close(sparse_acts_grad, acts.grad)
 
 
+@pytest.mark.parametrize("arch", ["topk", "abstopk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("aux_path", ["dense", "sparse"])
+def test_auxk_from_shared_pre_activations_matches_the_dense_formula(
+    arch: str, aux_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AuxK read from the main encoder's pre-activations (either backward product over the
+    dead columns) gives the loss and every gradient of the textbook formula: the top k_aux ReLU
+    pre-activations among dead latents, decoded without bias, against the detached residual."""
+    from saeguard.sae import kernels
+
+    monkeypatch.setattr(kernels, "DENSE_AUX_RATIO", 10**6 if aux_path == "dense" else 0)
+    sae = _sae(arch, d=12, n=64, k=4).double()
+    dead_mask = torch.zeros(64, dtype=torch.bool)
+    dead_mask[torch.randperm(64, generator=torch.Generator().manual_seed(5))[:20]] = True
+    acts = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
+    out = sae.training_step(acts, dead_mask, 1.0)
+    out.loss.backward()
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    fast_grads = [p.grad.clone() for p in params] + [acts.grad.clone()]
+    sae.zero_grad()
+    acts.grad = None
+    no_aux = sae.training_step(acts, None, 1.0)
+    pre = sae.pre_acts(acts)
+    k_aux = sae.cfg.effective_k_aux
+    masked = pre.masked_fill(~dead_mask, float("-inf"))
+    top_vals, top = masked.topk(k_aux, -1)
+    f_aux = torch.zeros_like(pre).scatter(-1, top, top_vals.relu())
+    residual = (acts - no_aux.x_hat).detach()
+    aux = (f_aux @ sae.W_dec - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+    loss = no_aux.loss + sae.cfg.aux_coef * aux
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss)
+    assert float(out.metrics["auxk"]) > 0
+    for fast, slow in zip(fast_grads, [*[p.grad for p in params], acts.grad], strict=True):
+        torch.testing.assert_close(fast, slow)
+
+
 def test_width_mismatch_and_impossible_configs() -> None:
     sae = _sae("topk")
     with pytest.raises(SaeguardError, match="width 7 but this SAE reads d_in=8"):
