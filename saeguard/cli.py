@@ -15,7 +15,8 @@ from typing import Any
 
 from saeguard import __version__
 from saeguard.configs import add_config_arguments, config_from_args
-from saeguard.errors import SaeguardError
+from saeguard.errors import SaeguardError, describe_os_error
+from saeguard.fileio import release_output_locks
 
 log = logging.getLogger("saeguard")
 
@@ -554,9 +555,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SaeguardError as exc:
         print(f"saeguard: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a permission, ...: one line, unless -v asks for more
+        if args.verbose:
+            raise
+        print(f"saeguard: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("saeguard: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        release_output_locks()  # in-process callers (tests, notebooks) may run another command
 
 
 if __name__ == "__main__":  # pragma: no cover

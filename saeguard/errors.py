@@ -49,3 +49,20 @@ class CorruptFileError(SaeguardError):
 
 class CorpusError(SaeguardError):
     """An empty, unreadable or too small corpus."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an operating-system error (full disk, no permission, read-only file
+    system...) naming the file and the fix; work already finished stays on disk."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    again = "then run the same command again: finished work is kept"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{where}: free some space or choose another --out, "
+                f"{again}, and no file was left half-written under its final name")  # fmt: skip
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}: choose a folder you can write to, {again}"
+    if exc.errno == errno.EROFS:
+        return f"read-only file system{where}: choose a writable --out, {again}"
+    return f"{exc.strerror or exc}{where}; {again} (add -v for the full traceback)"

@@ -6,6 +6,7 @@ Everything saeguard writes goes through a temporary file in the same directory f
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -22,8 +23,19 @@ from typing import IO, Any
 FAULT_KILL_ENV = "SAEGUARD_FAULT_KILL_AT"
 """Fault injection (tests/faults): SIGKILL the process at its N-th failpoint."""
 FAULT_COUNT_ENV = "SAEGUARD_FAULT_COUNT_FILE"
-"""Fault injection: keep the number of failpoints passed so far in this file."""
+"""Fault injection: keep the numbers of failpoints passed and of atomic writes begun so far in
+this file, as JSON ``{"failpoints": n, "writes": m}``."""
+FAULT_DISK_FULL_ENV = "SAEGUARD_FAULT_DISK_FULL_AT"
+"""Fault injection: the N-th atomic write fails as on a full disk (``OSError`` ENOSPC)."""
 _failpoints_passed = 0
+_writes_begun = 0
+
+
+def _record_fault_counts() -> None:
+    count_file = os.environ.get(FAULT_COUNT_ENV)
+    if count_file:
+        counts = {"failpoints": _failpoints_passed, "writes": _writes_begun}
+        Path(count_file).write_text(json.dumps(counts), encoding="utf-8")
 
 
 def failpoint() -> None:
@@ -33,11 +45,19 @@ def failpoint() -> None:
     power cut or an out-of-memory kill would, and checks that re-running it repairs everything."""
     global _failpoints_passed
     _failpoints_passed += 1
-    count_file = os.environ.get(FAULT_COUNT_ENV)
-    if count_file:
-        Path(count_file).write_text(str(_failpoints_passed), encoding="utf-8")
+    _record_fault_counts()
     if os.environ.get(FAULT_KILL_ENV) == str(_failpoints_passed):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _disk_full_point(path: Path) -> None:
+    """Where a full disk surfaces: at the end of writing a temporary file, before it is
+    renamed over anything (the fault-injection suite raises ENOSPC here on demand)."""
+    global _writes_begun
+    _writes_begun += 1
+    _record_fault_counts()
+    if os.environ.get(FAULT_DISK_FULL_ENV) == str(_writes_begun):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def cache_root() -> Path:
@@ -61,9 +81,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: honour the umask instead
     try:
         yield tmp
+        _disk_full_point(tmp)
+        # mkstemp makes 0600 and some writers (safetensors) re-create the file: honour the umask
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         failpoint()
@@ -88,7 +110,7 @@ def check_output_directory(target: Path, own: Collection[str]) -> None:
     foreign = sorted(
         p.name
         for p in target.iterdir()
-        if p.name not in own and not p.name.startswith(STAGING_PREFIX)
+        if p.name not in own and p.name != LOCK_FILE and not p.name.startswith(STAGING_PREFIX)
     )
     if foreign:
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
@@ -136,11 +158,13 @@ def claim_output_directory(out: Path, command: str, index: Collection[str] = ())
                 f"--out {out} is the output of `saeguard {owner}`, not of `saeguard {command}`; "
                 "choose another --out (nothing was written)"
             )
+        lock_output_directory(out)  # before deleting temporaries: they may be live
         for stale in out.rglob(".*.tmp"):  # our atomic writes' leftovers from a killed run
             if _TEMPORARY.fullmatch(stale.name) and stale.is_file() and not stale.is_symlink():
                 stale.unlink()
         return
-    names = {p.name for p in entries}
+    leftovers = [p for p in entries if _is_claim_leftover(p)]  # a claim that died half-way
+    names = {p.name for p in entries} - {p.name for p in leftovers}
     if names and not names & set(index):
         shown = ", ".join(sorted(names)[:5]) + (
             f" and {len(names) - 5} more" if len(names) > 5 else ""
@@ -150,7 +174,89 @@ def claim_output_directory(out: Path, command: str, index: Collection[str] = ())
             f"{shown}); choose another --out or an empty directory (nothing was written)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    lock_output_directory(out)
+    for leftover in leftovers:
+        if leftover.name != LOCK_FILE:
+            leftover.unlink()
     atomic_write_json(marker, {"format": "saeguard-output", "command": command})
+
+
+def _is_claim_leftover(path: Path) -> bool:
+    """The lock file, or a temporary of the marker: what a claim killed before its marker was
+    in place leaves (the folder still counts as empty)."""
+    if path.name == LOCK_FILE:
+        return path.is_file()
+    return (
+        path.name.startswith(OUTPUT_MARKER + ".")
+        and _TEMPORARY.fullmatch(path.name) is not None
+        and path.is_file()
+        and not path.is_symlink()
+    )
+
+
+LOCK_FILE = ".saeguard.lock"
+"""Locked (``flock``) by the process writing a folder: two commands never write one --out at
+once. The operating system releases it when the process ends, killed or not."""
+MAX_HELD_LOCKS = 32
+"""A long-lived process (a notebook, the test suite) keeps at most this many folder locks, the
+oldest released first; one command nests at most a few (run -> train -> eval)."""
+_held_locks: dict[str, int] = {}
+
+
+def lock_output_directory(out: Path) -> None:
+    """Lock ``out`` for this process (re-entrant), or refuse with one line when another process
+    holds it. No-op where advisory locks do not exist."""
+    key = os.path.realpath(out)
+    if key in _held_locks:
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no advisory locks on this platform
+        return
+    from saeguard.errors import SaeguardError
+
+    fd = os.open(os.path.join(key, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise SaeguardError(
+            f"another saeguard process is writing to {out}; wait for it to finish (or stop "
+            "it), or choose another --out (nothing was written or deleted)"
+        ) from exc
+    _held_locks[key] = fd
+    while len(_held_locks) > MAX_HELD_LOCKS:
+        release_output_lock(next(iter(_held_locks)))
+
+
+def holds_output_lock(out: Path) -> bool:
+    """Whether this process holds the lock on ``out``."""
+    return os.path.realpath(out) in _held_locks
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the folder lock on ``out`` for a block; released after it unless held before."""
+    held = holds_output_lock(out)
+    lock_output_directory(out)
+    try:
+        yield
+    finally:
+        if not held:
+            release_output_lock(out)
+
+
+def release_output_lock(out: Path | str) -> None:
+    """Release this process's lock on ``out`` (if it holds one)."""
+    fd = _held_locks.pop(os.path.realpath(out), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def release_output_locks() -> None:
+    """Release every folder lock this process holds (the CLI does so when a command ends)."""
+    for key in list(_held_locks):
+        release_output_lock(key)
 
 
 STAGING_PREFIX = ".saeguard-staging-"
@@ -170,11 +276,18 @@ def atomic_directory(target: Path, own: Collection[str], index: str) -> Iterator
     """
     target = Path(target)
     check_output_directory(target, own)
-    present = list(target.iterdir()) if target.exists() else []
     target.mkdir(parents=True, exist_ok=True)
-    for stale in present:
-        if stale.name.startswith(STAGING_PREFIX):  # an interrupted earlier write of ours
-            _remove(stale)
+    with output_lock(target):  # another process's live staging folder is not a leftover
+        for stale in target.iterdir():
+            if stale.name.startswith(STAGING_PREFIX):  # an interrupted earlier write of ours
+                _remove(stale)
+        with _staged_swap(target, own, index) as staging:
+            yield staging
+
+
+@contextmanager
+def _staged_swap(target: Path, own: Collection[str], index: str) -> Iterator[Path]:
+    """The staging folder of :func:`atomic_directory` and the swap that follows its block."""
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
     try:
         yield staging

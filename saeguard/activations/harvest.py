@@ -13,7 +13,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +40,7 @@ from saeguard.activations.source import (
 )
 from saeguard.configs import config_to_dict
 from saeguard.errors import ConfigError, SaeguardError
-from saeguard.fileio import remove_stale_temporaries
+from saeguard.fileio import LOCK_FILE, output_lock, remove_stale_temporaries
 from saeguard.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,6 @@ CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 # Settings that do not change a cache's content; every other field must match to resume.
 # (The device type is compared through the content fingerprint instead.)
 _NOT_IDENTITY = {"out", "overwrite", "device", "threads"}
-LOCK_FILE = ".saeguard.lock"
 
 
 @dataclass(kw_only=True)
@@ -118,7 +116,7 @@ def harvest(
     prepared = prepare(cfg, loaded)  # loads and checks everything before touching the disk
     fingerprint = prepared.fingerprint()
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(out):
+    with output_lock(out):
         manifest = _resume_manifest(cfg, out, fingerprint)
         removed = remove_stale_temporaries(out)
         harvester = ActivationHarvester(
@@ -375,24 +373,3 @@ def _delete_cache_files(out: Path, manifest: dict[str, Any]) -> None:
     for name in names:
         (out / name).unlink(missing_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-
-
-@contextmanager
-def _exclusive_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out`` so two harvests never write one cache."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - no advisory locks on this platform
-        yield
-        return
-    with open(out / LOCK_FILE, "a+b") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise SaeguardError(
-                f"another harvest is writing to {out}; wait for it to finish or use another --out"
-            ) from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

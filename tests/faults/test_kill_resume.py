@@ -28,12 +28,12 @@ from typing import Any
 
 import pytest
 
-from saeguard.fileio import FAULT_COUNT_ENV, FAULT_KILL_ENV
+from saeguard.fileio import FAULT_COUNT_ENV, FAULT_DISK_FULL_ENV, FAULT_KILL_ENV
 
 KILLS_PER_COMMAND = 5
 TIMING_KEY = re.compile(
     r"(^|_)(seconds|secs|time|times|timings?|elapsed|duration|date|started|finished|tok_s|"
-    r"tokens_per_s|per_s|rate|wall|hours|minutes)($|_)|_s$"
+    r"tokens_per_s|per_s|rate|wall|hours|minutes|throughput)($|_)|_s$"
 )
 TIMING_TEXT = re.compile(r"\d[\d,.]*\s*(s|ms|min|minutes|seconds|tok/s|tokens/s)\b")
 
@@ -65,7 +65,8 @@ def setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Set
     from conftest import make_text_corpus
 
     root = tmp_path_factory.mktemp("faults")
-    env = {k: v for k, v in os.environ.items() if k not in (FAULT_KILL_ENV, FAULT_COUNT_ENV)}
+    faults = (FAULT_KILL_ENV, FAULT_COUNT_ENV, FAULT_DISK_FULL_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in faults}
     env.update(HF_HUB_OFFLINE="1", SAEGUARD_CACHE=str(root / "cache-root"))
     corpus = make_text_corpus(root / "corpus.txt", n_docs=80)
     cache, sae, monitor = root / "acts", root / "sae", root / "monitor"
@@ -104,6 +105,7 @@ COMMANDS: dict[str, Callable[[Setup, Path], list[str]]] = {
     ],
     "run --quick": lambda s, out: [
         "run", "--model", str(s.model), "--hook", "resid_post.2", "--quick", "--tokens", "8192",
+        "--dtype", "float32",
         "--fit-texts", "40", "--calibration-texts", "30", "--id-texts", "16", "--per-shift",
         "10", "--shifts", "typos:0.2,wiki-es", "--checkpoint-every", "4", "--out", str(out),
     ],
@@ -193,7 +195,7 @@ def test_killed_at_random_moments_then_rerun_gives_the_uninterrupted_outputs(
     done = _cli(COMMANDS[command](setup, reference), setup.env,
                 **{FAULT_COUNT_ENV: str(count_file)})  # fmt: skip
     assert done.returncode == 0, done.stderr
-    n_points = int(count_file.read_text())
+    n_points = json.loads(count_file.read_text())["failpoints"]
     expected = snapshot(reference)
     assert expected, "the command wrote nothing"
     rng = random.Random(f"{command}:{n_points}")
@@ -207,3 +209,66 @@ def test_killed_at_random_moments_then_rerun_gives_the_uninterrupted_outputs(
         got = snapshot(out)
         differing = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
         assert not differing, f"killed at failpoint {moment} of {n_points}: {differing}"
+
+
+DISK_FULL_PER_COMMAND = 3
+
+
+def _one_clear_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("saeguard: error:")]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr[-2000:]
+    return lines[0]
+
+
+def test_full_disk_mid_training_is_one_line_and_a_rerun_completes(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """ENOSPC on a seeded choice of the training's atomic writes (checkpoints, results): one
+    error line naming the fix, no half-written file, and the same command run again (space
+    freed) gives the uninterrupted outputs."""
+    command = COMMANDS["train from a cache"]
+    reference, count_file = tmp_path / "reference", tmp_path / "counts"
+    done = _cli(command(setup, reference), setup.env, **{FAULT_COUNT_ENV: str(count_file)})
+    assert done.returncode == 0, done.stderr
+    n_writes = json.loads(count_file.read_text())["writes"]
+    expected = snapshot(reference)
+    rng = random.Random(f"disk-full:{n_writes}")
+    for write in sorted(rng.sample(range(1, n_writes + 1), min(DISK_FULL_PER_COMMAND, n_writes))):
+        out = tmp_path / f"full-at-{write}"
+        failed = _cli(command(setup, out), setup.env, **{FAULT_DISK_FULL_ENV: str(write)})
+        assert failed.returncode == 2, (write, failed.stderr[-2000:])
+        assert "no space left on the device" in _one_clear_line(failed.stderr)
+        assert not [p for p in out.rglob("*.tmp")], "a temporary file was left behind"
+        resumed = _cli(command(setup, out), setup.env)
+        assert resumed.returncode == 0, (write, resumed.stderr[-2000:])
+        assert snapshot(out) == expected, f"disk full at write {write} of {n_writes}"
+
+
+def test_full_disk_while_replacing_a_monitor_keeps_the_previous_one(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """Re-fitting a monitor into its own folder on a full disk, at each of its writes: the
+    previous monitor is left byte for byte as it was (the new one is built aside and swapped in
+    only once complete)."""
+    import shutil
+
+    def refit(monitor: Path, **faults: str) -> subprocess.CompletedProcess[str]:
+        args = ["ood", "fit", str(setup.sae), "--corpus", "wiki-en", "--out", str(monitor),
+                "--fit-texts", "30", "--calibration-texts", "20"]  # fmt: skip
+        return _cli(args, setup.env, **faults)
+
+    counted, count_file = tmp_path / "counted", tmp_path / "counts"
+    shutil.copytree(setup.monitor, counted)
+    done = refit(counted, **{FAULT_COUNT_ENV: str(count_file)})
+    assert done.returncode == 0, done.stderr
+    assert snapshot(counted) != snapshot(setup.monitor), "the re-fit should change the monitor"
+    n_writes = json.loads(count_file.read_text())["writes"]
+    monitor = tmp_path / "monitor"
+    shutil.copytree(setup.monitor, monitor)
+    before = snapshot(monitor)
+    for write in range(1, n_writes + 1):
+        failed = refit(monitor, **{FAULT_DISK_FULL_ENV: str(write)})
+        assert failed.returncode == 2, (write, failed.stderr[-2000:])
+        assert "no space left on the device" in _one_clear_line(failed.stderr)
+        assert snapshot(monitor) == before, f"disk full at write {write} of {n_writes}"
+        assert not [p for p in monitor.iterdir() if p.name.startswith(".saeguard-staging-")]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from saeguard.errors import SaeguardError
-from saeguard.fileio import STAGING_PREFIX, atomic_directory, atomic_write_text
+from saeguard.fileio import LOCK_FILE, STAGING_PREFIX, atomic_directory, atomic_write_text
 
 OWN = ("weights.bin", "sub", "index.json")
 
@@ -40,7 +40,7 @@ def test_own_output_is_replaced_and_nothing_is_written_beside_it(tmp_path: Path)
     _write_output(target, "v2")
     assert (target / "weights.bin").read_text() == "v2"
     assert (target / "sub" / "inner.txt").read_text() == "v2"
-    assert sorted(p.name for p in target.iterdir()) == sorted(OWN)
+    assert sorted(p.name for p in target.iterdir()) == sorted({*OWN, LOCK_FILE})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
@@ -59,7 +59,7 @@ def test_a_failed_write_keeps_the_previous_output_and_leftovers_are_cleaned(
     assert (target / "weights.bin").read_text() == "v1"
     (target / f"{STAGING_PREFIX}killed").mkdir()  # what a SIGKILL mid-write leaves
     _write_output(target, "v2")
-    assert sorted(p.name for p in target.iterdir()) == sorted(OWN)
+    assert sorted(p.name for p in target.iterdir()) == sorted({*OWN, LOCK_FILE})
 
 
 @pytest.fixture
@@ -73,9 +73,16 @@ def umask_002() -> Iterator[None]:
 
 def test_written_files_and_directories_honour_the_umask(tmp_path: Path, umask_002: None) -> None:
     """A team sharing a results directory can read each other's runs (umask 002: 664 / 775)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from saeguard.fileio import atomic_path
+
     atomic_write_text(tmp_path / "a.json", "{}")
     _write_output(tmp_path / "m", "v1")
-    for path in (tmp_path / "a.json", tmp_path / "m" / "index.json"):
+    with atomic_path(tmp_path / "w.safetensors") as tmp:  # safetensors re-creates the file
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    for path in (tmp_path / "a.json", tmp_path / "m" / "index.json", tmp_path / "w.safetensors"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o664, path
     for path in (tmp_path / "m", tmp_path / "m" / "sub"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o775, path
@@ -108,6 +115,12 @@ def test_a_command_claims_only_an_empty_folder_or_its_own_output(tmp_path: Path)
     (tmp_path / "file").write_text("x")
     with pytest.raises(SaeguardError, match="existing file"):
         claim_output_directory(tmp_path / "file", "run")
+    half = tmp_path / "half"  # a claim killed (or out of space) before its marker was in place
+    half.mkdir()
+    (half / LOCK_FILE).touch()
+    (half / f"{OUTPUT_MARKER}.ab12cd34.tmp").write_text('{"format"')
+    claim_output_directory(half, "train")
+    assert sorted(p.name for p in half.iterdir()) == sorted([LOCK_FILE, OUTPUT_MARKER])
 
 
 def test_train_refuses_a_folder_holding_someone_elses_files(tmp_path: Path) -> None:
@@ -134,3 +147,41 @@ def test_claiming_its_own_output_clears_only_its_killed_writes_temporaries(tmp_p
     users.write_text("mine")
     claim_output_directory(out, "train")
     assert not leftover.exists() and users.read_text() == "mine"
+
+
+def test_a_folder_another_process_is_writing_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Concurrent runs: while one process holds an output folder, a second command on it is
+    refused before it deletes or writes anything (not even a killed run's temporaries, which may
+    be the live process's); the lock goes away with its process, even a killed one."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+
+    from saeguard.cli import main
+    from saeguard.fileio import claim_output_directory, release_output_lock
+
+    out = tmp_path / "out"
+    claim_output_directory(out, "train")
+    release_output_lock(out)  # as if that command had finished
+    live_temporary = out / ".state.json.ab12cd34.tmp"
+    live_temporary.write_text("being written")
+    with open(out / LOCK_FILE, "a+b") as other:  # another process's hold, as flock sees it
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SaeguardError, match=r"another saeguard process is writing to .*out"):
+            claim_output_directory(out, "train")
+        assert live_temporary.exists()
+        code = main(["train", "--acts", str(tmp_path / "none"), "--out", str(out)])
+        assert code == 2 and live_temporary.exists()
+        assert "another saeguard process is writing" in capsys.readouterr().err
+    script = (
+        "import os, signal, sys; from saeguard.fileio import claim_output_directory; "
+        "claim_output_directory(sys.argv[1], 'train'); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(out)], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    claim_output_directory(out, "train")  # the killed holder's lock went with it
+    assert not live_temporary.exists()  # now a leftover of a dead run: cleared
+    release_output_lock(out)

@@ -255,7 +255,7 @@ def test_out_is_a_file_or_locked(tiny_llama_dir: Path, text_corpus: Path, tmp_pa
     out.mkdir()
     with open(out / ".saeguard.lock", "a+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        with pytest.raises(SaeguardError, match="another harvest is writing"):
+        with pytest.raises(SaeguardError, match="another saeguard process is writing"):
             harvest(_cfg(tiny_llama_dir, text_corpus, out))
     assert harvest(_cfg(tiny_llama_dir, text_corpus, out)).complete
 
