@@ -236,6 +236,13 @@ def run_eval(
     document["complete"] = all(
         document["eval_settings"].get(e) == _signature(cfg, e) for e in order
     )
+    rank = {name: i for i, name in enumerate(order)}  # one order, resumed or not (the file
+    document["metrics"] = dict(  # is written with sorted keys, a fresh run appends)
+        sorted(document["metrics"].items(), key=lambda kv: (rank.get(kv[1]["eval"], 99), kv[0]))
+    )
+    document["timings_s"] = dict(
+        sorted(document["timings_s"].items(), key=lambda kv: (rank.get(kv[0], 99), kv[0]))
+    )
     jsonschema.validate(document, json.loads(EVAL_SCHEMA.read_text(encoding="utf-8")))
     atomic_write_json(json_path, document)
     from saeguard.report.eval_report import write_eval_report

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from saeguard.errors import CorruptFileError, MissingPackageError, SaeguardError
-from saeguard.fileio import atomic_directory, atomic_write_json
+from saeguard.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from saeguard.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,18 @@ def save_adapter(peft_model: Any, directory: str | Path, info: dict[str, Any]) -
     directory = Path(directory)
     with atomic_directory(directory, ADAPTER_FILES, index=ADAPTER_INFO) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        _sort_peft_config(tmp / PEFT_CONFIG)
         atomic_write_json(tmp / ADAPTER_INFO, info)
     return directory
+
+
+def _sort_peft_config(path: Path) -> None:
+    """peft writes ``target_modules`` from a set, in an order that changes with each process's
+    string hashing: sort it, so one adapter is one file, byte for byte."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_adapter_info(directory: str | Path) -> dict[str, Any]:

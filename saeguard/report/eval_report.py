@@ -133,5 +133,5 @@ def write_eval_report(document: dict[str, Any], path: Path) -> Path:
             page.figure(fig, caption)
     timings = document.get("timings_s", {})
     page.heading("Timings")
-    page.table(["eval", "seconds"], [[k, v] for k, v in timings.items()])
+    page.table(["eval", "time"], [[k, f"{v:.2f} s"] for k, v in timings.items()])
     return page.write(path)

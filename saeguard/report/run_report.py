@@ -62,8 +62,8 @@ def write_run_report(out: Path, state: dict[str, Any], benchmark: dict[str, Any]
         + (" QUICK (smoke-test) SCALE: the numbers are not results." if cfg.get("quick") else "")
     )
     page.table(
-        ["step", "seconds (last run)"],
-        [[name, f"{steps.get(name, {}).get('seconds', 0):.0f}"] for name in STEP_NAMES],
+        ["step", "time (last run)"],
+        [[name, f"{steps.get(name, {}).get('seconds', 0):.0f} s"] for name in STEP_NAMES],
     )
 
     page.heading("1. SAE training")
