@@ -165,6 +165,6 @@ def write_robustify_report(document: dict[str, Any], path: str | Path) -> Path:
         f"Load the adapter with `--adapter {document['arms']['robust']['adapter']}` in "
         "`saeguard ood score`, `saeguard ood benchmark` and `saeguard eval`."
     )
-    timings = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in document["timings_s"].items())
+    timings = ", ".join(f"{step} {sec:.1f} s" for step, sec in document["timings_s"].items())
     page.paragraph(f"Timings: {timings}.")
     return page.write(path)
