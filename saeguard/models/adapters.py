@@ -16,7 +16,7 @@ from typing import Any
 
 from saeguard.errors import CorruptFileError, MissingPackageError, SaeguardError
 from saeguard.fileio import atomic_directory, atomic_write_json, atomic_write_text
-from saeguard.models.loading import LoadedModel
+from saeguard.models.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 

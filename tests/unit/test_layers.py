@@ -31,7 +31,6 @@ KNOWN_UPWARD_IMPORTS = {
 """Compute modules that still render their own HTML (issue 14 moves them to a jobs layer)."""
 
 KNOWN_CYCLES = {
-    ("saeguard.models.adapters", "saeguard.models.loading"),
     ("saeguard.evals", "saeguard.evals.ood_probing", "saeguard.evals.probing",
      "saeguard.evals.runner"),
     ("saeguard.evals.masking_study", "saeguard.report.study_report"),
