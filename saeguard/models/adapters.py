@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from saeguard.errors import CorruptFileError, MissingPackageError, SaeguardError
-from saeguard.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from saeguard.fileio import atomic_directory, atomic_write_json
 from saeguard.models.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _sort_peft_config(path: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
-    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path, config)
 
 
 def read_adapter_info(directory: str | Path) -> dict[str, Any]:

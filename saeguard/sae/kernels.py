@@ -26,6 +26,21 @@ k_aux=288) the two cross near 2,000-2,300 dead latents, and at 300 dead the dens
 its backward takes 30 ms against 135 ms for ``embedding_bag``."""
 
 
+def _aux_is_dense(n_dead: int, k_aux: int) -> bool:
+    """Whether AuxK's products run dense over the dead latents (see ``DENSE_AUX_RATIO``)."""
+    return n_dead <= DENSE_AUX_RATIO * k_aux
+
+
+def _aux_for_backward(saved_aux: list[torch.Tensor], grad_aux: torch.Tensor,
+                      dtype: torch.dtype) -> AuxLatents | None:  # fmt: skip
+    """AuxK's part of a backward pass from what forward saved after the main tensors (dead
+    ids, kept positions, live mask), or None when AuxK was off."""
+    if not saved_aux:
+        return None
+    dead, local, aux_live = saved_aux
+    return dead, local, (grad_aux * aux_live).to(dtype)
+
+
 def _encoder_grads(
     x: torch.Tensor,
     crow: torch.Tensor,
@@ -77,7 +92,7 @@ def _dead_block_grads(
     b_enc block [n_dead], acts part or None). Dense over the dead columns while they are few,
     else a sparse product whose rows are the dead latents."""
     n_rows, n_dead = x.shape[0], len(dead)
-    if n_dead <= DENSE_AUX_RATIO * local.shape[1]:
+    if _aux_is_dense(n_dead, local.shape[1]):
         dense_g = grad_aux.new_zeros(n_rows, n_dead).scatter_(1, local, grad_aux)
         acts_part = dense_g @ w_enc.index_select(1, dead).t() if want_acts else None
         return dense_g.t() @ x, dense_g.sum(0), acts_part
@@ -115,7 +130,7 @@ def aux_decode(
     """``sum_j values[:, j] * w_dec[dead[local[:, j]]]``: AuxK's reconstruction, as a dense
     product over the dead rows while they are few (see ``DENSE_AUX_RATIO``), else a sparse one."""
     values = values.to(w_dec.dtype)
-    if len(dead) <= DENSE_AUX_RATIO * local.shape[1]:
+    if _aux_is_dense(len(dead), local.shape[1]):
         dense = values.new_zeros(values.shape[0], len(dead)).scatter(1, local, values)
         return dense @ w_dec.index_select(0, dead)
     return F.embedding_bag(dead[local], w_dec, per_sample_weights=values, mode="sum")
@@ -164,16 +179,13 @@ class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_vals: torch.Tensor, _gi: Any, grad_aux: torch.Tensor,
                  _ga: Any) -> Any:  # type: ignore[override]  # fmt: skip
-        x, idx, live, w_enc, *rest = ctx.saved_tensors
+        x, idx, live, w_enc, *saved_aux = ctx.saved_tensors
         # Under bf16 autocast the gradients arrive in bf16; the products below run in fp32.
         g = (grad_vals * live).to(x.dtype)
         n_rows, k = idx.shape
         cols, order = idx.sort(dim=-1)  # sparse libraries expect sorted columns per row
         crow = torch.arange(0, n_rows * k + 1, k, device=idx.device)
-        aux = None
-        if rest:
-            dead, local, aux_live = rest
-            aux = (dead, local, (grad_aux * aux_live).to(x.dtype))
+        aux = _aux_for_backward(saved_aux, grad_aux, x.dtype)
         grads = _encoder_grads(x, crow, cols.reshape(-1), g.gather(-1, order).reshape(-1),
                                w_enc, ctx.needs_input_grad[0], aux)  # fmt: skip
         return (*grads, None, None, None, None)
@@ -288,11 +300,8 @@ class _SparseBatchTopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_values: torch.Tensor, _gc: Any, _gr: Any,
                  grad_aux: torch.Tensor, _ga: Any) -> Any:  # type: ignore[override]  # fmt: skip
-        x, crow, cols, w_enc, *rest = ctx.saved_tensors
-        aux = None
-        if rest:
-            dead, local, aux_live = rest
-            aux = (dead, local, (grad_aux * aux_live).to(x.dtype))
+        x, crow, cols, w_enc, *saved_aux = ctx.saved_tensors
+        aux = _aux_for_backward(saved_aux, grad_aux, x.dtype)
         grads = _encoder_grads(x, crow, cols, grad_values.to(x.dtype), w_enc,
                                ctx.needs_input_grad[0], aux)  # fmt: skip
         return (*grads, None, None, None)
