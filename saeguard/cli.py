@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
             "interruption resumes instead of starting over."
         ),
     )
-    add_config_arguments(p, RunConfig)
+    add_config_arguments(p, RunConfig, exclude=RunConfig.PLANNED)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(

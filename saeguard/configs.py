@@ -73,6 +73,70 @@ def _optional_scalar(kind: type) -> Any:
     return parse
 
 
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """One command-line option of a config: where its value goes and how it is shown."""
+
+    dest: str
+    """Dotted path of the field from the top config (``monitor.fit_texts``)."""
+    hint: Any
+    """The field's type."""
+    default: Any
+    """The value the option takes when it is not given (shown in ``--help``)."""
+    required: bool
+    """Whether the field has no default."""
+    doc: str
+    """The field's one-line docstring."""
+
+
+EXTRA_OPTIONS = "extra_options"
+"""Metadata key of a ``dict[str, Any]`` field whose options come from a provider function
+(e.g. the architecture-specific SAE settings: one flag per setting any registered architecture
+declares). The provider returns ``{name: (dataclasses.Field, type hint, docstring, owners)}``."""
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _nested_class(tp: Any) -> type | None:
+    tp, _ = _unwrap_optional(tp)
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def option_specs(cls: type, exclude: tuple[str, ...] = ()) -> list[OptionSpec]:
+    """Every leaf setting of a (nested) config, in field order, defaults taken from the parent
+    config's default for each sub-config (one default per setting, wherever it is declared)."""
+    specs: list[OptionSpec] = []
+
+    def walk(klass: type, prefix: str, defaults: Any) -> None:
+        docs = field_docs(klass)
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            dest = prefix + f.name
+            if not f.init or dest in exclude:
+                continue
+            default = getattr(defaults, f.name) if defaults is not None else _field_default(f)
+            nested = _nested_class(hints[f.name])
+            if nested is not None:
+                walk(nested, dest + ".", default)
+                continue
+            if EXTRA_OPTIONS in f.metadata:
+                for name, (extra, hint, doc, owners) in f.metadata[EXTRA_OPTIONS]().items():
+                    specs.append(OptionSpec(f"{dest}.{name}", hint, _field_default(extra), False,
+                                            f"{doc} ({', '.join(owners)})"))  # fmt: skip
+                continue
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            specs.append(OptionSpec(dest, hints[f.name], default, required, docs.get(f.name, "")))
+
+    walk(cls, "", None)
+    return specs
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -81,74 +145,107 @@ def add_config_arguments(
     positional: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
 ) -> None:
-    """Add one option per dataclass field, with the field's docstring as help text.
+    """Add one option per setting of a config, with the field's docstring as help text.
 
-    Supported field types: ``int``, ``float``, ``str``, ``bool`` (``--flag/--no-flag``),
-    ``Literal[...]`` (choices), ``list[int|float|str]`` (repeated flags and comma-separated
-    values) and ``X | None`` of a scalar (``none`` on the command line). Any other type is a
-    programming error and raises ``TypeError`` when the parser is built.
+    A field holding another config adds that config's settings as ``--sub.name`` (grouped under
+    the sub-config's name), plus the flat ``--name`` when no other setting has that name.
+    ``aliases`` and ``exclude`` take dotted names. Supported field types: ``int``, ``float``,
+    ``str``, ``bool`` (``--flag/--no-flag``), ``Literal[...]`` (choices),
+    ``list[int|float|str]`` (repeated flags and comma-separated values) and ``X | None`` of a
+    scalar (``none`` on the command line). Any other type is a programming error and raises
+    ``TypeError`` when the parser is built.
     """
     aliases = aliases or {}
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in exclude or not f.init:
-            continue
-        tp, optional = _unwrap_optional(hints[f.name])
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        )
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        help_text = docs.get(f.name, "")
-        if not required and default not in (None, "", []):
-            help_text += f" (default: {_show(default)})"
-        kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%"), "dest": f.name}
-        origin = get_origin(tp)
-        if tp is bool and not optional:
-            kwargs["action"] = argparse.BooleanOptionalAction
-            kwargs["default"] = default
-        elif origin is list and get_args(tp) and get_args(tp)[0] in _SCALARS:
-            kwargs["action"] = _ExtendSplitAction
-            kwargs["type"] = get_args(tp)[0]
-            kwargs["default"] = None
-            kwargs["metavar"] = f.name.upper().rstrip("S")
-        elif origin is Literal:
-            choices = list(get_args(tp))
-            kwargs["choices"] = choices
-            kwargs["type"] = type(choices[0])
-            kwargs["default"] = default
-        elif tp in _SCALARS:
-            kwargs["type"] = _optional_scalar(tp) if optional else tp
-            kwargs["default"] = default
-            kwargs["metavar"] = f.name.upper()
-        else:
-            raise TypeError(
-                f"{cls.__name__}.{f.name}: field type {hints[f.name]} has no command-line form"
-            )
-        if f.name in positional:
+    specs = option_specs(cls, exclude)
+    leaf_names: dict[str, int] = {}
+    for spec in specs:
+        leaf = spec.dest.rpartition(".")[2]
+        leaf_names[leaf] = leaf_names.get(leaf, 0) + 1
+    groups: dict[str, Any] = {}
+    for spec in specs:
+        prefix, _, leaf = spec.dest.rpartition(".")
+        target: Any = parser
+        if prefix:
+            if prefix not in groups:
+                groups[prefix] = parser.add_argument_group(f"{prefix} settings")
+            target = groups[prefix]
+        kwargs = _argument_kwargs(cls, spec)
+        if prefix:
+            kwargs["default"] = argparse.SUPPRESS  # unset: the parent config's default stands
+        if spec.dest in positional:
             kwargs.pop("dest")
-            if not required:
+            if not spec.required:
                 kwargs["nargs"] = "?"
-            parser.add_argument(f.name, **kwargs)
+            target.add_argument(spec.dest, **kwargs)
             continue
-        flags = [*aliases.get(f.name, []), "--" + f.name.replace("_", "-")]
-        if required and not optional:
+        flags = [*aliases.get(spec.dest, [])]
+        if prefix and leaf_names[leaf] == 1:
+            flags.append("--" + leaf.replace("_", "-"))
+        flags.append("--" + spec.dest.replace("_", "-"))
+        if spec.required and not _unwrap_optional(spec.hint)[1]:
             kwargs["required"] = True
-        parser.add_argument(*flags, **kwargs)
+        target.add_argument(*flags, **kwargs)
+
+
+def _argument_kwargs(cls: type, spec: OptionSpec) -> dict[str, Any]:
+    tp, optional = _unwrap_optional(spec.hint)
+    default = spec.default
+    help_text = spec.doc
+    if not spec.required and default not in (None, "", []):
+        help_text += f" (default: {_show(default)})"
+    kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%"), "dest": spec.dest}
+    origin = get_origin(tp)
+    if tp is bool and not optional:
+        kwargs["action"] = argparse.BooleanOptionalAction
+        kwargs["default"] = default
+    elif origin is list and get_args(tp) and get_args(tp)[0] in _SCALARS:
+        kwargs["action"] = _ExtendSplitAction
+        kwargs["type"] = get_args(tp)[0]
+        kwargs["default"] = None
+        kwargs["metavar"] = spec.dest.rpartition(".")[2].upper().rstrip("S")
+    elif origin is Literal:
+        choices = list(get_args(tp))
+        kwargs["choices"] = choices
+        kwargs["type"] = type(choices[0])
+        kwargs["default"] = default
+    elif tp in _SCALARS:
+        kwargs["type"] = _optional_scalar(tp) if optional else tp
+        kwargs["default"] = default
+        kwargs["metavar"] = spec.dest.rpartition(".")[2].upper()
+    else:
+        raise TypeError(
+            f"{cls.__name__}.{spec.dest}: field type {spec.hint} has no command-line form"
+        )
+    return kwargs
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Build a config from parsed arguments; unset list options fall back to field defaults."""
+    """Build a (nested) config from parsed arguments: settings that were not given keep their
+    default, a sub-config's being the one its parent config declares."""
+    return typing.cast(T, _build(cls, vars(args), "", None))
+
+
+def _build(cls: type, given: dict[str, Any], prefix: str, base: Any) -> Any:
+    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if not f.init or not hasattr(args, f.name):
+    for f in dataclasses.fields(cls):
+        if not f.init:
             continue
-        value = getattr(args, f.name)
-        if value is None and f.default_factory is not dataclasses.MISSING:
-            continue  # an unset list option keeps the field's default
-        values[f.name] = value
+        dest = prefix + f.name
+        nested = _nested_class(hints[f.name])
+        if nested is not None:
+            sub_base = getattr(base, f.name) if base is not None else _field_default(f)
+            values[f.name] = _build(nested, given, dest + ".", sub_base)
+        elif EXTRA_OPTIONS in f.metadata:
+            extra = {k[len(dest) + 1 :]: v for k, v in given.items() if k.startswith(dest + ".")}
+            current = getattr(base, f.name) if base is not None else _field_default(f)
+            values[f.name] = {**(current or {}), **extra}
+        elif dest in given and not (
+            given[dest] is None and f.default_factory is not dataclasses.MISSING
+        ):
+            values[f.name] = given[dest]  # an unset list option (None) keeps the default
+        elif base is not None:
+            values[f.name] = getattr(base, f.name)
     return cls(**values)
 
 

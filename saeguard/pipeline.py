@@ -21,21 +21,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from saeguard.configs import validate_literals
-from saeguard.data.shifts import DEFAULT_SHIFTS
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory, sha256_file
+from saeguard.ood.benchmark import OodBenchmarkConfig
+from saeguard.ood.monitor import MonitorConfig
+from saeguard.train.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)
 
 STEPS = ("plan", "harvest", "train", "eval", "monitor", "benchmark", "report")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunConfig:
     """The main job on one model, hook and ID corpus (defaults: the embedded SmolLM2 + wiki-en)."""
 
@@ -61,34 +63,36 @@ class RunConfig:
     """TopK sparsity."""
     expansion: int = 16
     """d_sae / d_model."""
-    fit_texts: int = 1500
-    """ID texts the monitor's statistics are fitted on (at most; the plan may give fewer)."""
-    calibration_texts: int = 500
-    """Held-out ID texts the monitor's threshold is calibrated on (at most)."""
-    target_fpr: float = 0.05
-    """False-positive rate the monitor is calibrated for."""
-    shifts: list[str] = field(default_factory=lambda: list(DEFAULT_SHIFTS))
-    """Shifts the OOD benchmark scores (see `saeguard ood benchmark --help`)."""
-    id_texts: int = 400
-    """In-distribution negatives of the OOD benchmark (at most)."""
-    per_shift: int = 200
-    """OOD texts per shift (at most)."""
-    checkpoint_every: int = 50
-    """SAE training steps between checkpoints (one is also written every 2 minutes)."""
     quick: bool = False
     """Smoke-test scale (minutes): few tokens, texts and a 4x SAE. Not a result."""
     threads: int = 0
     """Torch CPU threads (0: library default)."""
+    train: TrainerConfig = field(default_factory=lambda: TrainerConfig(checkpoint_every=50))
+    """How the SAE is optimised (its token count and shuffle buffer are planned, not set)."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """How the OOD monitor is fitted and calibrated (text counts are upper bounds: the plan
+    may give fewer)."""
+    benchmark: OodBenchmarkConfig = field(default_factory=OodBenchmarkConfig)
+    """What the OOD benchmark scores (text counts are upper bounds: the plan may give fewer)."""
+
+    PLANNED = ("train.tokens", "train.buffer_tokens")
+    """Settings of the sub-configs the plan decides (not options of `saeguard run`)."""
 
     def __post_init__(self) -> None:
         validate_literals(self)
         if self.quick:
             self.tokens = self.tokens or 24_576
             self.expansion = min(self.expansion, 4)
-            self.fit_texts = min(self.fit_texts, 120)
-            self.calibration_texts = min(self.calibration_texts, 60)
-            self.id_texts = min(self.id_texts, 40)
-            self.per_shift = min(self.per_shift, 20)
+            self.monitor = replace(
+                self.monitor,
+                fit_texts=min(self.monitor.fit_texts, 120),
+                calibration_texts=min(self.monitor.calibration_texts, 60),
+            )
+            self.benchmark = replace(
+                self.benchmark,
+                id_texts=min(self.benchmark.id_texts, 40),
+                per_shift=min(self.benchmark.per_shift, 20),
+            )
         if self.tokens and self.tokens < 8192:
             raise ConfigError(
                 f"--tokens must be 0 (planned) or at least two batches (8192), got {self.tokens}"
@@ -109,7 +113,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) every step; returns the run summary written to ``run.json``."""
     from saeguard.activations.harvest import HarvestConfig, harvest
     from saeguard.evals import EvalConfig, run_eval
-    from saeguard.ood import Monitor, MonitorConfig, OodBenchmarkConfig, run_benchmark
+    from saeguard.ood import Monitor, run_benchmark
     from saeguard.planning import retarget_training
     from saeguard.train import TrainJobConfig, run_training
 
@@ -139,7 +143,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     log.info("step 0/6: measure this machine and plan the job for %.0f minutes", cfg.time_budget)
     plan_signature = json.dumps(
-        {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads", "checkpoint_every")},
+        _plan_inputs(cfg),
         sort_keys=True,
     )
     if _step_done(state, "plan", plan_signature):
@@ -188,27 +192,25 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         log.info("the harvest took %.1f min: training on %s tokens (planned %s)", spent / 60,
                  f"{plan['train_tokens_final']:,}", f"{plan['train_tokens']:,}")  # fmt: skip
 
+    trainer = asdict(cfg.train) | {
+        "tokens": plan["train_tokens_final"],
+        # the pool needs no more than the cache: it would hold copies of it
+        "buffer_tokens": max(8192, min(262_144, plan["harvest_tokens"])),
+    }
     job = TrainJobConfig(
         out=str(sae_dir),
         acts=str(acts_dir),
-        tokens=plan["train_tokens_final"],
         architectures=["topk"],
         k=[cfg.k],
         expansion=[cfg.expansion],
-        checkpoint_every=cfg.checkpoint_every,
         **source,
-        # the pool needs no more than the cache: it would hold copies of it
-        buffer_tokens=max(8192, min(262_144, plan["harvest_tokens"])),
+        **trainer,
     )
     eval_cfg = EvalConfig(evals=["core", "ce"], quick=cfg.quick, threads=cfg.threads)
-    monitor_cfg = MonitorConfig(
-        fit_texts=plan["fit_texts"],
-        calibration_texts=plan["calibration_texts"],
-        target_fpr=cfg.target_fpr,
+    monitor_cfg = replace(
+        cfg.monitor, fit_texts=plan["fit_texts"], calibration_texts=plan["calibration_texts"]
     )
-    bench_cfg = OodBenchmarkConfig(
-        shifts=list(cfg.shifts), id_texts=plan["id_texts"], per_shift=plan["per_shift"]
-    )
+    bench_cfg = replace(cfg.benchmark, id_texts=plan["id_texts"], per_shift=plan["per_shift"])
     signatures = {
         "train": json.dumps(asdict(job), sort_keys=True, default=str),
         "monitor": json.dumps(asdict(monitor_cfg), sort_keys=True),
@@ -237,7 +239,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         monitor.save(monitor_dir)
         mark("monitor", monitor_sig, time.perf_counter() - start)
 
-    log.info("step 5/6: OOD benchmark (%d shifts)", len(cfg.shifts))
+    log.info("step 5/6: OOD benchmark (%d shifts)", len(bench_cfg.shifts))
     start = time.perf_counter()
     document = run_benchmark(monitor_dir, ood_dir, bench_cfg)  # resumes per text set
     mark("benchmark", signatures["benchmark"] + monitor_sig, time.perf_counter() - start)
@@ -256,6 +258,29 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return state
 
 
+def _plan_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """The settings the plan depends on (the same keys as before configs were nested, so a run
+    recorded by an older saeguard keeps its plan)."""
+    return {
+        "calibration_texts": cfg.monitor.calibration_texts,
+        "corpus": cfg.corpus,
+        "dtype": cfg.dtype,
+        "expansion": cfg.expansion,
+        "fit_texts": cfg.monitor.fit_texts,
+        "hook": cfg.hook,
+        "id_texts": cfg.benchmark.id_texts,
+        "k": cfg.k,
+        "mask_prob": cfg.mask_prob,
+        "model": cfg.model,
+        "per_shift": cfg.benchmark.per_shift,
+        "quick": cfg.quick,
+        "shifts": cfg.benchmark.shifts,
+        "target_fpr": cfg.monitor.target_fpr,
+        "time_budget": cfg.time_budget,
+        "tokens": cfg.tokens,
+    }
+
+
 def _make_plan(cfg: RunConfig) -> dict[str, Any]:
     """Measure this machine, then size the job to the budget (``throughput`` included)."""
     from saeguard.planning import measure, plan_run
@@ -266,11 +291,11 @@ def _make_plan(cfg: RunConfig) -> dict[str, Any]:
     plan = plan_run(
         60 * cfg.time_budget,
         rates,
-        n_shifts=len(cfg.shifts),
-        fit_texts=cfg.fit_texts,
-        calibration_texts=cfg.calibration_texts,
-        id_texts=cfg.id_texts,
-        per_shift=cfg.per_shift,
+        n_shifts=len(cfg.benchmark.shifts),
+        fit_texts=cfg.monitor.fit_texts,
+        calibration_texts=cfg.monitor.calibration_texts,
+        id_texts=cfg.benchmark.id_texts,
+        per_shift=cfg.benchmark.per_shift,
         tokens=cfg.tokens,
         dtype=cfg.dtype,
     ).to_dict()

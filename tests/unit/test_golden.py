@@ -52,12 +52,16 @@ def _normalise(value: Any, paths: dict[str, str], key: str = "") -> Any:
 
 
 def _run_outputs(model_dir: Path, out: Path) -> dict[str, Any]:
+    from saeguard.ood import MonitorConfig, OodBenchmarkConfig
     from saeguard.pipeline import RunConfig, run
+    from saeguard.train.trainer import TrainerConfig
 
     state = run(RunConfig(out=str(out), model=str(model_dir), hook="resid_post.2", quick=True,
-                          tokens=10 * 4096, dtype="float32", checkpoint_every=2, fit_texts=40,
-                          calibration_texts=30, id_texts=20, per_shift=12,
-                          shifts=["typos:0.2"]))  # fmt: skip
+                          tokens=10 * 4096, dtype="float32",
+                          train=TrainerConfig(checkpoint_every=2),
+                          monitor=MonitorConfig(fit_texts=40, calibration_texts=30),
+                          benchmark=OodBenchmarkConfig(id_texts=20, per_shift=12,
+                                                       shifts=["typos:0.2"])))  # fmt: skip
     paths = {str(out): "<OUT>", str(model_dir): "<MODEL>"}
     outputs = {
         name: _normalise(json.loads((out / name).read_text(encoding="utf-8")), paths)

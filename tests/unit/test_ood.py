@@ -303,6 +303,7 @@ def test_reader_windows_cover_the_text_from_either_end(tiny_monitor: Path) -> No
 def test_run_end_to_end_on_a_tiny_model_resumes_without_redoing_work(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
+    from saeguard.ood import MonitorConfig, OodBenchmarkConfig
     from saeguard.pipeline import RunConfig, run
 
     cfg = RunConfig(
@@ -311,11 +312,10 @@ def test_run_end_to_end_on_a_tiny_model_resumes_without_redoing_work(
         hook="resid_post.2",
         quick=True,
         tokens=8192,
-        fit_texts=40,
-        calibration_texts=30,
-        id_texts=20,
-        per_shift=12,
-        shifts=["typos:0.2", "jailbreak-wrap", "wiki-es"],
+        monitor=MonitorConfig(fit_texts=40, calibration_texts=30),
+        benchmark=OodBenchmarkConfig(
+            id_texts=20, per_shift=12, shifts=["typos:0.2", "jailbreak-wrap", "wiki-es"]
+        ),
     )
     state = run(cfg)
     out = tmp_path / "run"

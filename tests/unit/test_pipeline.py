@@ -54,14 +54,17 @@ def test_killed_training_resumes_from_the_cache_to_identical_weights(
     """A kill at ~70% of training, then the same command: no activation is recomputed while
     training resumes, and the SAE is bit-identical to an uninterrupted run's."""
     from saeguard.activations.source import ActivationHarvester
+    from saeguard.ood import MonitorConfig, OodBenchmarkConfig
     from saeguard.pipeline import RunConfig, run
-    from saeguard.train.trainer import Trainer
+    from saeguard.train.trainer import Trainer, TrainerConfig
 
     def config(out: Path) -> RunConfig:
         return RunConfig(out=str(out), model=str(tiny_llama_dir), hook="resid_post.2",
-                         quick=True, tokens=10 * 4096, dtype="float32", checkpoint_every=2,
-                         fit_texts=40, calibration_texts=30, id_texts=20, per_shift=12,
-                         shifts=["typos:0.2"])  # fmt: skip
+                         quick=True, tokens=10 * 4096, dtype="float32",
+                         train=TrainerConfig(checkpoint_every=2),
+                         monitor=MonitorConfig(fit_texts=40, calibration_texts=30),
+                         benchmark=OodBenchmarkConfig(id_texts=20, per_shift=12,
+                                                      shifts=["typos:0.2"]))  # fmt: skip
 
     run(config(tmp_path / "reference"))
 
