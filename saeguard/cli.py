@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
             "command again resumes."
         ),
     )
-    add_config_arguments(p, RobustifyConfig)
+    add_config_arguments(p, RobustifyConfig, exclude=RobustifyConfig.FOLLOWED)
     p.set_defaults(func=_cmd_robustify)
 
     p = sub.add_parser(

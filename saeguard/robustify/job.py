@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +68,7 @@ SCHEMA = Path(__file__).with_name("robustify.schema.json")
 RESULT_FILE = "robustify.json"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RobustifyConfig(LoraSettings):
     """What `saeguard robustify` trains and how it measures the result."""
 
@@ -100,10 +100,6 @@ class RobustifyConfig(LoraSettings):
     """Clean corpus whose next-token loss checks capability beyond the ID corpus (empty: none)."""
     capability_texts: int = 100
     """Texts of that corpus measured before and after."""
-    fit_texts: int = 1000
-    """ID texts a monitor fitted here uses for its statistics."""
-    calibration_texts: int = 300
-    """Held-out ID texts a monitor fitted here is calibrated on."""
     loss_tolerance: float = 0.02
     """Largest relative rise of the clean next-token loss that counts as capability kept."""
     control: bool = False
@@ -116,6 +112,12 @@ class RobustifyConfig(LoraSettings):
     """Smoke-test scale (minutes): few steps, texts and windows. Not a result."""
     threads: int = 0
     """Torch CPU threads (0: library default)."""
+    monitor_fit: MonitorConfig = field(default_factory=MonitorConfig)
+    """How the monitor fitted here (when --monitor is empty) is fitted and calibrated; its seed
+    is --seed."""
+
+    FOLLOWED = ("monitor_fit.seed",)
+    """Sub-config settings that follow a setting of this config (not options of their own)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,8 +129,11 @@ class RobustifyConfig(LoraSettings):
             self.eval_per_class = min(self.eval_per_class, 3)
             self.probe_per_class = min(self.probe_per_class, 6)
             self.capability_texts = min(self.capability_texts, 8)
-            self.fit_texts = min(self.fit_texts, 120)
-            self.calibration_texts = min(self.calibration_texts, 40)
+            self.monitor_fit = replace(
+                self.monitor_fit,
+                fit_texts=min(self.monitor_fit.fit_texts, 120),
+                calibration_texts=min(self.monitor_fit.calibration_texts, 40),
+            )
             self.resamples = min(self.resamples, 200)
         perturb(["a check"], self.shift, self.seed)  # an unsupported shift fails now
         for name in ("steps", "batch_size", "checkpoint_every", "eval_per_class", "eval_windows"):
@@ -147,6 +152,9 @@ class RobustifyConfig(LoraSettings):
         """The adapter settings alone (what the trainer needs)."""
         names = LoraSettings.__dataclass_fields__
         return replace(LoraSettings(**{k: getattr(self, k) for k in names}), **changes)
+
+
+_DIGESTED = ("fit_texts", "calibration_texts", "seed")
 
 
 def _digest(*parts: Any) -> str:
@@ -236,16 +244,19 @@ class _Run:
             return directory
         directory = self.out / "monitor"
         sae_sha = sha256_file(sae_weights)
-        wanted = _digest(sae_sha, cfg.fit_texts, cfg.calibration_texts, cfg.seed)
+        fit = replace(cfg.monitor_fit, seed=cfg.seed)
+        # Settings left at their defaults are not hashed: the digests of earlier runs stay valid.
+        default = asdict(MonitorConfig())
+        changed = {k: v for k, v in asdict(fit).items() if k not in _DIGESTED and v != default[k]}
+        wanted = _digest(sae_sha, fit.fit_texts, fit.calibration_texts, fit.seed,
+                         *([changed] if changed else []))  # fmt: skip
         marker = _read_json(self.out / "monitor.signature.json")
         if (directory / "monitor.json").is_file() and marker and marker.get("signature") == wanted:
             return directory
         log.info("fitting a monitor for %s into %s", cfg.sae, directory)
         monitor = Monitor.fit(
             cfg.sae,
-            MonitorConfig(
-                fit_texts=cfg.fit_texts, calibration_texts=cfg.calibration_texts, seed=cfg.seed
-            ),
+            fit,
             loaded=self.base,
             model=cfg.model,
         )

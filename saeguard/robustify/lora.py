@@ -35,7 +35,7 @@ from saeguard.sae.base import SparseAutoencoder
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoraSettings:
     """The adapter and its optimisation."""
 

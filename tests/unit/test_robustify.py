@@ -12,6 +12,7 @@ from saeguard.data.perturb import add_typos
 from saeguard.data.tokenize import packing_spec, tokenize_documents
 from saeguard.errors import ConfigError
 from saeguard.models import load_model
+from saeguard.ood import MonitorConfig
 from saeguard.robustify import LoraRobustifier, LoraSettings, add_adapters
 from saeguard.sae import SAEConfig, create_sae
 
@@ -119,7 +120,8 @@ def tiny_sae_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def _job(tiny_llama_dir: Path, sae: Path, out: Path, **changes) -> RobustifyConfig:
     settings = dict(model=str(tiny_llama_dir), sae=str(sae), out=str(out), quick=True, lr=5e-3,
-                    steps=4, checkpoint_every=2, fit_texts=60, calibration_texts=30,
+                    steps=4, checkpoint_every=2,
+                    monitor_fit=MonitorConfig(fit_texts=60, calibration_texts=30),
                     energy_weighting=True)  # fmt: skip
     settings.update(changes)
     return RobustifyConfig(**settings)
