@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("sae_dir", help="Directory holding cfg.json + sae_weights.safetensors.")
-    add_config_arguments(p, EvalConfig)
+    add_config_arguments(p, EvalConfig, aliases=EvalConfig.CLI_ALIASES, exclude=EvalConfig.FOLLOWED)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -390,7 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
             "resumes: finished SAEs and evaluations are kept."
         ),
     )
-    add_config_arguments(p, MaskingStudyConfig)
+    add_config_arguments(
+        p,
+        MaskingStudyConfig,
+        aliases={f"eval.{k}": v for k, v in EvalConfig.CLI_ALIASES.items()},
+        exclude=(*MaskingStudyConfig.EVAL_OWN, *(f"eval.{k}" for k in EvalConfig.FOLLOWED)),
+    )
     p.set_defaults(func=_cmd_study_masking)
 
     from saeguard.ood import MonitorConfig, OodBenchmarkConfig

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,9 @@ import numpy as np
 
 from saeguard.configs import config_to_dict
 from saeguard.errors import ConfigError
+from saeguard.evals.ce import CEConfig
+from saeguard.evals.core import CoreConfig
+from saeguard.evals.probing import ProbingConfig
 from saeguard.evals.results import BOOTSTRAP_RESAMPLES, statistic_of
 from saeguard.evals.runner import EvalConfig, run_eval
 from saeguard.evals.subject import EvalSubject, load_subject
@@ -43,7 +46,7 @@ STUDY_METRICS = (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MaskingStudyConfig:
     """The masking study: which SAEs to train, on how much data, and how to evaluate them."""
 
@@ -71,16 +74,18 @@ class MaskingStudyConfig:
     """Tokens per training context."""
     quick: bool = False
     """Smoke-test scale: 40k training activations, 4x expansion, quick evals."""
-    probing_per_class: int = 60
-    """Documents per class for sparse and OOD probing."""
-    absorption_words: int = 2000
-    """Vocabulary words for the absorption task."""
-    core_contexts: int = 128
-    """Packed contexts for the core metrics."""
-    ce_contexts: int = 32
-    """Packed contexts for CE loss recovered."""
     threads: int = 0
     """Torch CPU threads (0: library default)."""
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(
+        evals=["core", "ce", "absorption", "probing", "ood_probing"],
+        core=CoreConfig(contexts=128), ce=CEConfig(contexts=32), probing=ProbingConfig(ks=[1, 5]),
+    ))  # fmt: skip
+    """How every SAE is evaluated (the study's text budget: fewer contexts than `saeguard eval`
+    by default, probes with 1 and 5 latents)."""
+
+    EVAL_OWN = ("eval.evals", "eval.quick", "eval.model", "eval.adapter", "eval.corpus",
+                "eval.out", "eval.threads")  # fmt: skip
+    """Evaluation settings the study decides itself (not options of `saeguard study masking`)."""
 
     def __post_init__(self) -> None:
         if 0.0 not in self.mask_probs:
@@ -95,6 +100,7 @@ class MaskingStudyConfig:
             self.tokens = min(self.tokens, 40_960)
             self.expansion = min(self.expansion, 4)
             self.batch_tokens = min(self.batch_tokens, 1024)
+        self.eval = replace(self.eval, quick=self.quick, threads=self.threads)
         if self.tokens < self.batch_tokens:
             raise ConfigError("--tokens must be at least one batch (--batch-tokens)")
 
@@ -138,12 +144,7 @@ def train_all(cfg: MaskingStudyConfig) -> None:
 
 def evaluate_all(cfg: MaskingStudyConfig) -> dict[Path, dict[str, Any]]:
     """Evaluate every SAE on the same text; the model runs once for all of them."""
-    eval_cfg = EvalConfig(
-        evals=["core", "ce", "absorption", "probing", "ood_probing"], quick=cfg.quick,
-        core_contexts=cfg.core_contexts, ce_contexts=cfg.ce_contexts,
-        probing_per_class=cfg.probing_per_class, probing_ks=[1, 5],
-        absorption_words=cfg.absorption_words, threads=cfg.threads,
-    )  # fmt: skip
+    eval_cfg = cfg.eval
     shared: EvalSubject | None = None
     results = {}
     for _, _, _, directory in _sae_dirs(cfg):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,22 +20,20 @@ import jsonschema
 from saeguard import __version__
 from saeguard.configs import config_to_dict, validate_literals
 from saeguard.errors import ConfigError, CorruptFileError
-from saeguard.evals.absorption import AbsorptionConfig, run_absorption
-from saeguard.evals.ce import CEConfig, run_ce
-from saeguard.evals.core import CoreConfig, run_core
-from saeguard.evals.effective import run_effective
-from saeguard.evals.ood_probing import OODProbingConfig, run_ood_probing
-from saeguard.evals.probing import ProbingConfig, run_probing
-from saeguard.evals.results import MetricResult
+from saeguard.evals.absorption import AbsorptionConfig
+from saeguard.evals.ce import CEConfig
+from saeguard.evals.core import CoreConfig
+from saeguard.evals.ood_probing import OODProbingConfig
+from saeguard.evals.probing import ProbingConfig
+from saeguard.evals.registry import EVAL_SPECS, EVALS
 from saeguard.evals.subject import EvalSubject, load_subject
 from saeguard.fileio import atomic_write_json, check_schema, claim_output_directory
 
 log = logging.getLogger(__name__)
-EVALS = ("core", "ce", "absorption", "probing", "ood_probing", "effective")
 EVAL_SCHEMA = Path(__file__).with_name("eval.schema.json")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalConfig:
     """What ``saeguard eval`` measures and how much text it reads."""
 
@@ -51,87 +49,75 @@ class EvalConfig:
     """Corpus for core/ce/effective (empty: the SAE's training corpus; its test split is used)."""
     out: str = ""
     """Directory for eval.json and eval.html (empty: the SAE directory; ADAPTER/eval with one)."""
-    core_contexts: int = 256
-    """Packed contexts for core metrics and effective features."""
-    ce_contexts: int = 48
-    """Packed contexts for CE/KL recovered (three full forward passes each)."""
-    probing_per_class: int = 60
-    """Documents per class for sparse and OOD probing."""
-    probing_ks: list[int] = field(default_factory=lambda: [1, 2, 5, 20])
-    """k values for sparse probing."""
-    probing_sets: list[str] = field(
-        default_factory=lambda: ["wiki-en", "bbc", "language", "jailbreak"]
-    )
-    """Labelled sets for sparse probing: wiki-en, bbc, language, jailbreak."""
-    probing_pooling: str = "mean"
-    """Sparse probing inputs: mean over a document's kept tokens, or its last token."""
-    ood_shifts: list[str] = field(default_factory=lambda: ["typos", "wiki-es", "wiki-fr"])
-    """Shifts OOD probes are tested on: typos, wiki-es, wiki-fr."""
-    ood_k: int = 20
-    """Latents used by the OOD probes."""
-    typo_rate: float = 0.2
-    """Fraction of words given a typo in OOD probing."""
-    absorption_words: int = 2000
-    """Vocabulary words for the first-letter absorption task."""
     seed: int = 0
     """Seed of every sampled choice (documents, words, bootstrap)."""
     threads: int = 0
     """Torch CPU threads (0: library default)."""
+    core: CoreConfig = field(default_factory=CoreConfig)
+    """Core reconstruction metrics (and the effective features, which reuse their pass)."""
+    ce: CEConfig = field(default_factory=CEConfig)
+    """CE loss and KL recovered."""
+    absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)
+    """First-letter feature absorption."""
+    probing: ProbingConfig = field(default_factory=ProbingConfig)
+    """Sparse probing."""
+    ood_probing: OODProbingConfig = field(default_factory=OODProbingConfig)
+    """OOD probing (its documents per class follow the probing's)."""
+
+    FOLLOWED = ("absorption.seed", "probing.seed", "ood_probing.seed", "ood_probing.per_class")
+    """Sub-config settings that follow a setting of this config (--seed, --probing-per-class)
+    rather than being options of their own."""
+    CLI_ALIASES = {
+        "core.contexts": ["--core-contexts"],
+        "ce.contexts": ["--ce-contexts"],
+        "probing.per_class": ["--probing-per-class"],
+        "probing.ks": ["--probing-ks"],
+        "probing.sets": ["--probing-sets"],
+        "probing.pooling": ["--probing-pooling"],
+        "ood_probing.shifts": ["--ood-shifts"],
+        "ood_probing.k": ["--ood-k"],
+        "absorption.words": ["--absorption-words"],
+    }
+    """The flags these settings had before configs were nested."""
 
     def __post_init__(self) -> None:
         validate_literals(self)
-        unknown = [e for e in self.evals if e not in EVALS]
+        unknown = [e for e in self.evals if e not in EVAL_SPECS]
         if not self.evals or unknown:
             raise ConfigError(f"unknown or empty --evals {unknown}; choose from {', '.join(EVALS)}")
         if self.quick:
-            self.core_contexts = min(self.core_contexts, 24)
-            self.ce_contexts = min(self.ce_contexts, 6)
-            self.probing_per_class = min(self.probing_per_class, 12)
-            self.absorption_words = min(self.absorption_words, 400)
-        for name in ("core_contexts", "ce_contexts", "probing_per_class"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if "effective" in self.evals and "core" not in self.evals:
-            self.evals = [*self.evals, "core"]  # effective features reuse the core pass
-        self.sub_configs()  # their own checks fail here, before any model is loaded
+            self.core = replace(self.core, contexts=min(self.core.contexts, 24))
+            self.ce = replace(self.ce, contexts=min(self.ce.contexts, 6))
+            self.probing = replace(self.probing, per_class=min(self.probing.per_class, 12))
+            self.absorption = replace(self.absorption, words=min(self.absorption.words, 400))
+        for flag, value in (("core-contexts", self.core.contexts),
+                            ("ce-contexts", self.ce.contexts),
+                            ("probing-per-class", self.probing.per_class)):  # fmt: skip
+            if value < 1:
+                raise ConfigError(f"--{flag} must be at least 1")
+        self.absorption = replace(self.absorption, seed=self.seed)
+        self.probing = replace(self.probing, seed=self.seed)
+        self.ood_probing = replace(
+            self.ood_probing, seed=self.seed, per_class=self.probing.per_class
+        )
+        needed = [n for e in self.evals for n in EVAL_SPECS[e].needs if n not in self.evals]
+        self.evals = [*self.evals, *dict.fromkeys(needed)]  # effective reuses the core pass
 
-    def sub_configs(self) -> dict[str, Any]:
-        return {
-            "core": CoreConfig(contexts=self.core_contexts),
-            "ce": CEConfig(contexts=self.ce_contexts),
-            "absorption": AbsorptionConfig(words=self.absorption_words, seed=self.seed),
-            "probing": ProbingConfig(
-                ks=list(self.probing_ks),
-                per_class=self.probing_per_class,
-                sets=list(self.probing_sets),
-                pooling=self.probing_pooling,
-                seed=self.seed,
-            ),
-            "ood_probing": OODProbingConfig(
-                k=self.ood_k,
-                per_class=self.probing_per_class,
-                typo_rate=self.typo_rate,
-                shifts=list(self.ood_shifts),
-                seed=self.seed,
-            ),
-        }
+    def settings_of(self, name: str) -> Any:
+        """The config an eval's numbers depend on."""
+        return getattr(self, EVAL_SPECS[name].settings)
 
 
 def _settings(cfg: EvalConfig) -> dict[str, Any]:
     skip = {"evals", "out", "threads"}
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in skip}
 
 
 def _signature(cfg: EvalConfig, name: str) -> dict[str, Any]:
     """What an eval's numbers depend on: a finished eval is kept only if this is unchanged."""
-    from saeguard.evals import absorption, ce, core, effective, ood_probing, probing
-
-    modules = {"core": core, "ce": ce, "absorption": absorption, "probing": probing,
-               "ood_probing": ood_probing, "effective": effective}  # fmt: skip
-    sub = cfg.sub_configs().get(name if name != "effective" else "core")
     return {
-        "version": modules[name].VERSION,
-        "config": config_to_dict(sub) if sub is not None else {},
+        "version": EVAL_SPECS[name].version,
+        "config": config_to_dict(cfg.settings_of(name)),
         "model": cfg.model,
         "corpus": cfg.corpus,
         "seed": cfg.seed,
@@ -193,35 +179,19 @@ def run_eval(
             samples = json.loads(samples_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             samples = {}
-    subs = cfg.sub_configs()
     order = [e for e in EVALS if e in cfg.evals]
-    abs_per_context = None
+    done = {e for e in order if document["eval_settings"].get(e) == _signature(cfg, e)}
+    needed = {n for e in order if e not in done for n in EVAL_SPECS[e].needs}
+    shared: dict[str, Any] = {"seed": cfg.seed}
     for name in order:
-        done = document["eval_settings"].get(name) == _signature(cfg, name)
-        if done and not (
-            name == "core" and "effective" in order and "effective" not in document["timings_s"]
-        ):
+        if name in done and name not in needed:
             log.info("eval %s: already in %s, kept", name, json_path)
             continue
         started = time.perf_counter()
         for stale in [m for m, entry in document["metrics"].items() if entry["eval"] == name]:
             del document["metrics"][stale]  # results of other settings or an older definition
             samples.pop(stale, None)
-        results: list[MetricResult]
-        details: dict[str, Any] = {}
-        if name == "core":
-            results, details, abs_per_context = run_core(subject, subs["core"])
-        elif name == "effective":
-            assert abs_per_context is not None
-            results = run_effective(abs_per_context, subject.sae.cfg.d_in, cfg.seed)
-        elif name == "ce":
-            results, details = run_ce(subject, subs["ce"])
-        elif name == "absorption":
-            results, details = run_absorption(subject, subs["absorption"])
-        elif name == "probing":
-            results, details = run_probing(subject, subs["probing"])
-        else:
-            results, details = run_ood_probing(subject, subs["ood_probing"])
+        results, details = EVAL_SPECS[name].run(subject, cfg.settings_of(name), shared)
         for result in results:
             document["metrics"][result.name] = {**result.to_json(), "eval": name}
             if result.samples:

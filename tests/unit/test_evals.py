@@ -14,9 +14,10 @@ from saeguard.errors import ConfigError
 from saeguard.evals import EvalConfig, load_eval, run_eval
 from saeguard.evals.absorption import AbsorptionConfig, measure_absorption
 from saeguard.evals.ce import ce_and_kl_sums, results_from_sums
-from saeguard.evals.core import accumulate, metrics_from_sums
+from saeguard.evals.core import CoreConfig, accumulate, metrics_from_sums
 from saeguard.evals.datasets import LabelledSet
 from saeguard.evals.effective import effective_count, run_effective
+from saeguard.evals.ood_probing import OODProbingConfig
 from saeguard.evals.probing import ProbingConfig, probe_set, top_k_by_mean_difference
 from saeguard.evals.results import MetricResult, paired_difference, sampled_metric
 from saeguard.models import load_model
@@ -185,18 +186,30 @@ def test_paired_difference_of_identical_metrics_is_zero_and_detects_a_shift() ->
     assert low < delta < high
 
 
+def _eval_config(*flags: str) -> EvalConfig:
+    """The EvalConfig `saeguard eval` builds from these flags (those of before nesting)."""
+    from saeguard.cli import build_parser
+    from saeguard.configs import config_from_args
+
+    return config_from_args(EvalConfig, build_parser().parse_args(["eval", "sae", *flags]))
+
+
 def test_impossible_eval_configs_fail_early() -> None:
     with pytest.raises(ConfigError, match="choose from"):
         EvalConfig(evals=["core", "bogus"])
     with pytest.raises(ConfigError, match="probing sets"):
-        EvalConfig(probing_sets=["nope"])
+        _eval_config("--probing-sets", "nope")
     with pytest.raises(ConfigError, match="typo-rate"):
-        EvalConfig(typo_rate=0)
+        _eval_config("--typo-rate", "0")
     with pytest.raises(ConfigError, match="absorption|words"):
-        EvalConfig(absorption_words=10)
+        _eval_config("--absorption-words", "10")
     with pytest.raises(ConfigError, match="pooling"):
-        EvalConfig(probing_pooling="max")
+        _eval_config("--probing-pooling", "max")
     assert "core" in EvalConfig(evals=["effective"]).evals  # effective reuses the core pass
+    cfg = _eval_config("--probing-per-class", "7", "--seed", "3", "--ood-k", "5")
+    assert cfg.probing.per_class == cfg.ood_probing.per_class == 7  # one flag, both probes
+    assert cfg.absorption.seed == cfg.probing.seed == cfg.ood_probing.seed == 3
+    assert cfg.ood_probing.k == 5 and cfg.core.contexts == CoreConfig().contexts
 
 
 def _tiny_sae(tiny_llama_dir: Path, out: Path, seed: int) -> Path:
@@ -217,7 +230,8 @@ def test_eval_runner_writes_valid_json_html_resumes_and_compares(
 
     cfg = dict(
         evals=["core", "ce", "effective", "probing", "ood_probing"], quick=True,
-        probing_sets=["bbc"], probing_ks=[1, 5], ood_shifts=["typos"], probing_per_class=6,
+        probing=ProbingConfig(sets=["bbc"], ks=[1, 5], per_class=6),
+        ood_probing=OODProbingConfig(shifts=["typos"]),
     )  # fmt: skip
     first = _tiny_sae(tiny_llama_dir, tmp_path / "a", 0)
     document = run_eval(first, EvalConfig(**cfg))  # type: ignore[arg-type]
@@ -237,7 +251,9 @@ def test_eval_runner_writes_valid_json_html_resumes_and_compares(
         == json.loads(before)["timings_s"]
     )
     # Changing one eval's settings re-runs that eval only, and drops its stale metrics.
-    changed = run_eval(first, EvalConfig(**{**cfg, "probing_ks": [2]}))  # type: ignore[arg-type]
+    changed = run_eval(
+        first, EvalConfig(**{**cfg, "probing": ProbingConfig(sets=["bbc"], ks=[2], per_class=6)})
+    )  # type: ignore[arg-type]
     kept = json.loads(before)["timings_s"]
     assert changed["timings_s"]["core"] == kept["core"] and changed["timings_s"]["ce"] == kept["ce"]
     assert "sparse_probing_accuracy_k2" in changed["metrics"]

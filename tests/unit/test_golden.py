@@ -25,15 +25,28 @@ VOLATILE = {"seconds", "step_seconds_total", "wall_seconds_this_invocation", "cr
             "tokens_per_s", "timings_s", "throughput", "expected_s", "train_rate", "signature",
             "report", "fingerprint"}  # fmt: skip
 CONFIG_ECHOES = {"config", "settings"}
+RENAMED = {
+    "run.json": {"fit_texts": "monitor.fit_texts", "calibration_texts": "monitor.calibration_texts",
+                 "target_fpr": "monitor.target_fpr", "shifts": "benchmark.shifts",
+                 "id_texts": "benchmark.id_texts", "per_shift": "benchmark.per_shift",
+                 "checkpoint_every": "train.checkpoint_every"},
+    "sae/eval.json": {"core_contexts": "core.contexts", "ce_contexts": "ce.contexts",
+                      "absorption_words": "absorption.words", "probing_ks": "probing.ks",
+                      "probing_per_class": "probing.per_class", "probing_sets": "probing.sets",
+                      "probing_pooling": "probing.pooling", "ood_k": "ood_probing.k",
+                      "ood_shifts": "ood_probing.shifts", "typo_rate": "ood_probing.typo_rate"},
+}  # fmt: skip
+"""Settings that moved into a sub-config when configs became nested (issue 14): old name ->
+dotted path in the new config echo."""
 
 
-def _leaves(value: Any, into: dict[str, Any]) -> dict[str, Any]:
-    """Every scalar or list setting of a (possibly nested) config echo, by its field name."""
+def _leaves(value: Any, into: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every scalar or list setting of a (possibly nested) config echo, by its dotted path."""
     for key, item in value.items():
         if isinstance(item, dict):
-            _leaves(item, into)
+            _leaves(item, into, f"{prefix}{key}.")
         else:
-            into.setdefault(key, []).append(item)
+            into[prefix + key] = item
     return into
 
 
@@ -41,7 +54,7 @@ def _normalise(value: Any, paths: dict[str, str], key: str = "") -> Any:
     if isinstance(value, dict):
         if key in CONFIG_ECHOES:
             leaves = _leaves(_normalise(dict(value), paths), {})
-            return {"__leaves__": {k: v[0] for k, v in sorted(leaves.items())}}
+            return {"__leaves__": dict(sorted(leaves.items()))}
         return {k: _normalise(v, paths, k) for k, v in value.items() if k not in VOLATILE}
     if isinstance(value, list):
         return [_normalise(v, paths) for v in value]
@@ -74,9 +87,11 @@ def _run_outputs(model_dir: Path, out: Path) -> dict[str, Any]:
 def _compare(new: Any, old: Any, exact: bool, where: str = "") -> list[str]:
     if isinstance(old, dict) and "__leaves__" in old:
         leaves = new.get("__leaves__", {}) if isinstance(new, dict) else {}
+        renamed = next((r for file, r in RENAMED.items() if where.startswith(f"/{file}/")), {})
+        moved = {renamed.get(k, k): v for k, v in old["__leaves__"].items()}
         return [
             f"{where}: setting {k} = {leaves.get(k, '<missing>')!r}, was {v!r}"
-            for k, v in old["__leaves__"].items()
+            for k, v in moved.items()
             if k not in leaves or _compare(leaves[k], v, exact)
         ]
     if isinstance(old, dict):
@@ -113,8 +128,10 @@ def test_compare_finds_a_changed_number_and_a_lost_setting() -> None:
     assert _compare({"a": {"x": 1.0 + 1e-12, "config": old["a"]["config"]}}, old, exact=True)
     moved = {"a": {"x": 1.0, "config": {"__leaves__": {"k": 32}}}}
     assert "setting shifts" in _compare(moved, old, exact=True)[0]
-    nested = _normalise({"config": {"train": {"k": 32}, "shifts": ["typos"]}}, {})
-    assert not _compare({"a": {"x": 1.0, "config": nested["config"]}}, old, exact=True)
+    nested = _normalise({"config": {"k": 32, "benchmark": {"shifts": ["typos"]}}}, {})
+    renamed = {"run.json": {"a": {"x": 1.0, "config": nested["config"]}}}
+    assert not _compare(renamed, {"run.json": old}, exact=True)
+    assert _compare({"a": {"x": 1.0, "config": nested["config"]}}, old, exact=True)
 
 
 def _option_strings(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, set[str]]:

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from saeguard.errors import ConfigError
+from saeguard.evals import EvalConfig
+from saeguard.evals.absorption import AbsorptionConfig
+from saeguard.evals.ce import CEConfig
+from saeguard.evals.core import CoreConfig
 from saeguard.evals.masking_study import MaskingStudyConfig, run_study
+from saeguard.evals.probing import ProbingConfig
 
 
 def test_study_config_needs_a_baseline() -> None:
@@ -22,8 +27,11 @@ def test_quick_masking_study_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Pat
     cfg = MaskingStudyConfig(
         out=str(tmp_path / "study"), model=str(tiny_llama_dir), hook="resid_post.2",
         corpus="wiki-en", mask_probs=[0.0, 0.2], ks=[4], seeds=2, tokens=2048, quick=True,
-        batch_tokens=256, ctx_len=32, probing_per_class=6, absorption_words=60,
-        core_contexts=8, ce_contexts=2,
+        batch_tokens=256, ctx_len=32,
+        eval=EvalConfig(evals=["core", "ce", "absorption", "probing", "ood_probing"],
+                        core=CoreConfig(contexts=8), ce=CEConfig(contexts=2),
+                        probing=ProbingConfig(per_class=6, ks=[1, 5]),
+                        absorption=AbsorptionConfig(words=60)),
     )  # fmt: skip
     document = run_study(cfg)
     table = document["table"]

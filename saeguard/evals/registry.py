@@ -1,0 +1,82 @@
+"""The one table of evals: name -> settings, run function, metric version, and what it needs.
+
+Adding a metric: write its module (a config dataclass, a ``VERSION`` and a run function), add
+one row here and one field for its config in :class:`saeguard.evals.runner.EvalConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from saeguard.evals import absorption, ce, core, effective, ood_probing, probing
+from saeguard.evals.results import MetricResult
+from saeguard.evals.subject import EvalSubject
+
+Outcome = tuple[list[MetricResult], dict[str, Any]]
+RunEval = Callable[[EvalSubject, Any, dict[str, Any]], Outcome]
+"""(subject, the eval's config, what earlier evals shared) -> (metrics, details)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSpec:
+    """One eval as the runner sees it."""
+
+    name: str
+    """Name in --evals and in eval.json."""
+    settings: str
+    """Field of EvalConfig holding the config its numbers depend on."""
+    run: RunEval
+    """Computes its metrics."""
+    version: int
+    """Version of its metric definitions: a finished eval of another version is re-run."""
+    needs: tuple[str, ...] = ()
+    """Evals whose shared outputs it reads (they run first, in the same invocation)."""
+
+
+def _core(subject: EvalSubject, cfg: core.CoreConfig, shared: dict[str, Any]) -> Outcome:
+    results, details, shared["abs_per_context"] = core.run_core(subject, cfg)
+    return results, details
+
+
+def _effective(subject: EvalSubject, _cfg: Any, shared: dict[str, Any]) -> Outcome:
+    d_in = subject.sae.cfg.d_in
+    return effective.run_effective(shared["abs_per_context"], d_in, shared["seed"]), {}
+
+
+EVAL_SPECS: dict[str, EvalSpec] = {
+    spec.name: spec
+    for spec in (
+        EvalSpec(name="core", settings="core", run=_core, version=core.VERSION),
+        EvalSpec(name="ce", settings="ce", run=lambda s, c, _: ce.run_ce(s, c), version=ce.VERSION),
+        EvalSpec(
+            name="absorption",
+            settings="absorption",
+            version=absorption.VERSION,
+            run=lambda s, c, _: absorption.run_absorption(s, c),
+        ),
+        EvalSpec(
+            name="probing",
+            settings="probing",
+            version=probing.VERSION,
+            run=lambda s, c, _: probing.run_probing(s, c),
+        ),
+        EvalSpec(
+            name="ood_probing",
+            settings="ood_probing",
+            version=ood_probing.VERSION,
+            run=lambda s, c, _: ood_probing.run_ood_probing(s, c),
+        ),
+        EvalSpec(
+            name="effective",
+            settings="core",
+            run=_effective,
+            version=effective.VERSION,
+            needs=("core",),
+        ),
+    )  # fmt: skip
+}
+"""Every eval, in the order they run and are listed."""
+
+EVALS = tuple(EVAL_SPECS)
