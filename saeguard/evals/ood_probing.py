@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from saeguard.activations.subject import EvalSubject
 from saeguard.errors import ConfigError
 from saeguard.evals import datasets
 from saeguard.evals.probing import (
@@ -26,7 +27,6 @@ from saeguard.evals.probing import (
     top_k_by_mean_difference,
 )
 from saeguard.evals.results import MetricResult, sampled_metric
-from saeguard.evals.subject import EvalSubject
 
 VERSION = 1
 SHIFTS = ("typos", "wiki-es", "wiki-fr")

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from saeguard.activations.subject import EvalSubject
 from saeguard.evals import datasets
 from saeguard.evals.datasets import LabelledSet
 from saeguard.evals.results import MetricResult, sampled_metric
-from saeguard.evals.subject import EvalSubject
 
 VERSION = 1
 log = logging.getLogger(__name__)

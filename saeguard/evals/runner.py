@@ -18,6 +18,7 @@ from typing import Any
 import jsonschema
 
 from saeguard import __version__
+from saeguard.activations.subject import EvalSubject, load_subject
 from saeguard.configs import config_to_dict, validate_literals
 from saeguard.errors import ConfigError, CorruptFileError
 from saeguard.evals.absorption import AbsorptionConfig, run_absorption
@@ -27,7 +28,6 @@ from saeguard.evals.effective import run_effective
 from saeguard.evals.ood_probing import OODProbingConfig, run_ood_probing
 from saeguard.evals.probing import ProbingConfig, run_probing
 from saeguard.evals.results import MetricResult
-from saeguard.evals.subject import EvalSubject, load_subject
 from saeguard.fileio import atomic_write_json, check_schema, claim_output_directory
 
 log = logging.getLogger(__name__)

@@ -201,7 +201,7 @@ class Monitor:
         progress: bool = True,
     ) -> Monitor:
         """Fit ID statistics on ``texts`` (default: the train split of the SAE's corpus)."""
-        from saeguard.evals.subject import load_subject
+        from saeguard.activations.subject import load_subject
 
         cfg = cfg or MonitorConfig()
         subject = load_subject(sae_dir, model=model, corpus=corpus, split="train", loaded=loaded)
