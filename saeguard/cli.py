@@ -83,7 +83,7 @@ def _cmd_ood_fit(args: argparse.Namespace) -> int:
 
     from saeguard.fileio import check_output_directory
     from saeguard.ood import Monitor, MonitorConfig
-    from saeguard.ood.monitor import MONITOR_ENTRIES
+    from saeguard.ood.storage import MONITOR_ENTRIES
 
     cfg = config_from_args(MonitorConfig, args)
     check_output_directory(Path(args.out), MONITOR_ENTRIES)  # before the work, not after

@@ -29,7 +29,7 @@ from saeguard.configs import validate_literals
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory, sha256_file
 from saeguard.ood.benchmark import OodBenchmarkConfig
-from saeguard.ood.monitor import MonitorConfig
+from saeguard.ood.config import MonitorConfig
 from saeguard.train.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from saeguard.activations.subject import EvalSubject
 from saeguard.evals.results import MetricResult, sampled_metric
-from saeguard.evals.subject import EvalSubject
 from saeguard.models.hooks import capture_hooks, splice_hook
 
 VERSION = 1

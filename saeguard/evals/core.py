@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saeguard.activations.subject import EvalSubject
 from saeguard.evals.results import MetricResult, sampled_metric
-from saeguard.evals.subject import EvalSubject
 from saeguard.models.hooks import run_to_hooks
 
 VERSION = 1

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from saeguard.activations.subject import EvalSubject, load_subject
 from saeguard.configs import config_to_dict
 from saeguard.errors import ConfigError
 from saeguard.evals.ce import CEConfig
@@ -28,7 +29,6 @@ from saeguard.evals.core import CoreConfig
 from saeguard.evals.probing import ProbingConfig
 from saeguard.evals.results import BOOTSTRAP_RESAMPLES, statistic_of
 from saeguard.evals.runner import EvalConfig, run_eval
-from saeguard.evals.subject import EvalSubject, load_subject
 from saeguard.fileio import atomic_write_json, atomic_write_text, claim_output_directory
 from saeguard.sae.io import load_sae
 

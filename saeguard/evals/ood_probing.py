@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from saeguard.activations.subject import EvalSubject
 from saeguard.errors import ConfigError
-from saeguard.evals import datasets
+from saeguard.evals.datasets import LabelledSet, held_out_documents, topic_set, with_typos
 from saeguard.evals.probing import (
     balanced_one_vs_rest,
     fit_and_score,
@@ -26,7 +27,6 @@ from saeguard.evals.probing import (
     top_k_by_mean_difference,
 )
 from saeguard.evals.results import MetricResult, sampled_metric
-from saeguard.evals.subject import EvalSubject
 
 VERSION = 1
 SHIFTS = ("typos", "wiki-es", "wiki-fr")
@@ -133,9 +133,9 @@ def run_ood_probing(
     langs = [s for s in cfg.shifts if s.startswith("wiki-")]
     common: set[str] | None = None
     for lang in langs:
-        labels = {d.label for d in datasets.held_out_documents(lang, cfg.seed) if d.label}
+        labels = {d.label for d in held_out_documents(lang, cfg.seed) if d.label}
         common = labels if common is None else common & labels
-    en = datasets.topic_set("wiki-en", cfg.per_class, cfg.seed, labels=common)
+    en = topic_set("wiki-en", cfg.per_class, cfg.seed, labels=common)
     en_feats = pooled_features(subject, en)
     en_labels = np.asarray(en.labels)
     test = group_split(en.groups, cfg.test_fraction, cfg.seed)
@@ -144,15 +144,15 @@ def run_ood_probing(
         "clean": ({k: v[test] for k, v in en_feats.items()}, en_labels[test])
     }
     if "typos" in cfg.shifts:
-        held = datasets.LabelledSet(
+        held = LabelledSet(
             "wiki-en-held-out",
             [t for t, m in zip(en.texts, test, strict=True) if m],
             en_labels[test].tolist(),
         )
-        typo = datasets.with_typos(held, cfg.typo_rate, cfg.seed)
+        typo = with_typos(held, cfg.typo_rate, cfg.seed)
         tests["typos"] = (pooled_features(subject, typo), np.asarray(typo.labels))
     for lang in langs:
-        data = datasets.topic_set(lang, cfg.per_class, cfg.seed, labels=common)
+        data = topic_set(lang, cfg.per_class, cfg.seed, labels=common)
         tests[lang] = (pooled_features(subject, data), np.asarray(data.labels))
     rows = ood_rows(train, tests, cfg.k, cfg.seed)
     return summarise(rows, cfg.k), {"tasks": rows, "topics": sorted(common or [])}

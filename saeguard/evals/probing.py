@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from saeguard.evals import datasets
-from saeguard.evals.datasets import LabelledSet
+from saeguard.activations.subject import EvalSubject
+from saeguard.evals.datasets import LabelledSet, jailbreak_set, language_set, topic_set
 from saeguard.evals.results import MetricResult, sampled_metric
-from saeguard.evals.subject import EvalSubject
 
 VERSION = 1
 log = logging.getLogger(__name__)
@@ -63,10 +62,10 @@ class ProbingConfig:
 
 def build_set(name: str, per_class: int, seed: int) -> LabelledSet:
     if name == "language":
-        return datasets.language_set(per_class, seed)
+        return language_set(per_class, seed)
     if name == "jailbreak":
-        return datasets.jailbreak_set(per_class, seed)
-    return datasets.topic_set(name, per_class, seed)
+        return jailbreak_set(per_class, seed)
+    return topic_set(name, per_class, seed)
 
 
 def pooled_features(

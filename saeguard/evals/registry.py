@@ -10,9 +10,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from saeguard.evals import absorption, ce, core, effective, ood_probing, probing
+from saeguard.activations.subject import EvalSubject
+from saeguard.evals.absorption import VERSION as ABSORPTION_VERSION
+from saeguard.evals.absorption import run_absorption
+from saeguard.evals.ce import VERSION as CE_VERSION
+from saeguard.evals.ce import run_ce
+from saeguard.evals.core import VERSION as CORE_VERSION
+from saeguard.evals.core import CoreConfig, run_core
+from saeguard.evals.effective import VERSION as EFFECTIVE_VERSION
+from saeguard.evals.effective import run_effective
+from saeguard.evals.ood_probing import VERSION as OOD_PROBING_VERSION
+from saeguard.evals.ood_probing import run_ood_probing
+from saeguard.evals.probing import VERSION as PROBING_VERSION
+from saeguard.evals.probing import run_probing
 from saeguard.evals.results import MetricResult
-from saeguard.evals.subject import EvalSubject
 
 Outcome = tuple[list[MetricResult], dict[str, Any]]
 RunEval = Callable[[EvalSubject, Any, dict[str, Any]], Outcome]
@@ -35,44 +46,44 @@ class EvalSpec:
     """Evals whose shared outputs it reads (they run first, in the same invocation)."""
 
 
-def _core(subject: EvalSubject, cfg: core.CoreConfig, shared: dict[str, Any]) -> Outcome:
-    results, details, shared["abs_per_context"] = core.run_core(subject, cfg)
+def _core(subject: EvalSubject, cfg: CoreConfig, shared: dict[str, Any]) -> Outcome:
+    results, details, shared["abs_per_context"] = run_core(subject, cfg)
     return results, details
 
 
 def _effective(subject: EvalSubject, _cfg: Any, shared: dict[str, Any]) -> Outcome:
     d_in = subject.sae.cfg.d_in
-    return effective.run_effective(shared["abs_per_context"], d_in, shared["seed"]), {}
+    return run_effective(shared["abs_per_context"], d_in, shared["seed"]), {}
 
 
 EVAL_SPECS: dict[str, EvalSpec] = {
     spec.name: spec
     for spec in (
-        EvalSpec(name="core", settings="core", run=_core, version=core.VERSION),
-        EvalSpec(name="ce", settings="ce", run=lambda s, c, _: ce.run_ce(s, c), version=ce.VERSION),
+        EvalSpec(name="core", settings="core", run=_core, version=CORE_VERSION),
+        EvalSpec(name="ce", settings="ce", run=lambda s, c, _: run_ce(s, c), version=CE_VERSION),
         EvalSpec(
             name="absorption",
             settings="absorption",
-            version=absorption.VERSION,
-            run=lambda s, c, _: absorption.run_absorption(s, c),
+            version=ABSORPTION_VERSION,
+            run=lambda s, c, _: run_absorption(s, c),
         ),
         EvalSpec(
             name="probing",
             settings="probing",
-            version=probing.VERSION,
-            run=lambda s, c, _: probing.run_probing(s, c),
+            version=PROBING_VERSION,
+            run=lambda s, c, _: run_probing(s, c),
         ),
         EvalSpec(
             name="ood_probing",
             settings="ood_probing",
-            version=ood_probing.VERSION,
-            run=lambda s, c, _: ood_probing.run_ood_probing(s, c),
+            version=OOD_PROBING_VERSION,
+            run=lambda s, c, _: run_ood_probing(s, c),
         ),
         EvalSpec(
             name="effective",
             settings="core",
             run=_effective,
-            version=effective.VERSION,
+            version=EFFECTIVE_VERSION,
             needs=("core",),
         ),
     )  # fmt: skip

@@ -18,6 +18,7 @@ from typing import Any
 import jsonschema
 
 from saeguard import __version__
+from saeguard.activations.subject import EvalSubject, load_subject
 from saeguard.configs import config_to_dict, validate_literals
 from saeguard.errors import ConfigError, CorruptFileError
 from saeguard.evals.absorption import AbsorptionConfig
@@ -26,7 +27,6 @@ from saeguard.evals.core import CoreConfig
 from saeguard.evals.ood_probing import OODProbingConfig
 from saeguard.evals.probing import ProbingConfig
 from saeguard.evals.registry import EVAL_SPECS, EVALS
-from saeguard.evals.subject import EvalSubject, load_subject
 from saeguard.fileio import atomic_write_json, check_schema, claim_output_directory
 
 log = logging.getLogger(__name__)

@@ -31,9 +31,11 @@ from saeguard.fileio import (
     claim_output_directory,
     sha256_file,
 )
+from saeguard.ood.explain import TextScore
 from saeguard.ood.metrics import bootstrap_detection, proportion_ci, score_values
-from saeguard.ood.monitor import MONITOR_FILE, Monitor, TextScore
+from saeguard.ood.monitor import Monitor
 from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
+from saeguard.ood.storage import MONITOR_FILE
 from saeguard.report.html import with_interval
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,8 @@ from saeguard.fileio import (
 )
 from saeguard.models.adapters import PEFT_WEIGHTS, merge_adapter, save_adapter
 from saeguard.models.loading import LoadedModel, load_model
-from saeguard.ood.monitor import Monitor, MonitorConfig
+from saeguard.ood.config import MonitorConfig
+from saeguard.ood.monitor import Monitor
 from saeguard.robustify.lora import LoraRobustifier, LoraSettings, add_adapters
 from saeguard.robustify.measure import (
     HeldOutPairs,

@@ -256,7 +256,7 @@ def monitor_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 @FUZZ
 @given(data=st.data())
 def test_monitor_json_mutated(monitor_dir: Path, tmp_path: Path, data: st.DataObject) -> None:
-    from saeguard.ood.monitor import read_monitor_document
+    from saeguard.ood.storage import read_monitor_document
 
     target = tmp_path / "monitor"
     target.mkdir(exist_ok=True)

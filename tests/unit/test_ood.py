@@ -211,7 +211,7 @@ def test_calibrated_threshold_keeps_the_false_positive_rate_on_calibration_text(
     monitor = Monitor.load(tiny_monitor)
     results = monitor.score(_texts(60, 1), explain=False)
     flagged = np.mean([r.flagged for r in results])
-    assert flagged <= monitor.cfg.target_fpr + 1e-9
+    assert flagged <= monitor.calibration["target_fpr"] + 1e-9
 
 
 def test_edge_cases_empty_non_utf8_and_long_text(tiny_monitor: Path) -> None:

@@ -1,8 +1,10 @@
-"""What an evaluation is run on: an SAE, its model, its hook and the rules it was trained with.
+"""What an evaluation (or an OOD monitor's fit) is run on: an SAE, its model, its hook and the
+rules it was trained with.
 
 The SAE's ``cfg.json`` names the model, hook, corpus and exclusion rules; evaluation reuses them
 (and the training-time outlier thresholds) so that an SAE is scored on the kind of activations it
-was trained on, drawn from the corpus's ``test`` split, which training never reads.
+was trained on, drawn from the corpus's ``test`` split, which training never reads. It lives below
+both ``saeguard.evals`` and ``saeguard.ood``, which never import each other.
 """
 
 from __future__ import annotations
