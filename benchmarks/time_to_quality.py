@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from saeguard.activations import CachedActivationSource, ShuffleBuffer
 from saeguard.fileio import atomic_write_json
-from saeguard.sae import SAEConfig, create_sae
+from saeguard.sae import config_class, create_sae, make_sae_config
 from saeguard.sae.base import normalized_mse
 from saeguard.train import Trainer, TrainerConfig, evaluate_reconstruction, held_out_activations
 from saeguard.train.job import TrainJobConfig, source_config_from_cache
@@ -88,9 +88,9 @@ def train_saeguard(
     """(curve of (tokens, seconds, FVU), training tokens/s) of one saeguard run."""
     source = CachedActivationSource(acts)
     d = source.d_model
-    sae_fields = {f.name for f in dataclasses.fields(SAEConfig)}
-    cfg = SAEConfig(architecture="topk", d_in=d, d_sae=d * args.expansion, k=args.k,
-                    **{k: v for k, v in settings.items() if k in sae_fields})  # fmt: skip
+    sae_fields = {f.name for f in dataclasses.fields(config_class("topk"))}
+    cfg = make_sae_config("topk", d_in=d, d_sae=d * args.expansion, k=args.k,
+                          **{k: v for k, v in settings.items() if k in sae_fields})  # fmt: skip
     trainer_settings = {k: v for k, v in settings.items() if k not in sae_fields}
     trainer_cfg = TrainerConfig(tokens=tokens, batch_tokens=args.batch, checkpoint_every=0,
                                 checkpoint_minutes=0, log_every=10**9,

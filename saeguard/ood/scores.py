@@ -31,7 +31,6 @@ import torch
 
 from saeguard.sae.base import SparseAutoencoder
 from saeguard.sae.kernels import sparse_decode
-from saeguard.sae.topk import TopKSAE
 
 SAE_SCORES: tuple[str, ...] = (
     "fallacious_count",
@@ -61,17 +60,9 @@ class SparseCodes:
 
 @torch.no_grad()
 def sparse_codes(sae: SparseAutoencoder, x: torch.Tensor) -> SparseCodes:
-    """Latents of activations [n, d_in] without materialising more than the SAE must."""
-    if isinstance(sae, TopKSAE) and not sae.signed:
-        pre = sae.pre_acts(x)
-        l0 = (pre > 0).sum(-1)
-        values, indices = pre.topk(sae.cfg.k, dim=-1, sorted=False)
-        return SparseCodes(values.clamp_min(0), indices, l0)
-    dense = sae.encode(x)
-    l0 = (dense != 0).sum(-1)
-    width = max(int(l0.max()) if len(l0) else 0, 1)
-    _, indices = dense.abs().topk(width, dim=-1, sorted=False)
-    return SparseCodes(dense.gather(-1, indices), indices, l0)
+    """Latents of activations [n, d_in] without materialising more than the SAE must (see
+    :meth:`SparseAutoencoder.sparse_codes`)."""
+    return SparseCodes(*sae.sparse_codes(x))
 
 
 @torch.no_grad()

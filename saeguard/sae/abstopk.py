@@ -9,7 +9,7 @@ from saeguard.sae.registry import register
 from saeguard.sae.topk import TopKSAE
 
 
-@register("abstopk")
+@register("abstopk", k_bounds_l0=True)
 class AbsTopKSAE(TopKSAE):
     """``f = sign-preserving TopK_k by magnitude of W_enc (x - b_dec) + b_enc``."""
 

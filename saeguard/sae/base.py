@@ -11,7 +11,7 @@ say how latents are computed (:meth:`encode`) and how they are trained
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -56,8 +56,16 @@ class SparseAutoencoder(nn.Module):
     """Base class: parameters, shapes, decoder-norm maintenance and input-scale folding."""
 
     architecture: ClassVar[str] = ""
+    """Registered name (set by ``@register``)."""
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    """Configuration class: ``SAEConfig`` or a subclass with the architecture's own settings."""
+    saelens_name: ClassVar[str] = ""
+    """Architecture SAELens runs this one as for inference ("": the registered name)."""
+    k_bounds_l0: ClassVar[bool] = False
+    """Whether k counts active latents, so that it may not exceed d_sae."""
     unit_norm_decoder: ClassVar[bool] = True
     """Whether decoder rows are kept at unit norm during training."""
+    cfg: SAEConfig
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -101,6 +109,16 @@ class SparseAutoencoder(nn.Module):
         """Latents [..., d_sae] of activations [..., d_in]."""
         flat, lead = self._flat(x)
         return self.encode_flat(flat).reshape(*lead, self.cfg.d_sae)
+
+    def sparse_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values [n, m], indices [n, m], L0 [n]) of the active latents of activations
+        [n, d_in], where m is the largest L0 of the batch and values of 0 pad the rows of tokens
+        with fewer. This default encodes densely; sparse architectures override it."""
+        dense = self.encode(x)
+        l0 = (dense != 0).sum(-1)
+        width = max(int(l0.max()) if len(l0) else 0, 1)
+        _, indices = dense.abs().topk(width, dim=-1, sorted=False)
+        return dense.gather(-1, indices), indices, l0
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction [..., d_in] of latents [..., d_sae]."""
@@ -148,6 +166,16 @@ class SparseAutoencoder(nn.Module):
         self.W_enc.mul_(scale)
         self.W_dec.div_(scale)
         self.b_dec.div_(scale)
+
+    # --- saving ------------------------------------------------------------------------------
+    @classmethod
+    def saelens_architecture(cls) -> str:
+        """The ``architecture`` SAELens reads in cfg.json."""
+        return cls.saelens_name or cls.architecture
+
+    def saelens_activation(self) -> tuple[str, dict[str, Any]]:
+        """SAELens's ``activation_fn_str`` and ``activation_fn_kwargs`` for this SAE."""
+        return "relu", {}
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Architecture-specific tensors to save beside the four standard ones."""

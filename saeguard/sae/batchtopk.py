@@ -9,6 +9,8 @@ token's latents no longer depend on the rest of its batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from saeguard.sae.base import (
@@ -32,13 +34,26 @@ def csr_step_stats(
     return fired, len(values) / max(n_tokens, 1)
 
 
-@register("batchtopk")
+@dataclass(kw_only=True)
+class BatchTopKConfig(SAEConfig):
+    """BatchTopK's settings beside the shared ones."""
+
+    threshold_momentum: float = 0.9
+    """Momentum of the running BatchTopK inference threshold (each batch's minimum kept
+    activation is already an average over k x batch values, so a short window suffices and
+    short runs are not anchored to the first steps' scale)."""
+
+
+# SAELens runs it as a JumpReLU with the stored threshold, which is how SAELens itself saves
+# BatchTopK SAEs for inference.
+@register("batchtopk", config=BatchTopKConfig, saelens_name="jumprelu", k_bounds_l0=True)
 class BatchTopKSAE(SparseAutoencoder):
     """Batch-level TopK in training, threshold at inference."""
 
+    cfg: BatchTopKConfig
     threshold: torch.Tensor
 
-    def __init__(self, cfg: SAEConfig) -> None:
+    def __init__(self, cfg: BatchTopKConfig) -> None:
         super().__init__(cfg)
         self.register_buffer("threshold", torch.full((cfg.d_sae,), -1.0))
         self._last_min_kept: float | None = None

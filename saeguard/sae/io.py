@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,12 @@ from saeguard.errors import CorruptFileError, SaeguardError
 from saeguard.fileio import atomic_path, atomic_write_json
 from saeguard.sae.base import SparseAutoencoder
 from saeguard.sae.config import SAEConfig
-from saeguard.sae.registry import create_sae
+from saeguard.sae.registry import ARCHITECTURES, create_sae, sae_config_from_dict
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 
-# SAELens architecture names <-> ours.
-# BatchTopK and Matryoshka infer as a JumpReLU with their stored threshold, which is how SAELens
-# itself saves BatchTopK SAEs for inference.
-_TO_SAELENS = {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
-_FROM_SAELENS = {"standard": "relu"}
 _SAELENS_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
 
 
@@ -50,6 +44,16 @@ def from_saelens_hook(name: str) -> str:
     """``blocks.15.hook_resid_post`` -> ``resid_post.15``; other names are kept."""
     match = _SAELENS_HOOK.match(name or "")
     return f"{match.group(2)}.{match.group(1)}" if match else name
+
+
+def from_saelens_architecture(name: str) -> str:
+    """Our architecture for a SAELens ``architecture``: the registered one SAELens runs under that
+    name, preferring the one of that very name, then the most general class (``standard`` ->
+    relu; ``jumprelu`` -> jumprelu, not batchtopk); other names are kept."""
+    candidates = [a for a, cls in ARCHITECTURES.items() if cls.saelens_architecture() == name]
+    if not candidates:
+        return name
+    return min(candidates, key=lambda a: (a != name, len(ARCHITECTURES[a].__mro__), a))
 
 
 def save_sae(sae: SparseAutoencoder, directory: str | Path, metadata: dict[str, Any]) -> Path:
@@ -76,15 +80,16 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, metadata: dict[str, 
         "prepend_bos": metadata.get("prepend_bos", True),
         "dataset_path": metadata.get("corpus", ""),
     }
+    activation_fn, activation_kwargs = sae.saelens_activation()
     document = {
-        "architecture": _TO_SAELENS.get(cfg.architecture, cfg.architecture),
+        "architecture": sae.saelens_architecture(),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": "float32",
         "device": "cpu",
         "k": cfg.k,
-        "activation_fn_str": {"topk": "topk", "abstopk": "abstopk"}.get(cfg.architecture, "relu"),
-        "activation_fn_kwargs": {"k": cfg.k} if cfg.architecture in ("topk", "abstopk") else {},
+        "activation_fn_str": activation_fn,
+        "activation_fn_kwargs": activation_kwargs,
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",  # any input scale is folded into the weights
         **saelens_meta,
@@ -146,8 +151,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _config_from(values: dict[str, Any]) -> SAEConfig:
-    known = {f.name for f in fields(SAEConfig)}
-    return SAEConfig(**{k: v for k, v in values.items() if k in known})
+    return sae_config_from_dict(values)
 
 
 def _fill(cfg: SAEConfig, tensors: dict[str, torch.Tensor]) -> SparseAutoencoder:
@@ -189,7 +193,7 @@ def _load_saeguard(
 def _load_saelens(
     document: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    arch = _FROM_SAELENS.get(document.get("architecture", "standard"), document["architecture"])
+    arch = from_saelens_architecture(document["architecture"])
     k = document.get("k") or (document.get("activation_fn_kwargs") or {}).get("k") or 1
     if arch == "relu" and document.get("activation_fn_str") == "topk":
         arch = "topk"  # SAELens before v5 saved TopK SAEs as "standard" + activation_fn_str

@@ -4,6 +4,7 @@ latent, trained through straight-through estimators with a rectangle kernel of w
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,11 +48,26 @@ class _Step(torch.autograd.Function):
         return torch.zeros_like(z), grad_theta, None
 
 
-@register("jumprelu")
+@dataclass(kw_only=True)
+class JumpReLUConfig(SAEConfig):
+    """JumpReLU's settings beside the shared ones (its k only sets the initial threshold)."""
+
+    jumprelu_bandwidth: float = 0.05
+    """Width epsilon of the straight-through rectangle kernel of JumpReLU (inputs are scaled to
+    E|x|^2 = d_in in training, so pre-activations are of order 1)."""
+    jumprelu_init_threshold: float = 0.0
+    """Initial JumpReLU threshold; 0 = set from the first batch so that its mean L0 equals k."""
+    l0_target: float = 0.0
+    """JumpReLU: if > 0, penalise (L0 / target - 1)^2 instead of L0."""
+
+
+@register("jumprelu", config=JumpReLUConfig)
 class JumpReLUSAE(SparseAutoencoder):
     """Loss ``|x - x_hat|^2 + lambda L0``, or ``lambda (L0/target - 1)^2`` with ``l0_target``."""
 
-    def __init__(self, cfg: SAEConfig) -> None:
+    cfg: JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig) -> None:
         super().__init__(cfg)
         initial = cfg.jumprelu_init_threshold if cfg.jumprelu_init_threshold > 0 else 0.1
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(initial)))

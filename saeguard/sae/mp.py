@@ -19,7 +19,7 @@ from saeguard.sae.base import SparseAutoencoder, StepOutput, normalized_mse
 from saeguard.sae.registry import register
 
 
-@register("mp")
+@register("mp", k_bounds_l0=True)
 class MatchingPursuitSAE(SparseAutoencoder):
     """k greedy steps: ``j = argmax <r, w_j>/|w_j|``; ``f_j += <r, w_j>/|w_j|^2``; ``r -= ...``."""
 

@@ -8,7 +8,7 @@ from saeguard.sae.base import SparseAutoencoder, StepOutput, dense_step_stats, m
 from saeguard.sae.registry import register
 
 
-@register("relu")
+@register("relu", saelens_name="standard")
 class ReLUSAE(SparseAutoencoder):
     """``f = ReLU(W_enc (x - b_dec) + b_enc)``; loss ``|x - x_hat|^2 + lambda sum f_i |W_dec,i|``.
 

@@ -5,6 +5,8 @@ Training runs on the sparse kernels: the decode and every gradient touch only th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from saeguard.sae.base import (
@@ -24,7 +26,7 @@ from saeguard.sae.kernels import (
 from saeguard.sae.registry import register
 
 
-@register("topk")
+@register("topk", k_bounds_l0=True)
 class TopKSAE(SparseAutoencoder):
     """``f = TopK_k(ReLU(W_enc (x - b_dec) + b_enc))``; loss normalised MSE + AuxK."""
 
@@ -38,6 +40,20 @@ class TopKSAE(SparseAutoencoder):
     def encode_flat(self, x: torch.Tensor) -> torch.Tensor:
         values, indices = self.encode_sparse(x)
         return scatter_dense(values, indices, self.cfg.d_sae)
+
+    def sparse_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The k kept latents of each token (0 where fewer than k pre-activations are positive);
+        L0 counts the positive pre-activations before the top-k cut, since after it every token
+        has exactly k. AbsTopK keeps the dense default."""
+        if self.signed:
+            return super().sparse_codes(x)
+        pre = self.pre_acts(x)
+        l0 = (pre > 0).sum(-1)
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return values.clamp_min(0), indices, l0
+
+    def saelens_activation(self) -> tuple[str, dict[str, Any]]:
+        return ("abstopk" if self.signed else "topk"), {"k": self.cfg.k}
 
     def training_step(
         self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float

@@ -22,7 +22,7 @@ from saeguard.activations import (
 from saeguard.activations.cache import ActivationCache
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory
-from saeguard.sae import ARCHITECTURES, SAEConfig, SparseAutoencoder, create_sae
+from saeguard.sae import ARCHITECTURES, SAEConfig, SparseAutoencoder, create_sae, make_sae_config
 from saeguard.sae.base import normalized_mse
 from saeguard.train.trainer import Trainer, TrainerConfig
 
@@ -94,8 +94,9 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
         """One SAE config per (architecture, k, expansion); impossible ones fail here."""
         configs = {}
         for name, arch, k, expansion in self._cells():
-            configs[name] = SAEConfig(
-                architecture=arch,
+            configs[name] = make_sae_config(  # settings an architecture lacks are left out
+                arch,
+                strict=False,
                 d_in=d_in,
                 d_sae=d_in * expansion,
                 k=k,

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from saeguard.configs import config_to_dict, validate_literals
 from saeguard.errors import ConfigError, CorruptFileError, MissingPackageError, SaeguardError
 from saeguard.fileio import atomic_path, atomic_write_json, atomic_write_text, failpoint
-from saeguard.sae import SparseAutoencoder
+from saeguard.sae import SparseAutoencoder, sae_config_from_dict
 from saeguard.sae.base import normalized_mse
 from saeguard.sae.io import save_sae
 from saeguard.train.optim import OptimizerName, SaeOptimizer, default_lr
@@ -148,6 +148,19 @@ def geometric_median(points: torch.Tensor, iterations: int = 50, eps: float = 1e
     return median
 
 
+def _comparable(identity: Any) -> Any:
+    """A checkpoint's identity with each SAE config re-read by today's config classes: one
+    written when every architecture's settings were stored flat still matches its run."""
+    saes = identity.get("saes") if isinstance(identity, dict) else None
+    if not isinstance(saes, dict):
+        return identity
+    try:
+        configs = {name: sae_config_from_dict(values).to_dict() for name, values in saes.items()}
+    except (SaeguardError, TypeError, ValueError, AttributeError):
+        return identity  # unreadable: it differs from this run's identity as it stands
+    return {**identity, "saes": json.loads(json.dumps(configs))}
+
+
 class Trainer:
     """Trains named SAEs side by side on one stream of activation batches."""
 
@@ -245,7 +258,7 @@ class Trainer:
         with safe_open(str(directory / "state.safetensors"), framework="pt") as handle:
             metadata = handle.metadata() or {}
         state = json.loads(metadata.get("state", "{}"))
-        if not isinstance(state, dict) or state.get("identity") != json.loads(
+        if not isinstance(state, dict) or _comparable(state.get("identity")) != json.loads(
             json.dumps(self._identity())
         ):
             raise SaeguardError(

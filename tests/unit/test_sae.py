@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,20 @@ import torch
 from safetensors.torch import save_file
 
 from saeguard.errors import ConfigError, SaeguardError
-from saeguard.sae import ARCHITECTURES, SAEConfig, create_sae
+from saeguard.ood.scores import sparse_codes
+from saeguard.sae import (
+    ARCHITECTURES,
+    SAEConfig,
+    SparseAutoencoder,
+    StepOutput,
+    architecture_options,
+    config_class,
+    create_sae,
+    make_sae_config,
+    register,
+    sae_config_from_dict,
+)
+from saeguard.sae.base import dense_step_stats, normalized_mse
 from saeguard.sae.io import load_sae, save_sae
 from saeguard.sae.kernels import batch_topk_select, sparse_decode, sparse_topk_encode
 
@@ -348,3 +362,186 @@ def test_matching_pursuit_matches_the_textbook_loop(n_tokens: int) -> None:
     out.loss.backward()
     assert sae.W_dec.grad is not None and sae.W_dec.grad.abs().sum() > 0
     assert out.l0 == pytest.approx(float((expected != 0).sum(-1).float().mean()))
+
+
+# What ``SAEConfig.to_dict()`` wrote before the per-architecture config classes: every
+# architecture's settings, flat (here each at a value other than its default).
+OLD_FLAT_SAE_CONFIG = {
+    "architecture": "topk", "d_in": 8, "d_sae": 32, "k": 3, "k_aux": 5, "aux_coef": 0.25,
+    "dead_tokens": 1000, "l1_coef": 0.5, "jumprelu_bandwidth": 0.2,
+    "jumprelu_init_threshold": 0.3, "l0_target": 7.0, "matryoshka_prefixes": [4, 16],
+    "threshold_momentum": 0.5,
+}  # fmt: skip
+OWN_SETTINGS = {
+    "topk": {},
+    "batchtopk": {"threshold_momentum": 0.5},
+    "matryoshka": {"threshold_momentum": 0.5, "matryoshka_prefixes": [4, 16]},
+    "jumprelu": {"jumprelu_bandwidth": 0.2, "jumprelu_init_threshold": 0.3, "l0_target": 7.0},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(OWN_SETTINGS))
+def test_old_flat_saved_configs_stay_readable(arch: str, tmp_path: Path) -> None:
+    """An SAE saved when cfg.json held every architecture's settings loads with its own config
+    class, its own settings' values, and the same weights."""
+    values = {**OLD_FLAT_SAE_CONFIG, "architecture": arch}
+    shared = {k: values[k] for k in ("d_in", "d_sae", "k", "k_aux", "aux_coef", "dead_tokens",
+                                     "l1_coef")}  # fmt: skip
+    sae = create_sae(make_sae_config(arch, **shared, **OWN_SETTINGS[arch]))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        if arch in ("batchtopk", "matryoshka"):
+            sae.threshold.fill_(0.05)
+    save_sae(sae, tmp_path, {"hook": "resid_post.3"})
+    document = json.loads((tmp_path / "cfg.json").read_text())
+    assert set(document["saeguard"]["sae_config"]) == {"architecture", *shared,
+                                                       *OWN_SETTINGS[arch]}  # fmt: skip
+    document["saeguard"]["sae_config"] = values
+    (tmp_path / "cfg.json").write_text(json.dumps(document))
+    loaded, _ = load_sae(tmp_path)
+    assert type(loaded.cfg) is config_class(arch) is type(sae.cfg)
+    assert loaded.cfg == sae.cfg
+    assert loaded.cfg.to_dict() == {"architecture": arch, **shared, **OWN_SETTINGS[arch]}
+    assert sae_config_from_dict(values) == sae.cfg
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(sae, name), getattr(loaded, name)), name
+    for name, tensor in sae.extra_tensors().items():
+        torch.testing.assert_close(tensor, loaded.extra_tensors()[name])
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        assert torch.equal(sae(x), loaded(x))
+
+
+def test_configs_are_built_per_architecture() -> None:
+    assert config_class("topk") is SAEConfig
+    assert {f.name for f in dataclasses.fields(config_class("matryoshka"))} >= {
+        "threshold_momentum", "matryoshka_prefixes"}  # fmt: skip
+    with pytest.raises(SaeguardError, match="unknown SAE architecture 'nope'.*topk"):
+        config_class("nope")
+    with pytest.raises(ConfigError, match="'topk' has no setting l0_target"):
+        make_sae_config("topk", d_in=8, d_sae=32, l0_target=4.0)
+    cfg = make_sae_config("topk", strict=False, d_in=8, d_sae=32, l0_target=4.0)
+    assert type(cfg) is SAEConfig and not hasattr(cfg, "l0_target")
+    assert make_sae_config("jumprelu", strict=False, d_in=8, d_sae=32, l0_target=4.0).l0_target == 4
+    with pytest.raises(ConfigError, match="matryoshka prefix 40"):
+        make_sae_config("matryoshka", d_in=8, d_sae=32, matryoshka_prefixes=[40])
+    # A plain SAEConfig still builds any architecture, whose own settings take their defaults.
+    sae = create_sae(SAEConfig(architecture="jumprelu", d_in=8, d_sae=32))
+    assert sae.cfg == make_sae_config("jumprelu", d_in=8, d_sae=32)
+    options = architecture_options()
+    assert {n: o.architectures for n, o in options.items()} == {
+        "jumprelu_bandwidth": ["jumprelu"], "jumprelu_init_threshold": ["jumprelu"],
+        "l0_target": ["jumprelu"], "matryoshka_prefixes": ["matryoshka"],
+        "threshold_momentum": ["batchtopk", "matryoshka"],
+    }  # fmt: skip
+    assert options["matryoshka_prefixes"].hint == list[int]
+    assert options["threshold_momentum"].field.default == 0.9
+    assert options["l0_target"].doc.startswith("JumpReLU: if > 0, penalise")
+
+
+@pytest.mark.parametrize("arch", sorted(REQUIRED))
+def test_saelens_names_written_and_read_back(arch: str, tmp_path: Path) -> None:
+    """cfg.json's SAELens fields come from each architecture's registration."""
+    expected = {
+        "relu": ("standard", "relu", {}), "topk": ("topk", "topk", {"k": 3}),
+        "abstopk": ("abstopk", "abstopk", {"k": 3}), "batchtopk": ("jumprelu", "relu", {}),
+        "matryoshka": ("jumprelu", "relu", {}), "jumprelu": ("jumprelu", "relu", {}),
+        "mp": ("mp", "relu", {}),
+    }  # fmt: skip
+    save_sae(_sae(arch), tmp_path, {})
+    document = json.loads((tmp_path / "cfg.json").read_text())
+    written = (document["architecture"], document["activation_fn_str"],
+               document["activation_fn_kwargs"])  # fmt: skip
+    assert written == expected[arch]
+    del document["saeguard"]  # as SAELens wrote it: read by its SAELens name
+    (tmp_path / "cfg.json").write_text(json.dumps(document))
+    loaded, meta = load_sae(tmp_path)
+    batch_topk_like = arch in ("batchtopk", "matryoshka")
+    assert meta["format"] == "saelens"
+    assert loaded.architecture == ("jumprelu" if batch_topk_like else arch)
+
+
+@pytest.mark.parametrize("arch", sorted(REQUIRED))
+def test_sparse_codes_equal_the_dense_latents(arch: str) -> None:
+    """Every architecture's ``sparse_codes`` holds exactly the non-zero latents of ``encode``;
+    L0 is theirs, except TopK's, counted before the top-k cut (positive pre-activations)."""
+    sae = _sae(arch, n=48, k=5)
+    if arch in ("batchtopk", "matryoshka"):
+        sae.threshold.fill_(0.05)
+    x = torch.randn(64, 8)
+    x[:32] *= 0.6  # with this b_enc, these tokens have fewer than k positive pre-activations
+    x[32:] *= 3
+    x += sae.b_dec.detach()
+    with torch.no_grad():
+        sae.b_enc.copy_(-sae.W_enc.norm(dim=0))
+        dense = sae.encode(x)
+        codes = sparse_codes(sae, x)
+        l0 = (sae.pre_acts(x) > 0).sum(-1) if arch == "topk" else (dense != 0).sum(-1)
+    assert torch.equal(codes.l0, l0)
+    for row in range(len(x)):
+        kept = codes.values[row] != 0
+        pairs = dict(zip(codes.indices[row][kept].tolist(), codes.values[row][kept].tolist(),
+                         strict=True))  # fmt: skip
+        nonzero = dense[row].nonzero().squeeze(-1)
+        assert set(pairs) == set(nonzero.tolist()), row
+        assert len(pairs) == int(kept.sum()), row  # no latent twice
+        for index, value in pairs.items():
+            assert value == pytest.approx(float(dense[row, index]), rel=1e-5, abs=1e-6)
+
+
+def test_an_architecture_is_one_class_and_one_register(tmp_path: Path) -> None:
+    """A toy architecture with a setting of its own, defined here with one ``@register``, is
+    built, trained by the Trainer, saved, loaded and offered as an architecture option."""
+    from saeguard.train import Trainer, TrainerConfig
+
+    @dataclasses.dataclass(kw_only=True)
+    class ToyConfig(SAEConfig):
+        toy_gain: float = 1.0
+        """Factor on the toy's ReLU latents."""
+
+    @register("toy", config=ToyConfig, k_bounds_l0=True)
+    class ToySAE(SparseAutoencoder):
+        cfg: ToyConfig
+
+        def encode_flat(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.pre_acts(x)) * self.cfg.toy_gain
+
+        def training_step(
+            self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparsity_scale: float
+        ) -> StepOutput:
+            f = self.encode_flat(x)
+            x_hat = f @ self.W_dec + self.b_dec
+            mse = normalized_mse(x, x_hat)
+            fired, l0 = dense_step_stats(f)
+            return StepOutput(mse, x_hat, fired, l0, {"mse": mse.detach()})
+
+    try:
+        assert config_class("toy") is ToyConfig
+        with pytest.raises(ConfigError, match=r"--k \(40\) cannot exceed"):
+            SAEConfig(architecture="toy", d_in=8, d_sae=32, k=40)
+        option = architecture_options()["toy_gain"]
+        assert option.architectures == ["toy"] and option.hint is float
+        assert option.doc == "Factor on the toy's ReLU latents." and option.field.default == 1.0
+        sae = create_sae(make_sae_config("toy", d_in=8, d_sae=32, k=4, toy_gain=0.5))
+        assert isinstance(sae, ToySAE) and sae.cfg.toy_gain == 0.5
+        torch.manual_seed(0)
+        batches = [torch.randn(64, 8) + 0.5 for _ in range(6)]
+        settings = TrainerConfig(tokens=64 * 6, batch_tokens=64, buffer_tokens=128, lr=3e-3,
+                                 checkpoint_every=3, lr_warmup_steps=1)  # fmt: skip
+        trainer = Trainer({"toy": sae}, settings, tmp_path)
+        initial = sae.W_enc.detach().clone()
+        trainer.fit(batches)
+        assert trainer.step == 6 and not torch.equal(sae.W_enc, initial)
+        assert "mse" in trainer.history["toy"]
+        loaded, _ = load_sae(tmp_path)
+        assert isinstance(loaded, ToySAE) and loaded.cfg == ToyConfig(
+            architecture="toy", d_in=8, d_sae=32, k=4, toy_gain=0.5)  # fmt: skip
+        assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == "toy"
+        x = torch.randn(10, 8)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), trainer.folded("toy")(x))
+        codes = sparse_codes(loaded, x)  # the dense default
+        assert torch.equal(codes.l0, (loaded.encode(x) != 0).sum(-1))
+    finally:
+        ARCHITECTURES.pop("toy", None)
+    assert "toy_gain" not in architecture_options()
