@@ -334,15 +334,24 @@ def atomic_write_json(target: Path, obj: Any) -> None:
     atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: Path, fix: str) -> Any:
-    """The JSON value in ``path``; invalid JSON or UTF-8 is one ``CorruptFileError`` line ending
-    with ``fix``."""
+def read_json(path: Path, what: str, fix: str, *, kind: type = object) -> Any:
+    """The JSON value in ``path`` (a ``what``, e.g. "eval.json"). Invalid JSON or UTF-8, or a
+    value that is not a ``kind`` (e.g. ``dict``), is one ``CorruptFileError`` line naming the
+    file and ending with ``fix``. The one reader of every JSON file saeguard reads back."""
     from saeguard.errors import CorruptFileError
 
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both derive from it
-        raise CorruptFileError(f"{path} is not valid JSON ({exc}). {fix}") from exc
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({exc}): not a valid {what}. {fix}".rstrip()
+        ) from exc
+    if not isinstance(value, kind):
+        raise CorruptFileError(
+            f"{path} must hold a JSON {'object' if kind is dict else kind.__name__}, not "
+            f"{type(value).__name__}: not a valid {what}. {fix}".rstrip()
+        )
+    return value
 
 
 def check_schema(document: Any, schema_path: Path, source: Path, fix: str) -> None:

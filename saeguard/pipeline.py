@@ -30,6 +30,7 @@ from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory, sha256_file
 from saeguard.ood.benchmark import OodBenchmarkConfig
 from saeguard.ood.config import MonitorConfig
+from saeguard.steps import Step
 from saeguard.train.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,6 @@ class RunConfig:
                               f"{self.time_budget}")  # fmt: skip
 
 
-def _step_done(state: dict[str, Any], step: str, signature: str) -> bool:
-    entry = state.get("steps", {}).get(step, {})
-    return bool(entry.get("done")) and entry.get("signature") == signature
-
-
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) every step; returns the run summary written to ``run.json``."""
     from saeguard.activations.harvest import HarvestConfig, harvest
@@ -136,9 +132,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     sae_dir, monitor_dir, ood_dir = out / "sae", out / "monitor", out / "ood"
     acts_dir = out / "acts"
 
-    def mark(step: str, signature: str, seconds: float, **extra: Any) -> None:
-        state["steps"][step] = {"done": True, "signature": signature, "seconds": seconds, **extra}
-        atomic_write_json(state_path, state)
+    def step(name: str, signature: str) -> Step:
+        return Step(state_path, signature, name=name, document=state)
 
     started = time.perf_counter()
     log.info("step 0/6: measure this machine and plan the job for %.0f minutes", cfg.time_budget)
@@ -146,7 +141,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         _plan_inputs(cfg),
         sort_keys=True,
     )
-    if _step_done(state, "plan", plan_signature):
+    if step("plan", plan_signature).done():
         plan = state["steps"]["plan"]["plan"]
         log.info("reusing the recorded plan: %s", _describe_plan(plan))
     else:
@@ -159,8 +154,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 "expect about %.0f min (raise the budget, or lower --per-shift/--id-texts)",
                 cfg.time_budget, sum(plan["expected_s"].values()) / 60,
             )  # fmt: skip
-        mark("plan", plan_signature, time.perf_counter() - start, plan=plan,
-             throughput=plan.pop("throughput"))  # fmt: skip
+        step("plan", plan_signature).record(seconds=time.perf_counter() - start, plan=plan,
+                                            throughput=plan.pop("throughput"))  # fmt: skip
 
     log.info("step 1/6: harvest %s masked activations (p=%s) into %s",
              f"{plan['harvest_tokens']:,}", cfg.mask_prob, acts_dir)  # fmt: skip
@@ -175,10 +170,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         **source,
     )
     harvest_signature = json.dumps(harvest_cfg.identity(), sort_keys=True)
-    if not _step_done(state, "harvest", harvest_signature):
+    if not step("harvest", harvest_signature).done():
         start = time.perf_counter()
         harvest(harvest_cfg)
-        mark("harvest", harvest_signature, time.perf_counter() - start)
+        step("harvest", harvest_signature).record(seconds=time.perf_counter() - start)
 
     if "train_tokens_final" not in plan:  # decided once, recorded, reused by every resume
         spent = sum(
@@ -219,30 +214,33 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     log.info("step 2/6: train a TopK SAE on %s tokens of the cache",
              f"{plan['train_tokens_final']:,}")  # fmt: skip
-    if not _step_done(state, "train", signatures["train"]):
+    if not step("train", signatures["train"]).done():
         start = time.perf_counter()
         results = run_training(job)
-        mark("train", signatures["train"], time.perf_counter() - start, results=results)
+        step("train", signatures["train"]).record(
+            seconds=time.perf_counter() - start, results=results
+        )
     weights = sha256_file(sae_dir / "sae_weights.safetensors")
 
     log.info("step 3/6: evaluate the SAE (core metrics, CE loss recovered)")
     start = time.perf_counter()
     run_eval(sae_dir, eval_cfg)  # resumes per eval by itself
-    mark("eval", weights, time.perf_counter() - start)
+    step("eval", weights).record(seconds=time.perf_counter() - start)
 
     log.info("step 4/6: fit the OOD monitor and calibrate it on held-out ID text")
     monitor_sig = signatures["monitor"] + weights
-    if not (_step_done(state, "monitor", monitor_sig) and (monitor_dir / "monitor.json").is_file()):
+    if not (step("monitor", monitor_sig).done() and (monitor_dir / "monitor.json").is_file()):
         start = time.perf_counter()
         monitor = Monitor.fit(sae_dir, monitor_cfg)
         monitor.calibrate()
         monitor.save(monitor_dir)
-        mark("monitor", monitor_sig, time.perf_counter() - start)
+        step("monitor", monitor_sig).record(seconds=time.perf_counter() - start)
 
     log.info("step 5/6: OOD benchmark (%d shifts)", len(bench_cfg.shifts))
     start = time.perf_counter()
     document = run_benchmark(monitor_dir, ood_dir, bench_cfg)  # resumes per text set
-    mark("benchmark", signatures["benchmark"] + monitor_sig, time.perf_counter() - start)
+    bench_sig = signatures["benchmark"] + monitor_sig
+    step("benchmark", bench_sig).record(seconds=time.perf_counter() - start)
 
     log.info("step 6/6: write the report")
     from saeguard.report.run_report import write_run_report

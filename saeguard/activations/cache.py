@@ -61,6 +61,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         )
     manifest = read_json(
         path,
+        "activation-cache manifest",
         f"If {directory} is a saeguard activation cache, its manifest is corrupt: move the "
         "folder aside and run the harvest again.",
     )

@@ -20,14 +20,15 @@ import jsonschema
 from saeguard import __version__
 from saeguard.activations.subject import EvalSubject, load_subject
 from saeguard.configs import config_to_dict, validate_literals
-from saeguard.errors import ConfigError, CorruptFileError
+from saeguard.errors import ConfigError
 from saeguard.evals.absorption import AbsorptionConfig
 from saeguard.evals.ce import CEConfig
 from saeguard.evals.core import CoreConfig
 from saeguard.evals.ood_probing import OODProbingConfig
 from saeguard.evals.probing import ProbingConfig
 from saeguard.evals.registry import EVAL_SPECS, EVALS
-from saeguard.fileio import atomic_write_json, check_schema, claim_output_directory
+from saeguard.fileio import atomic_write_json, check_schema, claim_output_directory, read_json
+from saeguard.steps import read_record, same_signature
 
 log = logging.getLogger(__name__)
 EVAL_SCHEMA = Path(__file__).with_name("eval.schema.json")
@@ -128,12 +129,7 @@ def _signature(cfg: EvalConfig, name: str) -> dict[str, Any]:
 def _load_previous(path: Path, sae_path: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
-    try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # invalid JSON or UTF-8
-        raise CorruptFileError(f"{path} is not valid JSON ({exc}); delete it and re-run") from exc
-    if not isinstance(previous, dict):
-        raise CorruptFileError(f"{path} is not an eval.json saeguard wrote; delete it and re-run")
+    previous = read_json(path, "eval.json", "Delete it and re-run.", kind=dict)
     fields = ("sae", "settings", "metrics", "details", "timings_s", "eval_settings")
     if not all(isinstance(previous.get(f), dict) for f in fields) or (
         previous["sae"].get("path") != sae_path
@@ -174,13 +170,12 @@ def run_eval(
     }
     document["settings"] = settings
     samples: dict[str, Any] = {}
-    if samples_path.exists() and document["metrics"]:
-        try:
-            samples = json.loads(samples_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            samples = {}
+    if document["metrics"]:
+        samples = read_record(samples_path) or {}  # a torn one is rebuilt with the evals
     order = [e for e in EVALS if e in cfg.evals]
-    done = {e for e in order if document["eval_settings"].get(e) == _signature(cfg, e)}
+    done = {
+        e for e in order if same_signature(document["eval_settings"].get(e), _signature(cfg, e))
+    }
     needed = {n for e in order if e not in done for n in EVAL_SPECS[e].needs}
     shared: dict[str, Any] = {"seed": cfg.seed}
     for name in order:
@@ -204,7 +199,7 @@ def run_eval(
         atomic_write_json(json_path, document)  # finished evals survive an interruption
         log.info("eval %s: %.1f s", name, document["timings_s"][name])
     document["complete"] = all(
-        document["eval_settings"].get(e) == _signature(cfg, e) for e in order
+        same_signature(document["eval_settings"].get(e), _signature(cfg, e)) for e in order
     )
     rank = {name: i for i, name in enumerate(order)}  # one order, resumed or not (the file
     document["metrics"] = dict(  # is written with sorted keys, a fresh run appends)
@@ -244,24 +239,12 @@ def load_eval(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = directory / "eval.json" if directory.is_dir() else directory
     if not path.exists():
         raise ConfigError(f"{path} does not exist; run `saeguard eval {directory}` first")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # invalid JSON or UTF-8
-        raise CorruptFileError(
-            f"{path} is not a valid eval.json (invalid JSON: {exc}); re-run saeguard eval"
-        ) from exc
+    document = read_json(path, "eval.json", "Re-run `saeguard eval`.")
     check_schema(document, EVAL_SCHEMA, path, "Re-run `saeguard eval`.")
     samples_path = path.with_name("eval_samples.json")
     samples: Any = {}
     if samples_path.exists():
-        try:
-            samples = json.loads(samples_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise CorruptFileError(
-                f"{samples_path} is not valid JSON; re-run saeguard eval"
-            ) from exc
-        if not isinstance(samples, dict):
-            raise CorruptFileError(f"{samples_path} is not an object; re-run saeguard eval")
+        samples = read_json(samples_path, "eval_samples.json", "Re-run `saeguard eval`.", kind=dict)
     return document, samples
 
 

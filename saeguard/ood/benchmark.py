@@ -37,6 +37,7 @@ from saeguard.ood.monitor import Monitor
 from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
 from saeguard.ood.storage import MONITOR_FILE
 from saeguard.report.html import with_interval
+from saeguard.steps import Step
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,10 @@ def _score_set(
     """Scores of one text set, from ``scores/NAME.json`` when an earlier run finished it."""
     path = out / "scores" / f"{name.replace(':', '_').replace('/', '_')}.json"
     signature = _signature(monitor_dir, cfg, f"{name}|{keep}|{max_windows}", texts)
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            results = saved["results"] if saved.get("signature") == signature else None
-            if isinstance(results, list) and all(isinstance(r, dict) for r in results):
-                return results
-        except (ValueError, KeyError, TypeError, AttributeError):  # torn, edited, other form
-            log.warning("%s is unreadable: scoring %s again", path, name)
+    step = Step(path, signature)
+    results = (step.saved() or {}).get("results")
+    if isinstance(results, list) and all(isinstance(r, dict) for r in results):
+        return results
     lm = cfg.lm_baselines if with_lm is None else with_lm
     results = monitor.score(
         texts,
@@ -118,7 +115,7 @@ def _score_set(
         progress=f"score {name}",
     )
     rows = [r.to_json() for r in results]
-    atomic_write_json(path, {"signature": signature, "name": name, "results": rows})
+    step.record(name=name, results=rows)
     return rows
 
 

@@ -179,7 +179,7 @@ def read_monitor_document(directory: Path) -> dict[str, Any]:
             f"{directory} holds no {MONITOR_FILE}: not a monitor directory (create one with "
             "`saeguard ood fit`)"
         )
-    doc = read_json(path, "Re-run `saeguard ood fit`.")
+    doc = read_json(path, MONITOR_FILE, "Re-run `saeguard ood fit`.")
     if (
         not isinstance(doc, dict)
         or doc.get("format") != FORMAT
@@ -194,7 +194,7 @@ def read_monitor_document(directory: Path) -> dict[str, Any]:
 
 def _read_calibration_scores(path: Path) -> dict[str, list[float]]:
     """``calibration_scores.json``: each score's values on the calibration texts."""
-    doc = read_json(path, "Re-run `saeguard ood fit`.")
+    doc = read_json(path, "calibration score file", "Re-run `saeguard ood fit`.")
     ok = isinstance(doc, dict) and all(
         isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in doc.values()
     )

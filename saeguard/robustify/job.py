@@ -59,6 +59,7 @@ from saeguard.robustify.measure import (
     perturb,
     pooled_activations,
 )
+from saeguard.steps import Step
 
 if TYPE_CHECKING:  # scikit-learn loads lazily: the CLI starts without it
     from sklearn.pipeline import Pipeline
@@ -177,17 +178,6 @@ def _checkpoint_progress(path: Path) -> dict[str, Any] | None:
     return progress if ok else None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        log.warning("%s is unreadable: recomputing it", path)
-        return None
-    return value if isinstance(value, dict) else None
-
-
 class _Run:
     """One robustify job: the monitor, held-out texts and probe shared by every step."""
 
@@ -251,8 +241,8 @@ class _Run:
         changed = {k: v for k, v in asdict(fit).items() if k not in _DIGESTED and v != default[k]}
         wanted = _digest(sae_sha, fit.fit_texts, fit.calibration_texts, fit.seed,
                          *([changed] if changed else []))  # fmt: skip
-        marker = _read_json(self.out / "monitor.signature.json")
-        if (directory / "monitor.json").is_file() and marker and marker.get("signature") == wanted:
+        fitted = Step(self.out / "monitor.signature.json", wanted)
+        if (directory / "monitor.json").is_file() and fitted.done():
             return directory
         log.info("fitting a monitor for %s into %s", cfg.sae, directory)
         monitor = Monitor.fit(
@@ -263,7 +253,7 @@ class _Run:
         )
         monitor.calibrate()
         monitor.save(directory)
-        atomic_write_json(self.out / "monitor.signature.json", {"signature": wanted})
+        fitted.record()
         return directory
 
     # --- measurement ----------------------------------------------------------------------
@@ -274,8 +264,9 @@ class _Run:
         file is missing or its signature differs)."""
         path = self.out / f"{name}.json"
         signature = _digest(self.measure_signature, extra)
-        saved = _read_json(path)
-        if saved and saved.get("signature") == signature:
+        step = Step(path, signature)
+        saved = step.saved()
+        if saved is not None:
             log.info("%s: kept from an earlier run", path)
             return dict(saved["values"])
         loaded = load()
@@ -283,7 +274,7 @@ class _Run:
             self.monitor_dir, loaded=loaded
         )  # fmt: skip
         values = measure(monitor, self.pairs, self.probe, self.cfg.eval_windows, name)
-        atomic_write_json(path, {"signature": signature, "values": values})
+        step.record(values=values)
         return values
 
     # --- training -------------------------------------------------------------------------
@@ -302,12 +293,8 @@ class _Run:
         )  # fmt: skip
         progress_path = directory / "progress.json"
         state_path = directory / "checkpoint.safetensors"
-        finished = _read_json(progress_path) or {}
-        if (
-            finished.get("signature") == signature
-            and finished.get("step") == cfg.steps
-            and (adapter_dir / PEFT_WEIGHTS).is_file()
-        ):
+        finished = Step(progress_path, signature).saved() or {}
+        if finished.get("step") == cfg.steps and (adapter_dir / PEFT_WEIGHTS).is_file():
             log.info("%s: %d steps already trained, kept", adapter_dir, cfg.steps)
             return adapter_dir, list(finished["losses"])
         progress: dict[str, Any] = {"signature": signature, "step": 0, "losses": []}

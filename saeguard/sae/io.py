@@ -11,7 +11,6 @@ We also read SAEs written by SAELens and by EleutherAI's sparsify (``cfg.json`` 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from saeguard import __version__
 from saeguard.errors import CorruptFileError, SaeguardError
-from saeguard.fileio import atomic_path, atomic_write_json
+from saeguard.fileio import atomic_path, atomic_write_json, read_json
 from saeguard.sae.base import SparseAutoencoder
 from saeguard.sae.config import SAEConfig
 from saeguard.sae.registry import ARCHITECTURES, create_sae, sae_config_from_dict
@@ -112,12 +111,7 @@ def load_sae(directory: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
         raise SaeguardError(
             f"{directory} holds no {CFG_FILE}: not an SAE directory (saeguard, SAELens or sparsify)"
         )
-    try:
-        document = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{cfg_path} is not valid JSON ({exc})") from exc
-    if not isinstance(document, dict):
-        raise CorruptFileError(f"{cfg_path} must hold a JSON object, not {type(document).__name__}")
+    document = read_json(cfg_path, f"SAE {CFG_FILE}", "", kind=dict)
     try:
         if (directory / WEIGHTS_FILE).is_file():
             tensors = _load_tensors(directory / WEIGHTS_FILE)

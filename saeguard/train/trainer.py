@@ -34,6 +34,7 @@ from saeguard.fileio import atomic_path, atomic_write_json, atomic_write_text, f
 from saeguard.sae import SparseAutoencoder, sae_config_from_dict
 from saeguard.sae.base import normalized_mse
 from saeguard.sae.io import save_sae
+from saeguard.steps import same_signature
 from saeguard.train.optim import OptimizerName, SaeOptimizer, default_lr
 
 log = logging.getLogger(__name__)
@@ -258,8 +259,8 @@ class Trainer:
         with safe_open(str(directory / "state.safetensors"), framework="pt") as handle:
             metadata = handle.metadata() or {}
         state = json.loads(metadata.get("state", "{}"))
-        if not isinstance(state, dict) or _comparable(state.get("identity")) != json.loads(
-            json.dumps(self._identity())
+        if not isinstance(state, dict) or not same_signature(
+            _comparable(state.get("identity")), self._identity()
         ):
             raise SaeguardError(
                 f"{directory} holds a checkpoint of a run with other settings; use another --out "
