@@ -18,17 +18,9 @@ _K_BOUNDS_L0: set[str] = set()
 
 
 @dataclass(kw_only=True)
-class SAEConfig:
-    """Everything needed to build an SAE and to compute its training loss."""
+class SAELossSettings:
+    """The loss settings every architecture shares (a training job sets them for all its SAEs)."""
 
-    architecture: str = "topk"
-    """Architecture name (see `saeguard.sae.ARCHITECTURES`)."""
-    d_in: int
-    """Width of the activations the SAE reads."""
-    d_sae: int
-    """Number of latents."""
-    k: int = 32
-    """Active latents per token (TopK family, MP) or on average (BatchTopK, Matryoshka)."""
     k_aux: int = 0
     """Latents used by the AuxK loss on dead latents (0: d_in / 2)."""
     aux_coef: float = 1 / 32
@@ -39,6 +31,25 @@ class SAEConfig:
     """Sparsity coefficient lambda of relu (L1) and jumprelu (L0); None: 5 and 1 respectively."""
 
     def __post_init__(self) -> None:
+        if self.k_aux < 0 or self.aux_coef < 0 or (self.l1_coef or 0) < 0:
+            raise ConfigError("k_aux, aux_coef and l1_coef must be non-negative")
+
+
+@dataclass(kw_only=True)
+class SAEConfig(SAELossSettings):
+    """Everything needed to build an SAE and to compute its training loss."""
+
+    architecture: str = "topk"
+    """Architecture name (see `saeguard.sae.ARCHITECTURES`)."""
+    d_in: int
+    """Width of the activations the SAE reads."""
+    d_sae: int
+    """Number of latents."""
+    k: int = 32
+    """Active latents per token (TopK family, MP) or on average (BatchTopK, Matryoshka)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.d_in < 1:
             raise ConfigError(f"d_in must be positive, got {self.d_in}")
         if self.d_sae < 1:
@@ -52,8 +63,6 @@ class SAEConfig:
                 f"--k ({self.k}) cannot exceed the number of latents d_sae ({self.d_sae}); "
                 "lower --k or raise --expansion"
             )
-        if self.k_aux < 0 or self.aux_coef < 0 or (self.l1_coef or 0) < 0:
-            raise ConfigError("k_aux, aux_coef and l1_coef must be non-negative")
 
     def sparsity_coef(self, default: float) -> float:
         return default if self.l1_coef is None else self.l1_coef

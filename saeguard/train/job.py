@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,19 @@ from saeguard.activations import (
     ShuffleBuffer,
 )
 from saeguard.activations.cache import ActivationCache
+from saeguard.configs import EXTRA_OPTIONS
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory
-from saeguard.sae import ARCHITECTURES, SAEConfig, SparseAutoencoder, create_sae, make_sae_config
+from saeguard.sae import (
+    ARCHITECTURES,
+    SAEConfig,
+    SparseAutoencoder,
+    architecture_options,
+    create_sae,
+    make_sae_config,
+)
 from saeguard.sae.base import normalized_mse
+from saeguard.sae.config import SAELossSettings
 from saeguard.train.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -46,16 +55,13 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
     """Active latents per token (TopK, MP; mean for BatchTopK, Matryoshka); several allowed."""
     expansion: list[int] = field(default_factory=lambda: [16])
     """Latents per input dimension (d_sae = expansion x d_in); several allowed."""
-    aux_coef: float = 1 / 32
-    """Weight of the AuxK loss on dead latents (0 disables it)."""
-    k_aux: int = 0
-    """Latents in the AuxK loss (0: d_in / 2)."""
-    dead_tokens: int = 65_536
-    """Tokens without firing after which a latent counts as dead."""
-    l1_coef: float | None = None
-    """Sparsity coefficient of relu/jumprelu (none: their defaults 5 and 1)."""
-    l0_target: float = 0.0
-    """JumpReLU: target L0 for the (L0/target - 1)^2 penalty (0: plain L0 penalty)."""
+    sae: SAELossSettings = field(default_factory=SAELossSettings)
+    """Loss settings every SAE of the job shares."""
+    architecture_options: dict[str, Any] = field(
+        default_factory=dict, metadata={EXTRA_OPTIONS: architecture_options}
+    )
+    """Settings of particular architectures by name (e.g. jumprelu_bandwidth): each goes to
+    every trained architecture that has it (see `saeguard train --help`)."""
     eval_tokens: int = 16_384
     """Held-out activations (validation split, no masking) for the final FVU / L0 / dead report."""
     replicas: int = 1
@@ -77,6 +83,15 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
             raise ConfigError("--eval-tokens must be >= 0")
         if self.replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, got {self.replicas}")
+        known = architecture_options()
+        for option in self.architecture_options:
+            if option not in known:
+                raise ConfigError(
+                    f"unknown architecture setting {option!r}; choose from {', '.join(known)}"
+                )
+            if not set(known[option].architectures) & set(self.architectures):
+                owners = ", ".join(known[option].architectures)
+                log.warning("--%s only applies to %s, not trained here", option, owners)
 
     def _cells(self) -> Iterator[tuple[str, str, int, int]]:
         """(name, architecture, k, expansion) of every SAE, in training order."""
@@ -100,11 +115,8 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
                 d_in=d_in,
                 d_sae=d_in * expansion,
                 k=k,
-                k_aux=self.k_aux,
-                aux_coef=self.aux_coef,
-                dead_tokens=self.dead_tokens,
-                l1_coef=self.l1_coef,
-                l0_target=self.l0_target,
+                **asdict(self.sae),
+                **self.architecture_options,
             )
         return configs
 

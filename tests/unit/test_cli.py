@@ -249,3 +249,30 @@ def test_an_unknown_model_fails_before_transformers_searches_for_it(
     err = capsys.readouterr().err
     assert rc == 2 and f"unknown model {name!r}" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_every_architecture_setting_is_a_train_option() -> None:
+    """jumprelu bandwidth and initial threshold, matryoshka prefixes and the BatchTopK threshold
+    momentum are `saeguard train` flags that reach the SAE configs (and old flags still work)."""
+    from saeguard.train import TrainJobConfig
+
+    argv = ["train", "--out", "x", "--arch", "jumprelu,matryoshka,batchtopk,topk",
+            "--jumprelu-bandwidth", "0.2", "--jumprelu-init-threshold", "0.3", "--l0-target", "5",
+            "--matryoshka-prefixes", "4,16", "--threshold-momentum", "0.5", "--aux-coef", "0.1",
+            "--k", "4", "--expansion", "8"]  # fmt: skip
+    job = config_from_args(TrainJobConfig, build_parser().parse_args(argv))
+    configs = {c.architecture: c for c in job.sae_configs(d_in=8).values()}
+    assert (configs["jumprelu"].jumprelu_bandwidth, configs["jumprelu"].jumprelu_init_threshold,
+            configs["jumprelu"].l0_target) == (0.2, 0.3, 5.0)  # fmt: skip
+    assert configs["matryoshka"].matryoshka_prefixes == [4, 16]
+    assert (
+        configs["matryoshka"].threshold_momentum == configs["batchtopk"].threshold_momentum == 0.5
+    )
+    assert all(c.aux_coef == 0.1 for c in configs.values())
+    assert not hasattr(configs["topk"], "jumprelu_bandwidth")
+    defaults = config_from_args(TrainJobConfig, build_parser().parse_args(["train", "--out", "x"]))
+    assert defaults.architecture_options == {} and defaults.sae.aux_coef == 1 / 32
+    from saeguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown architecture setting"):
+        TrainJobConfig(out="x", architecture_options={"bandwidth": 1.0})

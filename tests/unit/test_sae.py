@@ -542,6 +542,16 @@ def test_an_architecture_is_one_class_and_one_register(tmp_path: Path) -> None:
             assert torch.equal(loaded(x), trainer.folded("toy")(x))
         codes = sparse_codes(loaded, x)  # the dense default
         assert torch.equal(codes.l0, (loaded.encode(x) != 0).sum(-1))
+        # The command line knows it too: --arch toy and its own setting, from the registry.
+        from saeguard.cli import build_parser
+        from saeguard.configs import config_from_args
+        from saeguard.train import TrainJobConfig
+
+        args = build_parser().parse_args(["train", "--out", "o", "--arch", "toy", "--toy-gain",
+                                          "0.25", "--k", "4", "--expansion", "4"])  # fmt: skip
+        job = config_from_args(TrainJobConfig, args)
+        assert job.sae_configs(d_in=8)["toy_k4_x4"] == ToyConfig(
+            architecture="toy", d_in=8, d_sae=32, k=4, toy_gain=0.25)  # fmt: skip
     finally:
         ARCHITECTURES.pop("toy", None)
     assert "toy_gain" not in architecture_options()
