@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from saeguard.fileio import atomic_write_text
+from saeguard.jobs.train import TrainJobConfig, run_training
 from saeguard.sae import ARCHITECTURES
-from saeguard.train import TrainJobConfig, run_training
 
 
 def main() -> None:

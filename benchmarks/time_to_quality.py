@@ -36,10 +36,10 @@ from safetensors.torch import load_file, save_file
 
 from saeguard.activations import CachedActivationSource, ShuffleBuffer
 from saeguard.fileio import atomic_write_json
+from saeguard.jobs.train import TrainJobConfig, source_config_from_cache
 from saeguard.sae import config_class, create_sae, make_sae_config
 from saeguard.sae.base import normalized_mse
 from saeguard.train import Trainer, TrainerConfig, evaluate_reconstruction, held_out_activations
-from saeguard.train.job import TrainJobConfig, source_config_from_cache
 
 # name -> trainer settings (everything else: saeguard's defaults)
 SETTINGS: dict[str, dict[str, Any]] = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from timing import timed
 
-from saeguard.planning import cpu_flags
+from saeguard.jobs.planning import cpu_flags
 from saeguard.sae import SAEConfig, create_sae
 from saeguard.train.optim import SaeOptimizer, default_lr
 

@@ -22,7 +22,7 @@ log = logging.getLogger("saeguard")
 
 
 def _cmd_harvest(args: argparse.Namespace) -> int:
-    from saeguard.activations import HarvestConfig, harvest
+    from saeguard.jobs.harvest import HarvestConfig, harvest
 
     cfg = config_from_args(HarvestConfig, args)
     cache = harvest(cfg)
@@ -37,7 +37,7 @@ def _cmd_harvest(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from saeguard.train import TrainJobConfig, run_training
+    from saeguard.jobs.train import TrainJobConfig, run_training
 
     job = config_from_args(TrainJobConfig, args)
     results = run_training(job)
@@ -46,7 +46,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from saeguard.evals import EvalConfig, run_eval
+    from saeguard.jobs.eval import EvalConfig, run_eval
 
     cfg = config_from_args(EvalConfig, args)
     document = run_eval(args.sae_dir, cfg)
@@ -58,7 +58,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from saeguard.report.compare import compare
+    from saeguard.jobs.compare import compare
 
     result = compare(args.directories, args.out, args.metrics, args.seed)
     print(result.terminal)
@@ -69,7 +69,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_study_masking(args: argparse.Namespace) -> int:
-    from saeguard.evals.masking_study import MaskingStudyConfig, run_study
+    from saeguard.jobs.studies import MaskingStudyConfig, run_study
 
     cfg = config_from_args(MaskingStudyConfig, args)
     document = run_study(cfg)
@@ -156,7 +156,7 @@ def _cmd_ood_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_ood_benchmark(args: argparse.Namespace) -> int:
-    from saeguard.ood import OodBenchmarkConfig, run_benchmark
+    from saeguard.jobs.ood import OodBenchmarkConfig, run_benchmark
 
     cfg = config_from_args(OodBenchmarkConfig, args)
     document = run_benchmark(args.monitor, args.out, cfg)
@@ -171,8 +171,8 @@ def _cmd_ood_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_robustify(args: argparse.Namespace) -> int:
+    from saeguard.jobs.robustify import RobustifyConfig, run_robustify
     from saeguard.report.robustify_report import summary_sentence
-    from saeguard.robustify import RobustifyConfig, run_robustify
 
     cfg = config_from_args(RobustifyConfig, args)
     document = run_robustify(cfg)
@@ -182,7 +182,7 @@ def _cmd_robustify(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from saeguard.pipeline import RunConfig, run
+    from saeguard.jobs.run import RunConfig, run
 
     cfg = config_from_args(RunConfig, args)
     state = run(cfg)
@@ -269,7 +269,7 @@ def _cmd_corpora(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from saeguard.activations import HarvestConfig
+    from saeguard.jobs.harvest import HarvestConfig
 
     parser = argparse.ArgumentParser(
         prog="saeguard",
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="Log warnings and errors only.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from saeguard.pipeline import RunConfig
+    from saeguard.jobs.run import RunConfig
 
     p = sub.add_parser(
         "run",
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, HarvestConfig, aliases={"hooks": ["--hook"]})
     p.set_defaults(func=_cmd_harvest)
 
-    from saeguard.train import TrainJobConfig
+    from saeguard.jobs.train import TrainJobConfig
 
     p = sub.add_parser(
         "train",
@@ -329,14 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train)
 
-    from saeguard.evals import EvalConfig
+    from saeguard.jobs.eval import EvalConfig
 
     p = sub.add_parser(
         "eval",
         help="Evaluate an SAE: reconstruction, CE recovered, absorption, probing, OOD probing.",
         description=(
             "Run benchmark metrics (SPEC section 4) on one SAE directory and write eval.json "
-            "(validated against saeguard/evals/eval.schema.json), eval_samples.json (per-unit "
+            "(validated against saeguard/jobs/eval.schema.json), eval_samples.json (per-unit "
             "values for `saeguard compare`) and a self-contained eval.html with plots. The model, "
             "hook and exclusion rules come from the SAE's cfg.json; text comes from held-out "
             "splits. Finished evals are kept: re-running the same command resumes."
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap.")
     p.set_defaults(func=_cmd_compare)
 
-    from saeguard.evals.masking_study import MaskingStudyConfig
+    from saeguard.jobs.studies import MaskingStudyConfig
 
     p = sub.add_parser(
         "study",
@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_study_masking)
 
-    from saeguard.ood import MonitorConfig, OodBenchmarkConfig
+    from saeguard.jobs.ood import OodBenchmarkConfig
+    from saeguard.ood import MonitorConfig
 
     p = sub.add_parser(
         "ood",
@@ -490,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, OodBenchmarkConfig)
     p.set_defaults(func=_cmd_ood_benchmark)
 
-    from saeguard.robustify import RobustifyConfig
+    from saeguard.jobs.robustify import RobustifyConfig
 
     p = sub.add_parser(
         "robustify",

@@ -3,7 +3,6 @@
 from saeguard.activations.buffer import CachedActivationSource, ShuffleBuffer
 from saeguard.activations.cache import ActivationCache
 from saeguard.activations.exclusion import ExclusionRules
-from saeguard.activations.harvest import HarvestConfig, harvest
 from saeguard.activations.source import (
     ActivationHarvester,
     ActivationSourceConfig,
@@ -16,8 +15,6 @@ __all__ = [
     "ActivationSourceConfig",
     "CachedActivationSource",
     "ExclusionRules",
-    "HarvestConfig",
     "ModelActivationSource",
     "ShuffleBuffer",
-    "harvest",
 ]

@@ -1,7 +1,7 @@
 """From a model and a corpus to activations: configuration, the forward pass and exclusions.
 
 :class:`ActivationHarvester` is the one place where a batch of contexts becomes kept activations;
-the on-disk harvest (:mod:`saeguard.activations.harvest`) and the cache-free streaming source
+the on-disk harvest (:mod:`saeguard.jobs.harvest`) and the cache-free streaming source
 (:class:`ModelActivationSource`) both go through it, so they apply identical rules.
 """
 

@@ -1,4 +1,5 @@
-"""Benchmark-grade SAE metrics (SPEC §4), one module per metric, and the ``saeguard eval`` runner.
+"""Benchmark-grade SAE metrics (SPEC §4), one module per metric, and their registry
+(the ``saeguard eval`` job is :mod:`saeguard.jobs.eval`).
 
 - :mod:`~saeguard.evals.core`: FVU, explained variance, MSE, cosine, L2 ratio, L0, dead/dense
 - :mod:`~saeguard.evals.ce`: CE loss and KL recovered by splicing
@@ -8,7 +9,7 @@
 - :mod:`~saeguard.evals.effective`: effective number of features
 """
 
+from saeguard.evals.registry import EVAL_SPECS, EVALS
 from saeguard.evals.results import MetricResult
-from saeguard.evals.runner import EVALS, EvalConfig, load_eval, run_eval
 
-__all__ = ["EVALS", "EvalConfig", "MetricResult", "load_eval", "run_eval"]
+__all__ = ["EVALS", "EVAL_SPECS", "MetricResult"]

@@ -1,7 +1,7 @@
 """The one table of evals: name -> settings, run function, metric version, and what it needs.
 
 Adding a metric: write its module (a config dataclass, a ``VERSION`` and a run function), add
-one row here and one field for its config in :class:`saeguard.evals.runner.EvalConfig`.
+one row here and one field for its config in :class:`saeguard.jobs.eval.EvalConfig`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """OOD diagnostics: fallacious concepts, baselines, a calibrated monitor and its benchmark."""
 
-from saeguard.ood.benchmark import OodBenchmarkConfig, run_benchmark
 from saeguard.ood.config import MonitorConfig
 from saeguard.ood.explain import TextScore
 from saeguard.ood.monitor import Monitor
@@ -13,8 +12,6 @@ __all__ = [
     "IDStats",
     "Monitor",
     "MonitorConfig",
-    "OodBenchmarkConfig",
     "SAE_SCORES",
     "TextScore",
-    "run_benchmark",
 ]

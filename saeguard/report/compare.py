@@ -1,20 +1,13 @@
-"""``saeguard compare``: several evaluated SAEs side by side.
-
-The first directory is the reference. For every other SAE and metric the table shows its value
-and ``Δ`` (value − reference) with a bootstrap 95% interval: units (contexts, tasks, letters)
-are resampled jointly when both SAEs were scored on the same units, independently otherwise.
-An interval that excludes 0 is marked with ``*``.
-"""
+"""Renders a comparison of evaluated SAEs (``saeguard compare``): terminal table, markdown and
+compare.html. The numbers come from :mod:`saeguard.jobs.compare`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from saeguard.evals.results import MetricResult, paired_difference
-from saeguard.evals.runner import load_eval
-from saeguard.fileio import atomic_write_text, claim_output_directory
+from saeguard.evals.results import MetricResult
+from saeguard.fileio import atomic_write_text
 from saeguard.report.html import HtmlPage, fmt, markdown_table
 
 
@@ -26,79 +19,35 @@ class Comparison:
     markdown: str
 
 
-def _metric(document: dict[str, Any], samples: dict[str, Any], name: str) -> MetricResult | None:
-    entry = document["metrics"].get(name)
-    if entry is None:
-        return None
-    stored = samples.get(name, {})
-    ci = entry.get("ci95")
-    return MetricResult(
-        name, entry["version"], entry["value"], tuple(ci) if ci else None,
-        samples=stored.get("samples", {}), statistic=stored.get("statistic", "mean"),
-    )  # fmt: skip
-
-
-def _label(document: dict[str, Any], directory: str) -> str:
-    sae = document["sae"]
-    mask = sae.get("masking", {}).get("mask_prob", 0)
-    return f"{Path(directory).name} ({sae['architecture']} k={sae.get('k')} p={mask})"
-
-
-def compare(directories: list[str], out: str = "", metrics: str = "", seed: int = 0) -> Comparison:
-    loaded = [load_eval(d) for d in directories]
-    names: list[str] = []
-    for document, _ in loaded:
-        names += [n for n in document["metrics"] if n not in names]
-    if metrics:
-        wanted = [m.strip() for m in metrics.split(",") if m.strip()]
-        unknown = [m for m in wanted if m not in names]
-        if unknown:
-            from saeguard.errors import ConfigError
-
-            raise ConfigError(f"no SAE has metrics {unknown}; known: {', '.join(names)}")
-        names = wanted
-    headers = ["metric"] + [_label(doc, d) for (doc, _), d in zip(loaded, directories, strict=True)]
-    rows = []
-    for name in names:
-        reference = _metric(*loaded[0], name)
-        row = [name, _cell(reference)]
-        for document, samples in loaded[1:]:
-            other = _metric(document, samples, name)
-            cell = _cell(other)
-            if reference is not None and other is not None:
-                version_ok = reference.version == other.version
-                diff = paired_difference(reference, other, seed) if version_ok else None
-                if not version_ok:
-                    cell += " (metric version differs)"
-                elif diff is not None:
-                    delta, (low, high) = diff
-                    star = "*" if low > 0 or high < 0 else ""
-                    cell += f"  Δ {delta:+.4g} [{low:+.3g}, {high:+.3g}]{star}"
-            row.append(cell)
-        rows.append(row)
+def render_comparison(headers: list[str], rows: list[list[str]], out: Path | None) -> Comparison:
+    """The table as text and markdown; with ``out``, also compare.md and compare.html there."""
     md = markdown_table(headers, rows)
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     lines = [
         "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in [headers, *rows]
     ]
-    terminal = "\n".join(lines)
-    if out:
-        target = Path(out)
-        claim_output_directory(target, "compare", index=("compare.md",))
-        atomic_write_text(target / "compare.md", md + "\n")
+    if out is not None:
+        atomic_write_text(out / "compare.md", md + "\n")
         page = HtmlPage("SAE comparison")
         page.paragraph(
             "Values with bootstrap 95% intervals; Δ is the difference from the first SAE with a "
             "bootstrap 95% interval (* : the interval excludes 0)."
         )
         page.table(headers, rows)
-        page.write(target / "compare.html")
-    return Comparison(headers, rows, terminal, md)
+        page.write(out / "compare.html")
+    return Comparison(headers, rows, "\n".join(lines), md)
 
 
-def _cell(metric: MetricResult | None) -> str:
+def metric_cell(metric: MetricResult | None) -> str:
+    """value [interval] of one metric, or a dash."""
     if metric is None:
         return "—"
     if metric.ci is None:
         return fmt(metric.value)
     return f"{fmt(metric.value)} [{fmt(metric.ci[0], 3)}, {fmt(metric.ci[1], 3)}]"
+
+
+def delta_cell(delta: float, low: float, high: float) -> str:
+    """The difference from the reference with its interval, starred when it excludes 0."""
+    star = "*" if low > 0 or high < 0 else ""
+    return f"  Δ {delta:+.4g} [{low:+.3g}, {high:+.3g}]{star}"

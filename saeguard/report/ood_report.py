@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -13,9 +13,6 @@ from sklearn.metrics import roc_curve
 
 from saeguard.ood.metrics import score_values
 from saeguard.report.html import HtmlPage, with_interval
-
-if TYPE_CHECKING:
-    from saeguard.ood.monitor import Monitor
 
 CURVE_SCORES = (
     "energy",
@@ -160,7 +157,8 @@ def write_ood_report(
     document: dict[str, Any],
     raw: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]],
     examples: list[dict[str, Any]],
-    monitor: Monitor,
+    *,
+    n_id_tokens: int,
 ) -> Path:
     """Write ``ood_report.html`` and ``examples.html`` into ``out``."""
     cal = document["calibration"]
@@ -229,10 +227,39 @@ def write_ood_report(
     style = "<style>mark{background:#fd6;padding:0 2px}.example h4{margin:.6em 0 .2em}</style>"
     ex_page.raw(style)
     for example in examples:
-        ex_page.raw(
-            explanation_html(example, cal["flag_score"], cal["threshold"], monitor.stats.n_tokens)
-        )
+        ex_page.raw(explanation_html(example, cal["flag_score"], cal["threshold"], n_id_tokens))
     if not examples:
         ex_page.paragraph("No text was flagged.")
     ex_page.write(out / "examples.html")
     return out / "ood_report.html"
+
+
+def markdown_tables(document: dict[str, Any]) -> str:
+    """AUROC and FPR@95 tables (shift rows, score columns) with 95% intervals."""
+    names = document["scores"]
+    lines = []
+    cal = document["calibration"]
+    lines.append(
+        f"Monitor flag: `{cal['flag_score']}` > {cal['threshold']:.4g}, calibrated for "
+        f"{cal['target_fpr']:.0%} FPR on {cal.get('n_texts')} held-out ID texts; measured FPR "
+        f"{cal['measured_fpr']:.3f} [{cal['measured_fpr_ci95'][0]:.3f}, "
+        f"{cal['measured_fpr_ci95'][1]:.3f}] on {cal['measured_on']}.\n"
+    )
+    for metric, title in (
+        ("auroc", "AUROC (higher is better)"),
+        ("fpr95", "FPR at 95% TPR (lower is better)"),
+    ):
+        lines.append(f"### {title}\n")
+        lines.append("| shift | " + " | ".join(names) + " |")
+        lines.append("|---|" + "---|" * len(names))
+        for shift, row in document["shifts"].items():
+            cells = []
+            values = {n: row["scores"][n][metric] for n in names}
+            best = max(values.values()) if metric == "auroc" else min(values.values())
+            for n in names:
+                cell = row["scores"][n]
+                text = with_interval(cell[metric], cell[f"{metric}_ci95"])
+                cells.append(f"**{text}**" if values[n] == best else text)
+            lines.append(f"| {shift} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

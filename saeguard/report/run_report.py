@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,21 +25,10 @@ HEADLINE_SCORES = (
 )
 
 
-def _training_figure(metrics_path: Path) -> Figure | None:
-    if not metrics_path.is_file():
+def _training_figure(curve: list[tuple[int, float]]) -> Figure | None:
+    if not curve:
         return None
-    tokens, fvu = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        value = next((v for k, v in row.items() if k.endswith("/fvu")), None)
-        if value is not None:
-            tokens.append(row["tokens"])
-            fvu.append(value)
-    if not tokens:
-        return None
+    tokens, fvu = zip(*curve, strict=True)
     fig = Figure(figsize=(6, 2.8))
     ax = fig.add_subplot()
     ax.plot(tokens, fvu, color="#4477aa")
@@ -51,8 +39,15 @@ def _training_figure(metrics_path: Path) -> Figure | None:
     return fig
 
 
-def write_run_report(out: Path, state: dict[str, Any], benchmark: dict[str, Any]) -> Path:
-    """Write ``out/index.html`` from run.json's state and the benchmark document."""
+def write_run_report(
+    out: Path,
+    state: dict[str, Any],
+    benchmark: dict[str, Any],
+    evaluation: dict[str, Any] | None,
+    curve: list[tuple[int, float]],
+) -> Path:
+    """Write ``out/index.html`` from run.json's state, the eval and benchmark documents and the
+    training curve ((activations seen, training FVU) pairs)."""
     cfg = state["config"]
     page = HtmlPage(f"saeguard run: {cfg['model']} {cfg['hook']} on {cfg['corpus']}")
     steps = state.get("steps", {})
@@ -86,14 +81,13 @@ def write_run_report(out: Path, state: dict[str, Any], benchmark: dict[str, Any]
         page.table(
             ["SAE", "training tokens", "held-out FVU", "L0", "dead frac", "masked frac"], rows
         )
-    fig = _training_figure(out / "sae" / "metrics.jsonl")
+    fig = _training_figure(curve)
     if fig is not None:
         page.figure(fig, "Training FVU by activations seen.")
 
     page.heading("2. Evaluation")
-    eval_path = out / "sae" / "eval.json"
-    if eval_path.is_file():
-        metrics = json.loads(eval_path.read_text(encoding="utf-8"))["metrics"]
+    if evaluation is not None:
+        metrics = evaluation["metrics"]
         keep = ("fvu", "explained_variance", "l0", "dead_frac", "ce_loss_recovered", "kl_recovered")
         page.table(
             ["metric", "value [95% interval]"],
@@ -142,6 +136,6 @@ def write_run_report(out: Path, state: dict[str, Any], benchmark: dict[str, Any]
     )
     page.link(
         "ood/ood_benchmark.json",
-        "ood_benchmark.json (schema: saeguard/ood/ood_benchmark.schema.json)",
+        "ood_benchmark.json (schema: saeguard/jobs/ood_benchmark.schema.json)",
     )
     return page.write(out / "index.html")

@@ -133,7 +133,7 @@ def test_csv_corpora_of_random_cells(tmp_path: Path, rows: list[list[str]]) -> N
 def cache_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from conftest import make_text_corpus
 
-    from saeguard.activations import HarvestConfig, harvest
+    from saeguard.jobs.harvest import HarvestConfig, harvest
 
     root = tmp_path_factory.mktemp("fuzz-cache")
     corpus = make_text_corpus(root / "corpus.txt")
@@ -325,7 +325,7 @@ def test_output_markers_of_any_content(tmp_path: Path, content: bytes) -> None:
 @FUZZ
 @given(data=st.data())
 def test_eval_json_mutated(sae_dir: Path, tmp_path: Path, data: st.DataObject) -> None:
-    from saeguard.evals.runner import _load_previous, load_eval
+    from saeguard.jobs.eval import _load_previous, load_eval
 
     document = {"format": "saeguard-eval", "format_version": 1, "saeguard_version": "0.1.0",
                 "sae": {"path": str(sae_dir)}, "settings": {}, "metrics": {}, "details": {},

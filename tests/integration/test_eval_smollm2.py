@@ -8,9 +8,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from saeguard.evals import EvalConfig, run_eval
-from saeguard.evals.runner import EVAL_SCHEMA
-from saeguard.train import TrainJobConfig, run_training
+from saeguard.jobs.eval import EVAL_SCHEMA, EvalConfig, run_eval
+from saeguard.jobs.train import TrainJobConfig, run_training
 
 pytestmark = pytest.mark.integration
 

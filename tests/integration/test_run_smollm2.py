@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 
 from saeguard.data.shifts import DEFAULT_SHIFTS
+from saeguard.jobs.ood import SCHEMA
+from saeguard.jobs.run import RunConfig, run
 from saeguard.ood import BASELINES, SAE_SCORES, Monitor
-from saeguard.ood.benchmark import SCHEMA
-from saeguard.pipeline import RunConfig, run
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def test_quick_robustify_on_smollm2_measures_before_and_after(
     quick_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from saeguard.cli import main
-    from saeguard.robustify.job import SCHEMA as ROBUSTIFY_SCHEMA
+    from saeguard.jobs.robustify import SCHEMA as ROBUSTIFY_SCHEMA
 
     out, _ = quick_run
     target = tmp_path / "robustify"

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeguard.activations import ActivationCache, HarvestConfig, harvest
+from saeguard.activations import ActivationCache
 from saeguard.activations.source import ActivationHarvester, ActivationSourceConfig, prepare
 from saeguard.data import CORPORA, load_corpus, select_split
+from saeguard.jobs.harvest import HarvestConfig, harvest
 from saeguard.models import load_model
 
 pytestmark = pytest.mark.integration

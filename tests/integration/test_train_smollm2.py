@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from saeguard.activations import ActivationSourceConfig, ModelActivationSource
+from saeguard.jobs.train import TrainJobConfig, run_training
 from saeguard.sae.io import load_sae
-from saeguard.train import TrainJobConfig, run_training
 
 pytestmark = pytest.mark.integration
 

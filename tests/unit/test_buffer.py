@@ -10,12 +10,11 @@ import torch
 from saeguard.activations import (
     ActivationSourceConfig,
     CachedActivationSource,
-    HarvestConfig,
     ModelActivationSource,
     ShuffleBuffer,
-    harvest,
 )
 from saeguard.errors import ConfigError
+from saeguard.jobs.harvest import HarvestConfig, harvest
 
 
 def _rows(n: int, d: int = 3) -> list[torch.Tensor]:

@@ -11,9 +11,9 @@ from typing import Literal
 
 import pytest
 
-from saeguard.activations import HarvestConfig
 from saeguard.cli import build_parser, main
 from saeguard.configs import add_config_arguments, config_from_args, field_docs, option_specs
+from saeguard.jobs.harvest import HarvestConfig
 
 
 def test_every_config_field_has_a_docstring_and_a_help_line(capsys: pytest.CaptureFixture):
@@ -152,7 +152,7 @@ def test_train_command_end_to_end(
     [
         (["ood", "fit", "--help"], "saeguard.ood.MonitorConfig"),
         (["ood", "benchmark", "--help"], "saeguard.ood.OodBenchmarkConfig"),
-        (["run", "--help"], "saeguard.pipeline.RunConfig"),
+        (["run", "--help"], "saeguard.jobs.run.RunConfig"),
     ],
 )
 def test_ood_and_run_help_explains_every_option(
@@ -254,7 +254,7 @@ def test_an_unknown_model_fails_before_transformers_searches_for_it(
 def test_every_architecture_setting_is_a_train_option() -> None:
     """jumprelu bandwidth and initial threshold, matryoshka prefixes and the BatchTopK threshold
     momentum are `saeguard train` flags that reach the SAE configs (and old flags still work)."""
-    from saeguard.train import TrainJobConfig
+    from saeguard.jobs.train import TrainJobConfig
 
     argv = ["train", "--out", "x", "--arch", "jumprelu,matryoshka,batchtopk,topk",
             "--jumprelu-bandwidth", "0.2", "--jumprelu-init-threshold", "0.3", "--l0-target", "5",

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from saeguard.errors import ConfigError
-from saeguard.evals import EvalConfig, load_eval, run_eval
 from saeguard.evals.absorption import AbsorptionConfig, measure_absorption
 from saeguard.evals.ce import ce_and_kl_sums, results_from_sums
 from saeguard.evals.core import CoreConfig, accumulate, metrics_from_sums
@@ -20,6 +19,7 @@ from saeguard.evals.effective import effective_count, run_effective
 from saeguard.evals.ood_probing import OODProbingConfig
 from saeguard.evals.probing import ProbingConfig, probe_set, top_k_by_mean_difference
 from saeguard.evals.results import MetricResult, paired_difference, sampled_metric
+from saeguard.jobs.eval import EvalConfig, load_eval, run_eval
 from saeguard.models import load_model
 from saeguard.sae import SAEConfig, create_sae
 from saeguard.sae.io import save_sae

@@ -125,7 +125,7 @@ def test_a_command_claims_only_an_empty_folder_or_its_own_output(tmp_path: Path)
 
 def test_train_refuses_a_folder_holding_someone_elses_files(tmp_path: Path) -> None:
     """The rule at a command's entry: `saeguard train --out` into a non-empty foreign folder."""
-    from saeguard.train import TrainJobConfig, run_training
+    from saeguard.jobs.train import TrainJobConfig, run_training
 
     out = tmp_path / "notes"
     out.mkdir()

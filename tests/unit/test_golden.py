@@ -65,8 +65,9 @@ def _normalise(value: Any, paths: dict[str, str], key: str = "") -> Any:
 
 
 def _run_outputs(model_dir: Path, out: Path) -> dict[str, Any]:
-    from saeguard.ood import MonitorConfig, OodBenchmarkConfig
-    from saeguard.pipeline import RunConfig, run
+    from saeguard.jobs.ood import OodBenchmarkConfig
+    from saeguard.jobs.run import RunConfig, run
+    from saeguard.ood import MonitorConfig
     from saeguard.train.trainer import TrainerConfig
 
     state = run(RunConfig(out=str(out), model=str(model_dir), hook="resid_post.2", quick=True,

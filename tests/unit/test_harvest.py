@@ -8,13 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeguard.activations import (
-    ActivationCache,
-    ExclusionRules,
-    HarvestConfig,
-    harvest,
-)
+from saeguard.activations import ActivationCache, ExclusionRules
 from saeguard.errors import ConfigError, CorruptFileError, SaeguardError
+from saeguard.jobs.harvest import HarvestConfig, harvest
 from saeguard.models import load_model
 
 

@@ -303,8 +303,9 @@ def test_reader_windows_cover_the_text_from_either_end(tiny_monitor: Path) -> No
 def test_run_end_to_end_on_a_tiny_model_resumes_without_redoing_work(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
-    from saeguard.ood import MonitorConfig, OodBenchmarkConfig
-    from saeguard.pipeline import RunConfig, run
+    from saeguard.jobs.ood import OodBenchmarkConfig
+    from saeguard.jobs.run import RunConfig, run
+    from saeguard.ood import MonitorConfig
 
     cfg = RunConfig(
         out=str(tmp_path / "run"),

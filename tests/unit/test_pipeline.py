@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from saeguard.planning import FLOORS, Throughput, plan_run
+from saeguard.jobs.planning import FLOORS, Throughput, plan_run
 
 DEFAULTS = {"n_shifts": 9, "fit_texts": 1500, "calibration_texts": 500, "id_texts": 400,
             "per_shift": 200}  # fmt: skip
@@ -54,8 +54,9 @@ def test_killed_training_resumes_from_the_cache_to_identical_weights(
     """A kill at ~70% of training, then the same command: no activation is recomputed while
     training resumes, and the SAE is bit-identical to an uninterrupted run's."""
     from saeguard.activations.source import ActivationHarvester
-    from saeguard.ood import MonitorConfig, OodBenchmarkConfig
-    from saeguard.pipeline import RunConfig, run
+    from saeguard.jobs.ood import OodBenchmarkConfig
+    from saeguard.jobs.run import RunConfig, run
+    from saeguard.ood import MonitorConfig
     from saeguard.train.trainer import Trainer, TrainerConfig
 
     def config(out: Path) -> RunConfig:
@@ -110,7 +111,7 @@ def test_killed_training_resumes_from_the_cache_to_identical_weights(
 
 
 def test_training_is_retargeted_to_what_the_harvest_left() -> None:
-    from saeguard.planning import retarget_training
+    from saeguard.jobs.planning import retarget_training
 
     plan = plan_run(1800, _rates(1.0), **DEFAULTS).to_dict()
     on_time = retarget_training(plan, plan["expected_s"]["harvest"] + 30)

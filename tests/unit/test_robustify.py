@@ -102,8 +102,8 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from saeguard.jobs.robustify import RobustifyConfig, run_robustify  # noqa: E402
 from saeguard.models.adapters import merge_adapter  # noqa: E402
-from saeguard.robustify import RobustifyConfig, run_robustify  # noqa: E402
 from saeguard.robustify.measure import QUANTITIES, compare  # noqa: E402
 from saeguard.sae.io import save_sae  # noqa: E402
 

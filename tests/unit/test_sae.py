@@ -545,7 +545,7 @@ def test_an_architecture_is_one_class_and_one_register(tmp_path: Path) -> None:
         # The command line knows it too: --arch toy and its own setting, from the registry.
         from saeguard.cli import build_parser
         from saeguard.configs import config_from_args
-        from saeguard.train import TrainJobConfig
+        from saeguard.jobs.train import TrainJobConfig
 
         args = build_parser().parse_args(["train", "--out", "o", "--arch", "toy", "--toy-gain",
                                           "0.25", "--k", "4", "--expansion", "4"])  # fmt: skip

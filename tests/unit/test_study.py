@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from saeguard.errors import ConfigError
-from saeguard.evals import EvalConfig
 from saeguard.evals.absorption import AbsorptionConfig
 from saeguard.evals.ce import CEConfig
 from saeguard.evals.core import CoreConfig
-from saeguard.evals.masking_study import MaskingStudyConfig, run_study
 from saeguard.evals.probing import ProbingConfig
+from saeguard.jobs.eval import EvalConfig
+from saeguard.jobs.studies import MaskingStudyConfig, run_study
 
 
 def test_study_config_needs_a_baseline() -> None:

@@ -10,16 +10,10 @@ import torch
 
 from saeguard.activations import ActivationSourceConfig, ModelActivationSource
 from saeguard.errors import ConfigError, SaeguardError
+from saeguard.jobs.train import TrainJobConfig, run_training
 from saeguard.sae import ARCHITECTURES, SAEConfig, create_sae
 from saeguard.sae.io import load_sae
-from saeguard.train import (
-    Trainer,
-    TrainerConfig,
-    TrainJobConfig,
-    geometric_median,
-    lr_factor,
-    run_training,
-)
+from saeguard.train import Trainer, TrainerConfig, geometric_median, lr_factor
 
 D, N_FEATURES = 16, 64
 
@@ -176,7 +170,7 @@ def test_mask_token_must_be_one_token(tiny_llama_dir: Path, text_corpus: Path) -
 def test_several_saes_in_one_pass_and_from_a_cache(
     tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
 ) -> None:
-    from saeguard.activations import HarvestConfig, harvest
+    from saeguard.jobs.harvest import HarvestConfig, harvest
 
     cache = tmp_path / "acts"
     harvest(HarvestConfig(model=str(tiny_llama_dir), hooks=["resid_post.2"],

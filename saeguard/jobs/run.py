@@ -1,7 +1,7 @@
 """`saeguard run`: the main job, end to end, resumable, sized to a time budget.
 
 0. plan: time the model forward (float32 and bfloat16), and an SAE training step, on this
-   machine; size every step to ``--time-budget`` (:mod:`saeguard.planning`); the plan and the
+   machine; size every step to ``--time-budget`` (:mod:`saeguard.jobs.planning`); the plan and the
    measurements are recorded in ``run.json`` and reused on every re-run;
 1. harvest: masked regularization happens here (input tokens are replaced before the model runs),
    into a sharded, checksummed activation cache that resumes per shard;
@@ -28,8 +28,9 @@ from typing import Any, Literal
 from saeguard.configs import validate_literals
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory, sha256_file
-from saeguard.ood.benchmark import OodBenchmarkConfig
+from saeguard.jobs.ood import OodBenchmarkConfig
 from saeguard.ood.config import MonitorConfig
+from saeguard.report.run_report import write_run_report
 from saeguard.steps import Step
 from saeguard.train.trainer import TrainerConfig
 
@@ -107,11 +108,12 @@ class RunConfig:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) every step; returns the run summary written to ``run.json``."""
-    from saeguard.activations.harvest import HarvestConfig, harvest
-    from saeguard.evals import EvalConfig, run_eval
-    from saeguard.ood import Monitor, run_benchmark
-    from saeguard.planning import retarget_training
-    from saeguard.train import TrainJobConfig, run_training
+    from saeguard.jobs.eval import EvalConfig, run_eval
+    from saeguard.jobs.harvest import HarvestConfig, harvest
+    from saeguard.jobs.ood import run_benchmark
+    from saeguard.jobs.planning import retarget_training
+    from saeguard.jobs.train import TrainJobConfig, run_training
+    from saeguard.ood import Monitor
 
     out = Path(cfg.out)
     claim_output_directory(out, "run", index=("run.json",))
@@ -224,7 +226,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     log.info("step 3/6: evaluate the SAE (core metrics, CE loss recovered)")
     start = time.perf_counter()
-    run_eval(sae_dir, eval_cfg)  # resumes per eval by itself
+    evaluation = run_eval(sae_dir, eval_cfg)  # resumes per eval by itself
     step("eval", weights).record(seconds=time.perf_counter() - start)
 
     log.info("step 4/6: fit the OOD monitor and calibrate it on held-out ID text")
@@ -243,17 +245,33 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     step("benchmark", bench_sig).record(seconds=time.perf_counter() - start)
 
     log.info("step 6/6: write the report")
-    from saeguard.report.run_report import write_run_report
-
     state["wall_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     state["step_seconds_total"] = round(
         sum(state["steps"].get(step, {}).get("seconds", 0.0) for step in STEPS), 1
     )
-    index = write_run_report(out, state, document)
+    curve = training_curve(sae_dir / "metrics.jsonl")
+    index = write_run_report(out, state, document, evaluation, curve)
     state["report"] = str(index)
     atomic_write_json(state_path, state)
     log.info("done: open %s", index)
     return state
+
+
+def training_curve(metrics_path: Path) -> list[tuple[int, float]]:
+    """(activations seen, training FVU) of each line of a training's metrics.jsonl (a torn
+    last line, written when a kill interrupted it, is skipped)."""
+    if not metrics_path.is_file():
+        return []
+    curve = []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        value = next((v for k, v in row.items() if k.endswith("/fvu")), None)
+        if value is not None:
+            curve.append((int(row["tokens"]), float(value)))
+    return curve
 
 
 def _plan_inputs(cfg: RunConfig) -> dict[str, Any]:
@@ -281,7 +299,7 @@ def _plan_inputs(cfg: RunConfig) -> dict[str, Any]:
 
 def _make_plan(cfg: RunConfig) -> dict[str, Any]:
     """Measure this machine, then size the job to the budget (``throughput`` included)."""
-    from saeguard.planning import measure, plan_run
+    from saeguard.jobs.planning import measure, plan_run
 
     rates = measure(
         cfg.model, cfg.hook, cfg.corpus, cfg.expansion, cfg.k, contexts=8 if cfg.quick else 32

@@ -24,7 +24,7 @@ import jsonschema
 from saeguard import __version__
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import DEFAULT_SHIFTS, ShiftSet, build_shift, id_split_texts
-from saeguard.errors import ConfigError, CorruptFileError
+from saeguard.errors import ConfigError
 from saeguard.fileio import (
     atomic_write_json,
     atomic_write_text,
@@ -36,7 +36,7 @@ from saeguard.ood.metrics import bootstrap_detection, proportion_ci, score_value
 from saeguard.ood.monitor import Monitor
 from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
 from saeguard.ood.storage import MONITOR_FILE
-from saeguard.report.html import with_interval
+from saeguard.report.ood_report import markdown_tables, write_ood_report
 from saeguard.steps import Step
 
 log = logging.getLogger(__name__)
@@ -202,10 +202,8 @@ def run_benchmark(
     atomic_write_text(out / "ood_benchmark.md", markdown_tables(document))
     examples = _explained_examples(monitor, cfg, scored, id_texts, id_rows, deployed)
     atomic_write_json(out / "examples.json", examples)
-    from saeguard.report.ood_report import write_ood_report
-
     raw = {name: (rows, negs) for name, (_, rows, negs) in scored.items()}
-    write_ood_report(out, document, raw, examples, monitor)
+    write_ood_report(out, document, raw, examples, n_id_tokens=monitor.stats.n_tokens)
     return document
 
 
@@ -259,47 +257,3 @@ def _explained_examples(
 
 def _example(shift: str, text: str, result: TextScore) -> dict[str, Any]:
     return {"shift": shift, "text": text, **result.to_json()}
-
-
-def markdown_tables(document: dict[str, Any]) -> str:
-    """AUROC and FPR@95 tables (shift rows, score columns) with 95% intervals."""
-    names = document["scores"]
-    lines = []
-    cal = document["calibration"]
-    lines.append(
-        f"Monitor flag: `{cal['flag_score']}` > {cal['threshold']:.4g}, calibrated for "
-        f"{cal['target_fpr']:.0%} FPR on {cal.get('n_texts')} held-out ID texts; measured FPR "
-        f"{cal['measured_fpr']:.3f} [{cal['measured_fpr_ci95'][0]:.3f}, "
-        f"{cal['measured_fpr_ci95'][1]:.3f}] on {cal['measured_on']}.\n"
-    )
-    for metric, title in (
-        ("auroc", "AUROC (higher is better)"),
-        ("fpr95", "FPR at 95% TPR (lower is better)"),
-    ):
-        lines.append(f"### {title}\n")
-        lines.append("| shift | " + " | ".join(names) + " |")
-        lines.append("|---|" + "---|" * len(names))
-        for shift, row in document["shifts"].items():
-            cells = []
-            values = {n: row["scores"][n][metric] for n in names}
-            best = max(values.values()) if metric == "auroc" else min(values.values())
-            for n in names:
-                cell = row["scores"][n]
-                text = with_interval(cell[metric], cell[f"{metric}_ci95"])
-                cells.append(f"**{text}**" if values[n] == best else text)
-            lines.append(f"| {shift} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def load_benchmark(out: str | Path) -> dict[str, Any]:
-    """A finished benchmark's ``ood_benchmark.json``, checked against its schema."""
-    path = Path(out) / RESULT_FILE
-    try:
-        document: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        jsonschema.validate(document, json.loads(SCHEMA.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, jsonschema.ValidationError) as exc:
-        raise CorruptFileError(
-            f"{path} is missing or invalid ({exc}); re-run the benchmark"
-        ) from exc
-    return document

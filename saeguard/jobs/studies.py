@@ -28,8 +28,9 @@ from saeguard.evals.ce import CEConfig
 from saeguard.evals.core import CoreConfig
 from saeguard.evals.probing import ProbingConfig
 from saeguard.evals.results import BOOTSTRAP_RESAMPLES, statistic_of
-from saeguard.evals.runner import EvalConfig, run_eval
 from saeguard.fileio import atomic_write_json, atomic_write_text, claim_output_directory
+from saeguard.jobs.eval import EvalConfig, run_eval
+from saeguard.report.study_report import render_markdown, write_study_report
 from saeguard.sae.io import load_sae
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class MaskingStudyConfig:
 
 def _training_job(cfg: MaskingStudyConfig, p: float) -> Any:
     """The training run of one mask probability: every (k, seed) SAE from one stream."""
-    from saeguard.train import TrainJobConfig
+    from saeguard.jobs.train import TrainJobConfig
 
     return TrainJobConfig(
         model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, split="train",
@@ -134,7 +135,7 @@ def _sae_dirs(cfg: MaskingStudyConfig) -> list[tuple[float, int, int, Path]]:
 
 def train_all(cfg: MaskingStudyConfig) -> None:
     """One training pass per mask probability (resumes; finished runs return at once)."""
-    from saeguard.train import run_training
+    from saeguard.jobs.train import run_training
 
     for p in cfg.mask_probs:
         job = _training_job(cfg, p)
@@ -228,42 +229,6 @@ def summarise(cfg: MaskingStudyConfig) -> dict[str, Any]:
     return table
 
 
-def _cell(entry: dict[str, Any] | None, show_delta: bool) -> str:
-    if entry is None:
-        return "—"
-    text = f"{entry['mean']:.3f}"
-    if "ci95" in entry:
-        text += f" [{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"
-    if show_delta and "delta" in entry:
-        low, high = entry["delta_ci95"]
-        star = "*" if low > 0 or high < 0 else ""
-        text += f"<br>Δ {entry['delta']:+.3f} [{low:+.3f}, {high:+.3f}]{star}"
-    return text
-
-
-def render_markdown(cfg: MaskingStudyConfig, table: dict[str, Any], finding: str) -> str:
-    headers = ["SAE", *[label for _, label, _ in STUDY_METRICS]]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for name, row in table.items():
-        cells = [_cell(row[m], True) for m, _, _ in STUDY_METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    settings = (
-        f"{cfg.model} `{cfg.hook}`, corpus {cfg.corpus}; TopK, expansion {cfg.expansion}, "
-        f"{cfg.tokens:,} training activations per SAE, {cfg.seeds} seed(s) per cell"
-        + (" (**--quick**: smoke-test scale, not evidence)" if cfg.quick else "")
-    )
-    return (
-        "# Masking study: masked regularization vs baseline\n\n"
-        f"{settings}.\n\n"
-        "Each cell: mean over seeds [bootstrap 95% interval over evaluation units]; "
-        "Δ: difference from p=0 at the same k, paired bootstrap 95% interval "
-        "(* : excludes 0). Seeds differ only in initialisation, so the intervals cover "
-        "evaluation noise, not training noise.\n\n"
-        + "\n".join(lines)
-        + f"\n\n**Finding.** {finding}\n"
-    )
-
-
 def describe_finding(table: dict[str, Any], cfg: MaskingStudyConfig) -> str:
     """One plain sentence per claim, from the Δ intervals (no claim without an interval)."""
     verdicts = []
@@ -307,9 +272,8 @@ def run_study(cfg: MaskingStudyConfig) -> dict[str, Any]:
     finding = describe_finding(table, cfg)
     document = {"config": config_to_dict(cfg), "table": table, "finding": finding}
     atomic_write_json(out / "study.json", document)
-    markdown = render_markdown(cfg, table, finding)
+    markdown = render_markdown(cfg, table, finding, STUDY_METRICS)
     atomic_write_text(out / "study.md", markdown)
-    from saeguard.report.study_report import write_study_report
 
-    write_study_report(cfg, table, finding, out / "study.html")
+    write_study_report(cfg, table, finding, out / "study.html", STUDY_METRICS)
     return document

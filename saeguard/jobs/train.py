@@ -10,8 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from saeguard import __version__
 from saeguard.activations import (
     ActivationSourceConfig,
@@ -31,8 +29,8 @@ from saeguard.sae import (
     create_sae,
     make_sae_config,
 )
-from saeguard.sae.base import normalized_mse
 from saeguard.sae.config import SAELossSettings
+from saeguard.train.evaluate import evaluate_reconstruction, held_out_activations
 from saeguard.train.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -216,46 +214,3 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
 
 def _cache_hooks(job: TrainJobConfig) -> list[str]:
     return ActivationCache.open(job.acts).hooks
-
-
-def held_out_activations(
-    job: ActivationSourceConfig,
-    hook: str,
-    tokens: int,
-    median_norms: dict[str, float] | None = None,
-) -> torch.Tensor | None:
-    """``tokens`` activations of the validation split, unmasked, with the job's source rules
-    (and, when given, the outlier thresholds recorded at training time)."""
-    if tokens <= 0:
-        return None
-    cfg = ActivationSourceConfig(
-        **{
-            **{f.name: getattr(job, f.name) for f in dataclasses.fields(ActivationSourceConfig)},
-            "split": "validation",
-            "mask_prob": 0.0,
-            "hooks": [hook],
-        }
-    )
-    chunks, total = [], 0
-    for chunk in ModelActivationSource(cfg, hook=hook, median_norms=median_norms):
-        chunks.append(chunk)
-        total += len(chunk)
-        if total >= tokens:
-            break
-    return torch.cat(chunks)[:tokens]
-
-
-@torch.no_grad()
-def evaluate_reconstruction(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, float]:
-    """FVU over the whole set, mean L0 and the fraction of latents never active on it."""
-    f = torch.cat([sae.encode(chunk) for chunk in x.split(4096)])
-    x_hat = torch.cat([sae.decode(chunk) for chunk in f.split(4096)])
-    fvu = float(normalized_mse(x, x_hat))
-    active = f != 0
-    return {
-        "fvu": fvu,
-        "explained_variance": 1 - fvu,
-        "l0": float(active.sum(-1).float().mean()),
-        "dead_frac": float((~active.any(0)).float().mean()),
-        "tokens": len(x),
-    }
