@@ -174,7 +174,10 @@ def add_config_arguments(
             kwargs["default"] = argparse.SUPPRESS  # unset: the parent config's default stands
         if spec.dest in positional:
             kwargs.pop("dest")
-            if not spec.required:
+            if kwargs.get("action") is _ExtendSplitAction:  # a list: one or more words
+                nargs = "+" if spec.required else "*"
+                kwargs = {k: kwargs[k] for k in ("help", "type", "metavar")} | {"nargs": nargs}
+            elif not spec.required:
                 kwargs["nargs"] = "?"
             target.add_argument(spec.dest, **kwargs)
             continue

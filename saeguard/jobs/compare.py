@@ -8,6 +8,7 @@ An interval that excludes 0 is marked with ``*``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,19 @@ def compare(directories: list[str], out: str = "", metrics: str = "", seed: int 
     if out:
         claim_output_directory(Path(out), "compare", index=("compare.md",))
     return render_comparison(headers, rows, Path(out) if out else None)
+
+
+@dataclass(kw_only=True)
+class CompareConfig:
+    """`saeguard compare`: which evaluated SAEs, and what to show."""
+
+    directories: list[str]
+    """SAE (or eval output) directories with eval.json."""
+    out: str = ""
+    """Directory for compare.html and compare.md (empty: none)."""
+    metrics: str = ""
+    """Comma-separated metric names to show (empty: all)."""
+    markdown: bool = False
+    """Also print the markdown table."""
+    seed: int = 0
+    """Seed of the bootstrap."""

@@ -249,3 +249,13 @@ def load_eval(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 __all__ = ["EVALS", "EvalConfig", "config_to_dict", "load_eval", "run_eval"]
+
+
+@dataclass(kw_only=True)
+class EvalJobConfig:
+    """`saeguard eval`: which SAE, and what is measured."""
+
+    sae_dir: str
+    """Directory holding cfg.json + sae_weights.safetensors."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """What is measured and on how much text."""

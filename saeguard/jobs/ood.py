@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 
@@ -28,14 +28,16 @@ from saeguard.errors import ConfigError
 from saeguard.fileio import (
     atomic_write_json,
     atomic_write_text,
+    check_output_directory,
     claim_output_directory,
     sha256_file,
 )
+from saeguard.ood.config import MonitorConfig
 from saeguard.ood.explain import TextScore
 from saeguard.ood.metrics import bootstrap_detection, proportion_ci, score_values
 from saeguard.ood.monitor import Monitor
 from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
-from saeguard.ood.storage import MONITOR_FILE
+from saeguard.ood.storage import MONITOR_ENTRIES, MONITOR_FILE
 from saeguard.report.ood_report import markdown_tables, write_ood_report
 from saeguard.steps import Step
 
@@ -257,3 +259,71 @@ def _explained_examples(
 
 def _example(shift: str, text: str, result: TextScore) -> dict[str, Any]:
     return {"shift": shift, "text": text, **result.to_json()}
+
+
+@dataclass(kw_only=True)
+class OodFitConfig:
+    """`saeguard ood fit`: which SAE, where the monitor goes, and how it is fitted."""
+
+    sae_dir: str
+    """SAE directory (cfg.json + sae_weights.safetensors)."""
+    out: str
+    """Monitor directory to write."""
+    model: str = ""
+    """Model (empty: the one in the SAE's cfg.json)."""
+    corpus: str = ""
+    """ID corpus (empty: the SAE's training corpus)."""
+    calibrate: bool = True
+    """Calibrate thresholds on the corpus's validation split."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """How the monitor is fitted and calibrated."""
+
+
+def fit_monitor(cfg: OodFitConfig) -> Monitor:
+    """Fit (and calibrate) a monitor and save it to ``cfg.out``; a foreign --out is refused
+    before the work, not after."""
+    check_output_directory(Path(cfg.out), MONITOR_ENTRIES)
+    monitor = Monitor.fit(cfg.sae_dir, cfg.monitor, model=cfg.model, corpus=cfg.corpus)
+    if cfg.calibrate:
+        monitor.calibrate(corpus=cfg.corpus)
+    monitor.save(cfg.out)
+    return monitor
+
+
+@dataclass(kw_only=True)
+class OodScoreConfig:
+    """`saeguard ood score`: the texts and the monitor that scores them."""
+
+    texts: list[str] = field(default_factory=list)
+    """Texts to score (default: read --file or stdin)."""
+    monitor: str
+    """Monitor directory from `saeguard ood fit`."""
+    file: str = ""
+    """Read texts from this file ('-' or empty: stdin)."""
+    input_format: Literal["lines", "jsonl", "whole"] = "lines"
+    """lines: one text per line; jsonl: objects with a 'text' field; whole: one text."""
+    model: str = ""
+    """Model (empty: the one the monitor was fitted on)."""
+    adapter: str = ""
+    """LoRA adapter directory from `saeguard robustify`, merged into the model first."""
+    with_lm: bool = False
+    """Also compute the LM baselines (full forward)."""
+    explain: bool = True
+    """Explain flagged texts."""
+    explain_all: bool = False
+    """Explain every text, flagged or not."""
+
+    def __post_init__(self) -> None:
+        validate_literals(self)
+
+
+@dataclass(kw_only=True)
+class OodBenchmarkJobConfig:
+    """`saeguard ood benchmark`: which monitor, where the results go, and what is scored."""
+
+    monitor: str
+    """Monitor directory from `saeguard ood fit`."""
+    out: str
+    """Directory for the results and reports."""
+    benchmark: OodBenchmarkConfig = field(default_factory=OodBenchmarkConfig)
+    """What is scored, on how much text."""
