@@ -26,6 +26,7 @@ from saeguard.data import (
     select_split,
 )
 from saeguard.data.tokenize import PackingSpec
+from saeguard.defaults import DEFAULT_CORPUS, DEFAULT_HOOK, DEFAULT_MODEL
 from saeguard.errors import ConfigError
 from saeguard.models import HookPoint, LoadedModel, load_model, run_to_hooks
 
@@ -38,11 +39,11 @@ DType = Literal["float32", "bfloat16", "float16"]
 class ActivationSourceConfig:
     """Where activations come from: model, hook points, corpus and exclusion rules."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     """Model: embedded name (smollm2-135m, gemma3-270m), Hugging Face id or local directory."""
-    hooks: list[str] = field(default_factory=lambda: ["resid_post.15"])
+    hooks: list[str] = field(default_factory=lambda: [DEFAULT_HOOK])
     """Hook points to read, e.g. resid_post.15 (repeat the flag or separate with commas)."""
-    corpus: str = "wiki-en"
+    corpus: str = DEFAULT_CORPUS
     """Corpus: a registered name (see `saeguard corpora`), a .txt/.jsonl/.csv file or hf:DATASET."""
     split: Literal["train", "validation", "test", "all"] = "train"
     """Document split to read; splits are fixed by a seeded hash of each document's text."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from saeguard.activations.source import ActivationSourceConfig, PreparedSource, prepare
+from saeguard.defaults import DEFAULT_CORPUS
 from saeguard.errors import ConfigError
 from saeguard.models.loading import LoadedModel
 from saeguard.sae.base import SparseAutoencoder
@@ -79,7 +80,7 @@ def load_subject(
     cfg = ActivationSourceConfig(
         model=model_name,
         hooks=[hook],
-        corpus=corpus or str(meta.get("corpus") or "wiki-en"),
+        corpus=corpus or str(meta.get("corpus") or DEFAULT_CORPUS),
         split=split,  # type: ignore[arg-type]
         ctx_len=int(meta.get("ctx_len") or 128),
         prepend_bos=bool(meta.get("prepend_bos", True)),

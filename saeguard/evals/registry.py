@@ -56,38 +56,26 @@ def _effective(subject: EvalSubject, _cfg: Any, shared: dict[str, Any]) -> Outco
     return run_effective(shared["abs_per_context"], d_in, shared["seed"]), {}
 
 
+def _plain(run: Callable[[EvalSubject, Any], Outcome]) -> RunEval:
+    """An eval that needs nothing from the others."""
+    return lambda subject, cfg, _shared: run(subject, cfg)
+
+
 EVAL_SPECS: dict[str, EvalSpec] = {
     spec.name: spec
     for spec in (
         EvalSpec(name="core", settings="core", run=_core, version=CORE_VERSION),
-        EvalSpec(name="ce", settings="ce", run=lambda s, c, _: run_ce(s, c), version=CE_VERSION),
-        EvalSpec(
-            name="absorption",
-            settings="absorption",
-            version=ABSORPTION_VERSION,
-            run=lambda s, c, _: run_absorption(s, c),
-        ),
-        EvalSpec(
-            name="probing",
-            settings="probing",
-            version=PROBING_VERSION,
-            run=lambda s, c, _: run_probing(s, c),
-        ),
-        EvalSpec(
-            name="ood_probing",
-            settings="ood_probing",
-            version=OOD_PROBING_VERSION,
-            run=lambda s, c, _: run_ood_probing(s, c),
-        ),
-        EvalSpec(
-            name="effective",
-            settings="core",
-            run=_effective,
-            version=EFFECTIVE_VERSION,
-            needs=("core",),
-        ),
-    )  # fmt: skip
-}
+        EvalSpec(name="ce", settings="ce", run=_plain(run_ce), version=CE_VERSION),
+        EvalSpec(name="absorption", settings="absorption", run=_plain(run_absorption),
+                 version=ABSORPTION_VERSION),
+        EvalSpec(name="probing", settings="probing", run=_plain(run_probing),
+                 version=PROBING_VERSION),
+        EvalSpec(name="ood_probing", settings="ood_probing", run=_plain(run_ood_probing),
+                 version=OOD_PROBING_VERSION),
+        EvalSpec(name="effective", settings="core", run=_effective, version=EFFECTIVE_VERSION,
+                 needs=("core",)),
+    )
+}  # fmt: skip
 """Every eval, in the order they run and are listed."""
 
 EVALS = tuple(EVAL_SPECS)

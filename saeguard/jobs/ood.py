@@ -24,6 +24,7 @@ import jsonschema
 from saeguard import __version__
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import DEFAULT_SHIFTS, ShiftSet, build_shift, id_split_texts
+from saeguard.defaults import DEFAULT_CORPUS
 from saeguard.errors import ConfigError
 from saeguard.fileio import (
     atomic_write_json,
@@ -133,7 +134,7 @@ def run_benchmark(
             f"the monitor in {monitor_dir} is not calibrated; run `saeguard ood fit` (it "
             "calibrates) or Monitor.calibrate() first"
         )
-    corpus = str(monitor.sae_metadata.get("corpus") or "wiki-en")
+    corpus = str(monitor.sae_metadata.get("corpus") or DEFAULT_CORPUS)
     id_texts = id_split_texts(corpus, "test", cfg.id_texts, cfg.seed)
     shift_sets = [build_shift(name, id_texts, cfg.per_shift, cfg.seed) for name in cfg.shifts]
     id_rows = _score_set(monitor, monitor_dir, out, cfg, "id", id_texts)

@@ -36,6 +36,7 @@ from saeguard import __version__
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import id_split_texts
 from saeguard.data.tokenize import tokenize_documents
+from saeguard.defaults import DEFAULT_CORPUS, DEFAULT_MODEL
 from saeguard.errors import ConfigError
 from saeguard.fileio import (
     atomic_path,
@@ -76,7 +77,7 @@ class RobustifyConfig(LoraSettings):
 
     out: str = "runs/robustify"
     """Output directory (robust/adapter, before.json, after_*.json, robustify.json and .html)."""
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     """Base model: an embedded name, a Hugging Face id or a local directory."""
     sae: str = "runs/default/sae"
     """SAE directory whose latents are kept steady (from `saeguard train` or `saeguard run`)."""
@@ -193,7 +194,7 @@ class _Run:
                 f"the monitor in {self.monitor_dir} is not calibrated; fit it with "
                 "`saeguard ood fit` (which calibrates) or leave --monitor empty"
             )
-        self.corpus = str(self.monitor.sae_metadata.get("corpus") or "wiki-en")
+        self.corpus = str(self.monitor.sae_metadata.get("corpus") or DEFAULT_CORPUS)
         self.pairs: HeldOutPairs = held_out_pairs(
             self.corpus, cfg.shift, cfg.eval_per_class, cfg.seed,
             cfg.capability_corpus, cfg.capability_texts,

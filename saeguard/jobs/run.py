@@ -29,6 +29,7 @@ from saeguard.configs import validate_literals
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory, sha256_file
 from saeguard.jobs.ood import OodBenchmarkConfig
+from saeguard.jobs.target import TargetConfig
 from saeguard.ood.config import MonitorConfig
 from saeguard.report.run_report import write_run_report
 from saeguard.steps import Step
@@ -40,17 +41,11 @@ STEPS = ("plan", "harvest", "train", "eval", "monitor", "benchmark", "report")
 
 
 @dataclass(kw_only=True)
-class RunConfig:
+class RunConfig(TargetConfig):
     """The main job on one model, hook and ID corpus (defaults: the embedded SmolLM2 + wiki-en)."""
 
     out: str = "runs/default"
     """Directory for every step's output and index.html."""
-    model: str = "smollm2-135m"
-    """Model: an embedded name, a Hugging Face id or a local directory."""
-    hook: str = "resid_post.15"
-    """Hook point the SAE reads."""
-    corpus: str = "wiki-en"
-    """ID corpus (train split: SAE and monitor; validation: calibration; test: evaluation)."""
     time_budget: float = 30.0
     """Minutes for the whole job: the first minute measures this machine and sizes the harvest,
     the training and the text counts to fit (see docs/training.md)."""

@@ -30,6 +30,7 @@ from saeguard.evals.probing import ProbingConfig
 from saeguard.evals.results import BOOTSTRAP_RESAMPLES, statistic_of
 from saeguard.fileio import atomic_write_json, atomic_write_text, claim_output_directory
 from saeguard.jobs.eval import EvalConfig, run_eval
+from saeguard.jobs.target import TargetConfig
 from saeguard.report.study_report import render_markdown, write_study_report
 from saeguard.sae.io import load_sae
 
@@ -48,17 +49,11 @@ STUDY_METRICS = (
 
 
 @dataclass(kw_only=True)
-class MaskingStudyConfig:
+class MaskingStudyConfig(TargetConfig):
     """The masking study: which SAEs to train, on how much data, and how to evaluate them."""
 
     out: str = "runs/study_masking"
     """Directory for the SAEs, their evaluations, study.md, study.html and study.json."""
-    model: str = "smollm2-135m"
-    """Model whose activations the SAEs read."""
-    hook: str = "resid_post.15"
-    """Hook point."""
-    corpus: str = "wiki-en"
-    """Training corpus (its train split); evaluation reads held-out splits."""
     mask_probs: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
     """Mask probabilities; 0 (the baseline) must be among them."""
     ks: list[int] = field(default_factory=lambda: [16, 64])

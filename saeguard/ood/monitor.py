@@ -18,6 +18,7 @@ import torch
 from saeguard.activations.exclusion import ExclusionRules
 from saeguard.activations.subject import load_subject
 from saeguard.data.shifts import id_split_texts
+from saeguard.defaults import DEFAULT_CORPUS
 from saeguard.errors import ConfigError
 from saeguard.models.loading import LoadedModel
 from saeguard.ood.analysis import TextAnalysis, analyse
@@ -89,7 +90,7 @@ class Monitor:
         cfg = cfg or MonitorConfig()
         subject = load_subject(sae_dir, model=model, corpus=corpus, split="train", loaded=loaded)
         meta = subject.metadata
-        corpus_name = corpus or str(meta.get("corpus") or "wiki-en")
+        corpus_name = corpus or str(meta.get("corpus") or DEFAULT_CORPUS)
         if texts is None:
             texts = id_split_texts(corpus_name, "train", cfg.fit_texts, cfg.seed)
         texts = [t for t in texts if t.strip()]
@@ -257,7 +258,7 @@ class Monitor:
         fpr = self.target_fpr if target_fpr is None else target_fpr
         if not 0 < fpr < 0.5:
             raise ConfigError(f"target FPR must lie in (0, 0.5), got {fpr}")
-        corpus_name = corpus or str(self.sae_metadata.get("corpus") or "wiki-en")
+        corpus_name = corpus or str(self.sae_metadata.get("corpus") or DEFAULT_CORPUS)
         source = "given texts"
         if texts is None:
             texts = id_split_texts(
@@ -317,18 +318,18 @@ class Monitor:
         with that adapter merged in, judged against the base model's statistics."""
         stored = load_monitor(directory, loaded, model, adapter)
         monitor = cls(
-            stored.sae,
-            stored.sae_metadata,
-            stored.loaded,
-            stored.cfg,
-            stored.stats,
-            stored.rules,
-            stored.ctx_len,
-            stored.prepend_bos,
-            stored.reference,
-            stored.model_info,
+            stored["sae"],
+            stored["sae_metadata"],
+            stored["loaded"],
+            stored["cfg"],
+            stored["stats"],
+            stored["rules"],
+            stored["ctx_len"],
+            stored["prepend_bos"],
+            stored["reference"],
+            stored["model_info"],
         )
-        monitor.thresholds = stored.thresholds
-        monitor.calibration = stored.calibration
-        monitor.calibration_scores = stored.calibration_scores
+        monitor.thresholds = stored["thresholds"]
+        monitor.calibration = stored["calibration"]
+        monitor.calibration_scores = stored["calibration_scores"]
         return monitor

