@@ -264,7 +264,7 @@ def run_absorption(
     subject: Any, cfg: AbsorptionConfig
 ) -> tuple[list[MetricResult], dict[str, Any]]:
     """Absorption of the subject's SAE, words drawn from its model's vocabulary."""
-    from saeguard.activations.documents import iter_document_activations
+    from saeguard.activations.reader import run_contexts
 
     key = ("absorption", cfg.words, cfg.icl_examples, cfg.seed)
     if key not in subject.memo:  # model activations are shared by the SAEs of a study
@@ -273,11 +273,9 @@ def run_absorption(
         start_id = subject.source.spec.start_id
         prompts = word_prompts(tokenizer, words, cfg.icl_examples, cfg.seed, start_id)
         acts = torch.zeros(len(prompts), subject.sae.cfg.d_in)
-        for batch in iter_document_activations(
-            subject.loaded, subject.hook, prompts, subject.source.rules, 32, "absorption: words"
-        ):
-            length = len(prompts[batch.first_index])
-            acts[batch.first_index] = batch.acts[0, length - 1]
+        for result in run_contexts(subject.loaded, subject.hook, subject.source.rules, prompts,
+                                   32, progress="absorption: words"):  # fmt: skip
+            acts[result.index] = result.acts[-1]  # the word's last token
         subject.memo[key] = (words, acts)
     words, acts = subject.memo[key]
     letters = np.array([letter_of(w) for w, _ in words])

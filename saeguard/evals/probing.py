@@ -76,7 +76,7 @@ def pooled_features(
     The model's kept activations per text are memoised on the subject, so other SAEs of the
     same study only pay for their own encoding.
     """
-    from saeguard.activations.documents import kept_document_activations
+    from saeguard.activations.reader import kept_document_activations
 
     def key(text: str) -> tuple[str, str, str]:
         return (

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from saeguard.activations.reader import TextActivations
 from saeguard.ood.analysis import TextAnalysis
-from saeguard.ood.reader import TextActivations
 from saeguard.ood.stats import IDStats
 
 

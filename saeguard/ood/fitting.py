@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from saeguard.activations.reader import ActivationReader, ReadFailure, TextActivations
 from saeguard.ood.config import MonitorConfig
-from saeguard.ood.reader import ActivationReader, ReadFailure, TextActivations
 from saeguard.ood.scores import reconstruct, relative_error, sparse_codes
 from saeguard.ood.stats import IDStats, StatsAccumulator
 from saeguard.sae.base import SparseAutoencoder

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from saeguard.activations.exclusion import ExclusionRules
+from saeguard.activations.reader import ActivationReader, Keep, ReadFailure, TextActivations
 from saeguard.activations.subject import load_subject
 from saeguard.data.shifts import id_split_texts
 from saeguard.defaults import DEFAULT_CORPUS
@@ -31,7 +32,6 @@ from saeguard.ood.explain import (
     top_id_contexts,
 )
 from saeguard.ood.fitting import fit_stats
-from saeguard.ood.reader import ActivationReader, Keep, ReadFailure, TextActivations
 from saeguard.ood.scores import ENERGY_COMPONENTS, LM_BASELINES
 from saeguard.ood.stats import IDStats
 from saeguard.ood.storage import load_monitor, model_identity, monitor_document, save_monitor

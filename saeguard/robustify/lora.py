@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from saeguard.activations.documents import pad_contexts
 from saeguard.activations.exclusion import ExclusionRules
+from saeguard.activations.reader import pad_contexts
 from saeguard.errors import ConfigError, MissingPackageError
 from saeguard.models.hooks import HookPoint, run_to_hooks
 from saeguard.sae.base import SparseAutoencoder

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from saeguard.activations.reader import ReadFailure
 from saeguard.data.corpora import load_corpus
 from saeguard.data.perturb import add_typos, parse_shift
 from saeguard.data.splits import Document, select_split
@@ -31,7 +32,6 @@ from saeguard.errors import ConfigError, CorpusError
 from saeguard.evals.datasets import sample_per_class
 from saeguard.ood.metrics import BOOTSTRAP_RESAMPLES, rank_auroc
 from saeguard.ood.monitor import Monitor
-from saeguard.ood.reader import ReadFailure
 
 if TYPE_CHECKING:  # scikit-learn loads lazily: the CLI starts without it
     from sklearn.pipeline import Pipeline

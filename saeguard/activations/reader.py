@@ -1,13 +1,19 @@
-"""Turn texts into the activations the monitor scores: windowing, the forward pass, exclusions.
+"""The one reader from text to activations: tokens -> contexts -> the forward pass to a hook ->
+the exclusion rules, for every consumer of whole texts (the OOD monitor, probing, absorption).
 
-Every text is scored as the model reads it: a start token, then the text's tokens. A text longer
+Every text is read as the model reads it: a start token, then the text's tokens. A text longer
 than the context is cut into consecutive windows of ``ctx_len - 1`` tokens, each with its own
-start token, and its scores pool over every window (documented behaviour for long text; at most
-``max_windows`` windows, the rest is dropped and the result says so). Positions the SAE never
-saw in training (special tokens, attention-sink outliers) are excluded, as in training.
+start token (at most ``max_windows``, the rest dropped and marked truncated); with
+``max_windows=1`` this is "one context per document", its head or its tail. Contexts are run in
+batches of similar length, right-padded (with a causal model padding never changes earlier
+positions; padded positions are dropped). Positions the SAE never saw in training (special
+tokens, attention-sink outliers) are excluded, as in training; a text whose every position is
+excluded falls back to its real positions after the start token, so it still has rows.
 
 With ``with_lm`` the full model runs once and the LM baselines (max-softmax, predictive entropy,
 perplexity of the text's own next tokens) are read from the same pass as the hook activations.
+The packed training stream is :mod:`saeguard.activations.source`: it packs many documents into
+each context, the one thing this reader does not do.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from saeguard.activations.documents import pad_contexts
 from saeguard.activations.exclusion import ExclusionRules
 from saeguard.data.tokenize import packing_spec, tokenize_documents
-from saeguard.models.hooks import capture_hooks, run_to_hooks
+from saeguard.errors import CorpusError
+from saeguard.models.hooks import HookPoint, capture_hooks, run_to_hooks
 from saeguard.models.loading import LoadedModel
 
 Keep = Literal["head", "tail"]
@@ -55,6 +61,72 @@ class ReadFailure:
     """A text that cannot be scored, and why (the batch goes on without it)."""
 
     message: str
+
+
+def pad_contexts(contexts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids [batch, width] and the mask of their real positions."""
+    width = max(len(c) for c in contexts)
+    tokens = torch.full((len(contexts), width), pad, dtype=torch.long)
+    real = torch.zeros(len(contexts), width, dtype=torch.bool)
+    for r, context in enumerate(contexts):
+        tokens[r, : len(context)] = torch.tensor(list(context), dtype=torch.long)
+        real[r, : len(context)] = True
+    return tokens, real
+
+
+@dataclass
+class ContextResult:
+    """The activations of one context at the hook, and which positions to keep."""
+
+    index: int
+    """Position of the context in the input list."""
+    acts: torch.Tensor
+    """[n, d] float32 activations, one row per token of the context."""
+    keep: torch.Tensor
+    """[n] bool: positions the exclusion rules keep."""
+    logits: torch.Tensor | None
+    """[n, vocab] next-token logits when the full model ran."""
+
+
+def run_contexts(
+    loaded: LoadedModel,
+    hook: str,
+    rules: ExclusionRules,
+    contexts: Sequence[list[int]],
+    batch_size: int = 16,
+    with_lm: bool = False,
+    progress: str | None = None,
+) -> Iterator[ContextResult]:
+    """Run the model to ``hook`` on token contexts, in batches of similar length (little
+    padding wasted); yields each context's result (not in input order)."""
+    point = loaded.hook_point(hook)
+    pad = rules.special_ids[0] if rules.special_ids else 0
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    bar = tqdm(total=len(contexts), desc=progress, unit="doc", disable=progress is None)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        tokens, real = pad_contexts([contexts[i] for i in rows], pad)
+        acts, logits = _forward(loaded, point, tokens.to(loaded.device), with_lm)
+        keep = rules.keep_mask(tokens, acts, hook) & real
+        for r, i in enumerate(rows):
+            n = len(contexts[i])
+            yield ContextResult(i, acts[r, :n], keep[r, :n],
+                                logits[r, :n] if logits is not None else None)  # fmt: skip
+        bar.update(len(rows))
+    bar.close()
+
+
+def _forward(
+    loaded: LoadedModel, point: HookPoint, tokens: torch.Tensor, with_lm: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Activations at the hook (the forward stops there) or, with ``with_lm``, also the logits."""
+    model = loaded.model
+    with torch.inference_mode():
+        if with_lm:
+            with capture_hooks(model, [point], stop_early=False) as store:
+                logits = model(input_ids=tokens, use_cache=False).logits
+            return store[point.name].float().cpu(), logits.float().cpu()
+        return run_to_hooks(model, tokens, [point])[point.name].float().cpu(), None
 
 
 class ActivationReader:
@@ -138,35 +210,18 @@ class ActivationReader:
 
     def _run_windows(self, windows: list[list[int]], with_lm: bool) -> list[WindowResult]:
         results: list[WindowResult | None] = [None] * len(windows)
-        order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
-        pad = self.rules.special_ids[0] if self.rules.special_ids else 0
         batch = max(1, self.batch_size // 2 if with_lm else self.batch_size)
-        for start in range(0, len(order), batch):
-            rows = order[start : start + batch]
-            tokens, real = pad_contexts([windows[i] for i in rows], pad)
-            acts, logits = self._forward(tokens.to(self.loaded.device), with_lm)
-            keep = self.rules.keep_mask(tokens, acts, self.hook) & real
-            for r, i in enumerate(rows):
-                n = len(windows[i])
-                kept = keep[r, :n]
-                if not kept.any():  # only special tokens: fall back to every real position
-                    kept = torch.ones(n, dtype=torch.bool)
-                    kept[0] = n == 1
-                positions = kept.nonzero().squeeze(1)
-                lm = _lm_sums(logits[r, :n], tokens[r, :n]) if logits is not None else None
-                results[i] = WindowResult(acts[r, positions], tokens[r, positions], positions, lm)
+        for res in run_contexts(self.loaded, self.hook, self.rules, windows, batch, with_lm):
+            n = len(windows[res.index])
+            kept = res.keep
+            if not kept.any():  # only special tokens: fall back to every real position
+                kept = torch.ones(n, dtype=torch.bool)
+                kept[0] = n == 1
+            positions = kept.nonzero().squeeze(1)
+            window = torch.tensor(windows[res.index], dtype=torch.long)
+            lm = _lm_sums(res.logits, window) if res.logits is not None else None
+            results[res.index] = WindowResult(res.acts[positions], window[positions], positions, lm)
         return [r for r in results if r is not None]
-
-    def _forward(
-        self, tokens: torch.Tensor, with_lm: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        model = self.loaded.model
-        with torch.inference_mode():
-            if with_lm:
-                with capture_hooks(model, [self.point], stop_early=False) as store:
-                    logits = model(input_ids=tokens, use_cache=False).logits
-                return store[self.hook].float().cpu(), logits.float().cpu()
-            return run_to_hooks(model, tokens, [self.point])[self.hook].float().cpu(), None
 
 
 @dataclass
@@ -214,3 +269,45 @@ def _assemble(
         else:  # a one-token text predicts nothing: neutral values, never NaN
             lm = {"msp": 0.0, "entropy": 0.0, "perplexity": 1.0}
     return TextActivations(acts, tokens, window, position, windows, truncated, lm)
+
+
+def encode_documents(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    ctx_len: int,
+    truncate: Literal["head", "tail"] = "head",
+    prepend_bos: bool = True,
+) -> list[list[int]]:
+    """Token ids of each text as one context (start token + at most ``ctx_len - 1`` tokens)."""
+    spec = packing_spec(loaded.tokenizer, ctx_len, prepend_bos)
+    room = ctx_len - (spec.start_id is not None)
+    out = []
+    for i, ids in enumerate(tokenize_documents(loaded.tokenizer, list(texts))):
+        if not ids:
+            raise CorpusError(f"text {i} is empty after tokenisation; remove it or give it words")
+        ids = ids[:room] if truncate == "head" else ids[-room:]
+        out.append(([spec.start_id] if spec.start_id is not None else []) + ids)
+    return out
+
+
+def kept_document_activations(
+    loaded: LoadedModel,
+    hook: str,
+    texts: Sequence[str],
+    rules: ExclusionRules,
+    ctx_len: int = 128,
+    truncate: Keep | str = "head",
+    batch_size: int = 16,
+    progress: str | None = None,
+) -> list[torch.Tensor]:
+    """Kept activations [n_i, d] of each text read as one context (its head or its tail), in
+    input order; an empty text is an error naming it."""
+    reader = ActivationReader(loaded, hook, rules, ctx_len, batch_size=batch_size)
+    keep: Keep = "tail" if truncate == "tail" else "head"
+    out: list[torch.Tensor] = []
+    for i, item in reader.read(texts, keep=keep, max_windows=1, progress=progress,
+                               chunk_texts=max(1, len(texts))):  # fmt: skip
+        if isinstance(item, ReadFailure):
+            raise CorpusError(f"text {i} is empty after tokenisation; remove it or give it words")
+        out.append(item.acts.clone())
+    return out
