@@ -41,7 +41,7 @@ VERSION = 2  # 2: projections f_i <W_dec,i, d>, balanced probe
 _WORD_TOKEN = re.compile(r"^ [a-z]{2,}$")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AbsorptionConfig:
     """Settings of the feature-absorption metric."""
 

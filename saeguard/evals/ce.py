@@ -27,7 +27,7 @@ from saeguard.models.hooks import capture_hooks, splice_hook
 VERSION = 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CEConfig:
     """Settings of CE loss / KL recovered."""
 

@@ -26,7 +26,7 @@ from saeguard.models.hooks import run_to_hooks
 VERSION = 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CoreConfig:
     """Settings of the core reconstruction metrics."""
 

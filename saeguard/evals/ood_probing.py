@@ -32,7 +32,7 @@ VERSION = 1
 SHIFTS = ("typos", "wiki-es", "wiki-fr")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OODProbingConfig:
     """Settings of OOD probing."""
 

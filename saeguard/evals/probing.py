@@ -27,7 +27,7 @@ VERSION = 1
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProbingConfig:
     """Settings of sparse probing."""
 

@@ -1,7 +1,8 @@
 """The one table of evals: name -> settings, run function, metric version, and what it needs.
 
 Adding a metric: write its module (a config dataclass, a ``VERSION`` and a run function), add
-one row here and one field for its config in :class:`saeguard.jobs.eval.EvalConfig`.
+one row here, one field for its config in :class:`saeguard.jobs.eval.EvalConfig`, and its name
+to the ``eval`` enum of ``saeguard/jobs/eval.schema.json`` (eval.json is validated on write).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ SCHEMA = Path(__file__).with_name("ood_benchmark.schema.json")
 RESULT_FILE = "ood_benchmark.json"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OodBenchmarkConfig:
     """What `saeguard ood benchmark` compares and on how much text."""
 

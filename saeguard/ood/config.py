@@ -13,7 +13,7 @@ from saeguard.errors import ConfigError
 from saeguard.ood.scores import ALL_SCORES
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MonitorConfig:
     """How a monitor is fitted and calibrated (`saeguard ood fit`)."""
 

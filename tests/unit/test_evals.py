@@ -299,3 +299,14 @@ def test_corrupt_eval_json_is_named(tmp_path: Path) -> None:
     (tmp_path / "eval.json").write_text('{"format": "saeguard-eval"')
     with pytest.raises(Exception, match="not a valid eval.json"):
         load_eval(tmp_path)
+
+
+def test_the_eval_schema_names_exactly_the_registered_evals() -> None:
+    """eval.schema.json is a published format, so it lists the eval names itself: it must list
+    exactly the registry's (a new metric fails here until the schema knows it)."""
+    from saeguard.evals import EVALS
+    from saeguard.jobs.eval import EVAL_SCHEMA
+
+    schema = json.loads(EVAL_SCHEMA.read_text(encoding="utf-8"))
+    metric = schema["properties"]["metrics"]["additionalProperties"]["properties"]
+    assert metric["eval"]["enum"] == list(EVALS)
