@@ -370,6 +370,12 @@ def check_schema(document: Any, schema_path: Path, source: Path, fix: str) -> No
         )
 
 
+def validate_document(document: Any, schema_path: Path) -> None:
+    """Check a document saeguard is about to write against its schema (a failure is a bug in
+    saeguard, so it raises ``jsonschema.ValidationError`` rather than a user-facing error)."""
+    _validator(str(schema_path)).validate(document)
+
+
 @functools.lru_cache(maxsize=16)
 def _validator(schema_path: str) -> Any:
     import jsonschema

@@ -7,15 +7,12 @@ false until all are done).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import jsonschema
 
 from saeguard import __version__
 from saeguard.activations.subject import EvalSubject, load_subject
@@ -27,7 +24,13 @@ from saeguard.evals.core import CoreConfig
 from saeguard.evals.ood_probing import OODProbingConfig
 from saeguard.evals.probing import ProbingConfig
 from saeguard.evals.registry import EVAL_SPECS, EVALS
-from saeguard.fileio import atomic_write_json, check_schema, claim_output_directory, read_json
+from saeguard.fileio import (
+    atomic_write_json,
+    check_schema,
+    claim_output_directory,
+    read_json,
+    validate_document,
+)
 from saeguard.steps import read_record, same_signature
 
 log = logging.getLogger(__name__)
@@ -208,7 +211,7 @@ def run_eval(
     document["timings_s"] = dict(
         sorted(document["timings_s"].items(), key=lambda kv: (rank.get(kv[0], 99), kv[0]))
     )
-    jsonschema.validate(document, json.loads(EVAL_SCHEMA.read_text(encoding="utf-8")))
+    validate_document(document, EVAL_SCHEMA)
     atomic_write_json(json_path, document)
     from saeguard.report.eval_report import write_eval_report
 

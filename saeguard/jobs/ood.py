@@ -13,13 +13,10 @@ Scores are saved per set as they finish, so an interrupted benchmark resumes whe
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import jsonschema
 
 from saeguard import __version__
 from saeguard.configs import validate_literals
@@ -32,6 +29,7 @@ from saeguard.fileio import (
     check_output_directory,
     claim_output_directory,
     sha256_file,
+    validate_document,
 )
 from saeguard.ood.config import MonitorConfig
 from saeguard.ood.explain import TextScore
@@ -200,7 +198,7 @@ def run_benchmark(
         },
         "shifts": table,
     }
-    jsonschema.validate(document, json.loads(SCHEMA.read_text(encoding="utf-8")))
+    validate_document(document, SCHEMA)
     atomic_write_json(out / RESULT_FILE, document)
     atomic_write_text(out / "ood_benchmark.md", markdown_tables(document))
     examples = _explained_examples(monitor, cfg, scored, id_texts, id_rows, deployed)

@@ -26,7 +26,6 @@ from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -43,6 +42,7 @@ from saeguard.fileio import (
     atomic_write_json,
     claim_output_directory,
     sha256_file,
+    validate_document,
 )
 from saeguard.models.adapters import PEFT_WEIGHTS, merge_adapter, save_adapter
 from saeguard.models.loading import LoadedModel, load_model
@@ -446,7 +446,7 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    jsonschema.validate(document, json.loads(SCHEMA.read_text(encoding="utf-8")))
+    validate_document(document, SCHEMA)
     atomic_write_json(job.out / RESULT_FILE, document)
     from saeguard.report.robustify_report import write_robustify_report
 

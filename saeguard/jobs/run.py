@@ -32,7 +32,7 @@ from saeguard.jobs.ood import OodBenchmarkConfig
 from saeguard.jobs.target import TargetConfig
 from saeguard.ood.config import MonitorConfig
 from saeguard.report.run_report import write_run_report
-from saeguard.steps import Step
+from saeguard.steps import Step, read_record
 from saeguard.train.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -113,17 +113,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     claim_output_directory(out, "run", index=("run.json",))
     state_path = out / "run.json"
-    state: dict[str, Any] = {}
-    if state_path.is_file():
-        try:
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-        except ValueError:  # invalid JSON or UTF-8
-            log.warning("%s is unreadable: re-checking every step", state_path)
-        steps = state.get("steps") if isinstance(state, dict) else None
-        if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()):
-            if state:
-                log.warning("%s has an unexpected form: re-checking every step", state_path)
-            state = {}
+    state: dict[str, Any] = read_record(state_path) or {}  # unreadable: every step re-checked
+    steps = state.get("steps")
+    if state and not (isinstance(steps, dict) and all(isinstance(v, dict) for v in steps.values())):
+        log.warning("%s has an unexpected form: re-checking every step", state_path)
+        state = {}
     state["config"] = asdict(cfg)
     state.setdefault("steps", {})
     sae_dir, monitor_dir, ood_dir = out / "sae", out / "monitor", out / "ood"

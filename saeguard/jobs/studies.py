@@ -13,7 +13,6 @@ baseline with a paired bootstrap interval.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,12 @@ from saeguard.evals.ce import CEConfig
 from saeguard.evals.core import CoreConfig
 from saeguard.evals.probing import ProbingConfig
 from saeguard.evals.results import BOOTSTRAP_RESAMPLES, statistic_of
-from saeguard.fileio import atomic_write_json, atomic_write_text, claim_output_directory
+from saeguard.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    claim_output_directory,
+    read_json,
+)
 from saeguard.jobs.eval import EvalConfig, run_eval
 from saeguard.jobs.target import TargetConfig
 from saeguard.report.study_report import render_markdown, write_study_report
@@ -158,7 +162,7 @@ def _samples(directory: Path, metric: str) -> tuple[str, dict[str, np.ndarray]] 
     path = directory / "eval_samples.json"
     if not path.exists():
         return None
-    entry = json.loads(path.read_text(encoding="utf-8")).get(metric)
+    entry = read_json(path, "eval_samples.json", "Re-run the study.", kind=dict).get(metric)
     if not entry:
         return None
     return entry["statistic"], {k: np.asarray(v) for k, v in entry["samples"].items()}

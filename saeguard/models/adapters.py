@@ -9,13 +9,12 @@ it unchanged, and it keeps the base model's identity for the monitor's model che
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from saeguard.errors import CorruptFileError, MissingPackageError, SaeguardError
-from saeguard.fileio import atomic_directory, atomic_write_json
+from saeguard.fileio import atomic_directory, atomic_write_json, read_json
 from saeguard.models.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def save_adapter(peft_model: Any, directory: str | Path, info: dict[str, Any]) -
 def _sort_peft_config(path: Path) -> None:
     """peft writes ``target_modules`` from a set, in an order that changes with each process's
     string hashing: sort it, so one adapter is one file, byte for byte."""
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json(path, PEFT_CONFIG, "", kind=dict)
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     atomic_write_json(path, config)
@@ -67,12 +66,7 @@ def read_adapter_info(directory: str | Path) -> dict[str, Any]:
     path = directory / ADAPTER_INFO
     if not path.is_file():
         return {}  # an adapter from another tool: no base fingerprint to check
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(info, dict):
-        raise CorruptFileError(f"{path} does not hold a JSON object")
+    info: dict[str, Any] = read_json(path, ADAPTER_INFO, "Re-run `saeguard robustify`.", kind=dict)
     return info
 
 

@@ -28,6 +28,7 @@ from saeguard.fileio import cache_root, current_umask
 from saeguard.models.hooks import family_layout
 from saeguard.models.loaded import LoadedModel
 from saeguard.packages import package_dir
+from saeguard.steps import read_record
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +189,7 @@ def ensure_embedded_cached(name: str) -> Path:
     target = cache_root() / "models" / name
     marker = target / "saeguard_source.json"
     if marker.is_file():
-        try:
-            current = json.loads(marker.read_text()).get("cache_format") == _CACHE_FORMAT
-        except (OSError, json.JSONDecodeError):
-            current = False
-        if current:
+        if (read_record(marker) or {}).get("cache_format") == _CACHE_FORMAT:
             return target
         log.info("the cached %s was written by an older saeguard: rebuilding it", name)
         shutil.rmtree(target)

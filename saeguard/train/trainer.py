@@ -34,7 +34,7 @@ from saeguard.fileio import atomic_path, atomic_write_json, atomic_write_text, f
 from saeguard.sae import SparseAutoencoder, sae_config_from_dict
 from saeguard.sae.base import normalized_mse
 from saeguard.sae.io import save_sae
-from saeguard.steps import same_signature
+from saeguard.steps import read_record, same_signature
 from saeguard.train.optim import OptimizerName, SaeOptimizer, default_lr
 
 log = logging.getLogger(__name__)
@@ -284,11 +284,8 @@ class Trainer:
         self.history = json.loads(metadata.get("history", "{}"))
         stream_stats = json.loads(metadata.get("stream_stats", "{}"))
         self.metadata.update({k: v for k, v in stream_stats.items() if k in STREAM_STATS})
-        try:
-            mirror = json.loads((directory / "state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            mirror = None
-        if mirror != state:  # a kill between the two checkpoint writes left the copy behind
+        # A kill between the two checkpoint writes left the copy for people behind: renew it.
+        if read_record(directory / "state.json") != state:
             atomic_write_json(directory / "state.json", state)
         self.tokens_per_s = float(metadata.get("tokens_per_s", "0"))
         log.info("resumed from %s at step %d", directory, self.step)
