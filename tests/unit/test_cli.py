@@ -280,3 +280,34 @@ def test_every_architecture_setting_is_a_train_option() -> None:
 
     with pytest.raises(ConfigError, match="unknown architecture setting"):
         TrainJobConfig(out="x", architecture_options={"bandwidth": 1.0})
+
+
+def test_flags_of_before_nesting_reach_the_nested_settings() -> None:
+    """`run`, `robustify` and `ood fit` keep their flat flags; each lands in its sub-config, and
+    a sub-config's unset settings keep the one default they have."""
+    from saeguard.jobs.ood import OodFitConfig
+    from saeguard.jobs.robustify import RobustifyConfig
+    from saeguard.jobs.run import RunConfig
+    from saeguard.ood import MonitorConfig
+
+    run = config_from_args(RunConfig, build_parser().parse_args(
+        ["run", "--fit-texts", "700", "--calibration-texts", "90", "--target-fpr", "0.1",
+         "--shifts", "typos:0.2,bbc", "--id-texts", "50", "--per-shift", "30",
+         "--checkpoint-every", "7", "--k", "16"]))  # fmt: skip
+    assert (run.monitor.fit_texts, run.monitor.calibration_texts, run.monitor.target_fpr) == (
+        700, 90, 0.1)  # fmt: skip
+    assert (run.benchmark.shifts, run.benchmark.id_texts, run.benchmark.per_shift) == (
+        ["typos:0.2", "bbc"], 50, 30)  # fmt: skip
+    assert run.train.checkpoint_every == 7 and run.k == 16
+    assert run.monitor.flag_score == MonitorConfig().flag_score
+    default_run = config_from_args(RunConfig, build_parser().parse_args(["run"]))
+    assert default_run == RunConfig() and default_run.train.checkpoint_every == 50
+    argv = ["robustify", "--fit-texts", "200", "--calibration-texts", "40", "--seed", "3"]
+    robust = config_from_args(RobustifyConfig, build_parser().parse_args(argv))
+    assert (robust.monitor_fit.fit_texts, robust.monitor_fit.calibration_texts) == (200, 40)
+    assert robust.seed == 3
+    fit = config_from_args(OodFitConfig, build_parser().parse_args(
+        ["ood", "fit", "sae", "--out", "m", "--fit-texts", "300", "--no-calibrate",
+         "--flag-score", "recon_error"]))  # fmt: skip
+    assert (fit.sae_dir, fit.out, fit.calibrate) == ("sae", "m", False)
+    assert (fit.monitor.fit_texts, fit.monitor.flag_score) == (300, "recon_error")
