@@ -6,3 +6,7 @@ DEFAULT_HOOK = "resid_post.15"
 """The hook point SAEs read by default (SmolLM2-135M has 30 layers: the middle of the net)."""
 DEFAULT_CORPUS = "wiki-en"
 """The in-distribution corpus by default (embedded: wiki-en, 11 topics)."""
+DEFAULT_K = 32
+"""Active latents per token of a TopK SAE by default."""
+DEFAULT_EXPANSION = 16
+"""Latents per input dimension by default (d_sae = 16 x d_in)."""

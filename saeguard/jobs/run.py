@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from saeguard.configs import validate_literals
+from saeguard.defaults import DEFAULT_EXPANSION, DEFAULT_K
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory, sha256_file
 from saeguard.jobs.ood import OodBenchmarkConfig
@@ -56,9 +57,9 @@ class RunConfig(TargetConfig):
     cosine 0.99 of float32 on this machine)."""
     mask_prob: float = 0.1
     """Masked regularization: probability that an input token is replaced by the mask token."""
-    k: int = 32
+    k: int = DEFAULT_K
     """TopK sparsity."""
-    expansion: int = 16
+    expansion: int = DEFAULT_EXPANSION
     """d_sae / d_model."""
     quick: bool = False
     """Smoke-test scale (minutes): few tokens, texts and a 4x SAE. Not a result."""

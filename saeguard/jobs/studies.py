@@ -22,6 +22,7 @@ import numpy as np
 
 from saeguard.activations.subject import EvalSubject, load_subject
 from saeguard.configs import config_to_dict
+from saeguard.defaults import DEFAULT_EXPANSION
 from saeguard.errors import ConfigError
 from saeguard.evals.ce import CEConfig
 from saeguard.evals.core import CoreConfig
@@ -64,7 +65,7 @@ class MaskingStudyConfig(TargetConfig):
     """TopK sparsities."""
     seeds: int = 2
     """SAEs per (p, k), differing in initial weights."""
-    expansion: int = 16
+    expansion: int = DEFAULT_EXPANSION
     """d_sae / d_in."""
     tokens: int = 600_000
     """Training activations per SAE (after masked positions are dropped)."""

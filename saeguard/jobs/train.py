@@ -19,6 +19,7 @@ from saeguard.activations import (
 )
 from saeguard.activations.cache import ActivationCache
 from saeguard.configs import EXTRA_OPTIONS
+from saeguard.defaults import DEFAULT_EXPANSION, DEFAULT_K
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory
 from saeguard.sae import (
@@ -49,9 +50,9 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
     """Train from this activation cache (from `saeguard harvest`) instead of running the model."""
     architectures: list[str] = field(default_factory=lambda: ["topk"])
     """SAE architectures; several values train several SAEs from one activation stream."""
-    k: list[int] = field(default_factory=lambda: [32])
+    k: list[int] = field(default_factory=lambda: [DEFAULT_K])
     """Active latents per token (TopK, MP; mean for BatchTopK, Matryoshka); several allowed."""
-    expansion: list[int] = field(default_factory=lambda: [16])
+    expansion: list[int] = field(default_factory=lambda: [DEFAULT_EXPANSION])
     """Latents per input dimension (d_sae = expansion x d_in); several allowed."""
     sae: SAELossSettings = field(default_factory=SAELossSettings)
     """Loss settings every SAE of the job shares."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from saeguard.defaults import DEFAULT_K
 from saeguard.errors import ConfigError
 
 _K_BOUNDS_L0: set[str] = set()
@@ -45,7 +46,7 @@ class SAEConfig(SAELossSettings):
     """Width of the activations the SAE reads."""
     d_sae: int
     """Number of latents."""
-    k: int = 32
+    k: int = DEFAULT_K
     """Active latents per token (TopK family, MP) or on average (BatchTopK, Matryoshka)."""
 
     def __post_init__(self) -> None:
