@@ -172,24 +172,32 @@ class ActivationReader:
         max_windows: int | None = None,
         progress: str | None = None,
         chunk_texts: int = 64,
+        blank_fails: bool = True,
     ) -> Iterator[tuple[int, TextActivations | ReadFailure]]:
-        """Yield ``(index, activations or failure)`` for every text, in input order."""
+        """Yield ``(index, activations or failure)`` for every text, in input order. A text with
+        no tokens fails; so does one of whitespace alone, unless ``blank_fails`` is off."""
         bar = tqdm(total=len(texts), desc=progress, unit="text", disable=progress is None)
         for start in range(0, len(texts), chunk_texts):
             chunk = list(texts[start : start + chunk_texts])
-            for offset, item in enumerate(self._read_chunk(chunk, with_lm, keep, max_windows)):
+            items = self._read_chunk(chunk, with_lm, keep, max_windows, blank_fails)
+            for offset, item in enumerate(items):
                 yield start + offset, item
             bar.update(len(chunk))
         bar.close()
 
     def _read_chunk(
-        self, texts: list[str], with_lm: bool, keep: Keep, max_windows: int | None
+        self,
+        texts: list[str],
+        with_lm: bool,
+        keep: Keep,
+        max_windows: int | None,
+        blank_fails: bool = True,
     ) -> list[TextActivations | ReadFailure]:
         token_ids = tokenize_documents(self.loaded.tokenizer, texts)
         per_text: list[tuple[list[list[int]], bool] | None] = []
         flat: list[tuple[int, int, list[int]]] = []  # (text, window number, ids)
         for t, ids in enumerate(token_ids):
-            if not ids or not texts[t].strip():  # whitespace alone carries nothing to judge
+            if not ids or (blank_fails and not texts[t].strip()):  # nothing to judge
                 per_text.append(None)
                 continue
             wins, truncated = self.windows(ids, keep, max_windows)
@@ -306,7 +314,7 @@ def kept_document_activations(
     keep: Keep = "tail" if truncate == "tail" else "head"
     out: list[torch.Tensor] = []
     for i, item in reader.read(texts, keep=keep, max_windows=1, progress=progress,
-                               chunk_texts=max(1, len(texts))):  # fmt: skip
+                               chunk_texts=max(1, len(texts)), blank_fails=False):  # fmt: skip
         if isinstance(item, ReadFailure):
             raise CorpusError(f"text {i} is empty after tokenisation; remove it or give it words")
         out.append(item.acts.clone())

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saeguard.evals.results import MetricResult, paired_difference
 from saeguard.fileio import claim_output_directory
 from saeguard.jobs.eval import load_eval
-from saeguard.report.compare import Comparison, delta_cell, metric_cell, render_comparison
+
+if TYPE_CHECKING:
+    from saeguard.report.compare import Comparison
 
 
 def _metric(document: dict[str, Any], samples: dict[str, Any], name: str) -> MetricResult | None:
@@ -37,6 +39,8 @@ def _label(document: dict[str, Any], directory: str) -> str:
 
 
 def compare(directories: list[str], out: str = "", metrics: str = "", seed: int = 0) -> Comparison:
+    from saeguard.report.compare import delta_cell, metric_cell, render_comparison
+
     loaded = [load_eval(d) for d in directories]
     names: list[str] = []
     for document, _ in loaded:

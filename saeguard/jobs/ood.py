@@ -37,7 +37,6 @@ from saeguard.ood.metrics import bootstrap_detection, proportion_ci, score_value
 from saeguard.ood.monitor import Monitor
 from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
 from saeguard.ood.storage import MONITOR_ENTRIES, MONITOR_FILE
-from saeguard.report.ood_report import markdown_tables, write_ood_report
 from saeguard.steps import Step
 
 log = logging.getLogger(__name__)
@@ -124,6 +123,8 @@ def run_benchmark(
     monitor_dir: str | Path, out: str | Path, cfg: OodBenchmarkConfig
 ) -> dict[str, Any]:
     """Score every shift and the ID negatives; write the JSON, markdown table and HTML report."""
+    from saeguard.report.ood_report import markdown_tables, write_ood_report
+
     monitor_dir, out = Path(monitor_dir), Path(out)
     monitor = Monitor.load(monitor_dir, adapter=cfg.adapter)  # a bad monitor creates no --out
     claim_output_directory(out, "ood benchmark", index=(RESULT_FILE, "scores"))

@@ -115,9 +115,12 @@ class RobustifyConfig(LoraSettings):
     """Smoke-test scale (minutes): few steps, texts and windows. Not a result."""
     threads: int = 0
     """Torch CPU threads (0: library default)."""
-    monitor_fit: MonitorConfig = field(default_factory=MonitorConfig)
-    """How the monitor fitted here (when --monitor is empty) is fitted and calibrated; its seed
-    is --seed."""
+    monitor_fit: MonitorConfig = field(
+        default_factory=lambda: MonitorConfig(fit_texts=1000, calibration_texts=300)
+    )
+    """How the monitor fitted here (when --monitor is empty) is fitted and calibrated: fewer texts
+    than `saeguard ood fit` by default (it only guides and measures the adapters); its seed is
+    --seed."""
 
     FOLLOWED = ("monitor_fit.seed",)
     """Sub-config settings that follow a setting of this config (not options of their own)."""

@@ -32,7 +32,6 @@ from saeguard.fileio import atomic_write_json, claim_output_directory, sha256_fi
 from saeguard.jobs.ood import OodBenchmarkConfig
 from saeguard.jobs.target import TargetConfig
 from saeguard.ood.config import MonitorConfig
-from saeguard.report.run_report import write_run_report
 from saeguard.steps import Step, read_record
 from saeguard.train.trainer import TrainerConfig
 
@@ -239,6 +238,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     state["step_seconds_total"] = round(
         sum(state["steps"].get(step, {}).get("seconds", 0.0) for step in STEPS), 1
     )
+    from saeguard.report.run_report import write_run_report
+
     curve = training_curve(sae_dir / "metrics.jsonl")
     index = write_run_report(out, state, document, evaluation, curve)
     state["report"] = str(index)

@@ -36,7 +36,6 @@ from saeguard.fileio import (
 )
 from saeguard.jobs.eval import EvalConfig, run_eval
 from saeguard.jobs.target import TargetConfig
-from saeguard.report.study_report import render_markdown, write_study_report
 from saeguard.sae.io import load_sae
 
 log = logging.getLogger(__name__)
@@ -261,6 +260,8 @@ def describe_finding(table: dict[str, Any], cfg: MaskingStudyConfig) -> str:
 def run_study(cfg: MaskingStudyConfig) -> dict[str, Any]:
     """Train, evaluate, and write study.json, study.md and study.html."""
     import torch
+
+    from saeguard.report.study_report import render_markdown, write_study_report
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

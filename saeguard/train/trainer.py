@@ -149,10 +149,25 @@ def geometric_median(points: torch.Tensor, iterations: int = 50, eps: float = 1e
     return median
 
 
+_FLAT_LOSS_SETTINGS = ("k_aux", "aux_coef", "dead_tokens", "l1_coef")
+"""Loss settings a training job held flat before they moved into its ``sae`` sub-config."""
+
+
 def _comparable(identity: Any) -> Any:
-    """A checkpoint's identity with each SAE config re-read by today's config classes: one
-    written when every architecture's settings were stored flat still matches its run."""
-    saes = identity.get("saes") if isinstance(identity, dict) else None
+    """A checkpoint's identity in today's form: each SAE config re-read by today's config classes
+    (one written when every architecture's settings were stored flat still matches its run),
+    and a job's flat loss settings and ``l0_target`` moved to where the job now holds them."""
+    if not isinstance(identity, dict):
+        return identity
+    identity = dict(identity)
+    trainer = identity.get("trainer")
+    if isinstance(trainer, dict) and "sae" not in trainer and "aux_coef" in trainer:
+        trainer = dict(trainer)
+        trainer["sae"] = {k: trainer.pop(k) for k in _FLAT_LOSS_SETTINGS if k in trainer}
+        l0_target = trainer.pop("l0_target", 0.0)
+        trainer["architecture_options"] = {"l0_target": l0_target} if l0_target else {}
+        identity["trainer"] = trainer
+    saes = identity.get("saes")
     if not isinstance(saes, dict):
         return identity
     try:

@@ -382,3 +382,39 @@ def test_every_architecture_learns_with_the_default_optimiser(tmp_path: Path, ar
         assert fvu[1] < 0.8 * fvu[0], fvu
     else:
         assert fvu[1] < 0.7 * fvu[0] and fvu[1] < 0.5, fvu
+
+
+def test_a_checkpoint_of_the_flat_job_config_still_resumes(
+    tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    """A checkpoint written before the job's loss settings moved into ``sae`` (flat aux_coef,
+    k_aux, dead_tokens, l1_coef, l0_target; every architecture's settings in each SAE config)
+    is the same run: the re-run resumes it instead of refusing it as other settings."""
+    import json as json_module
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    job = _job(tiny_llama_dir, text_corpus, tmp_path / "old")
+    run_training(job)
+    state_file = tmp_path / "old" / "checkpoint" / "state.safetensors"
+    with safe_open(str(state_file), "pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    state = json_module.loads(metadata["state"])
+    trainer = state["identity"]["trainer"]
+    trainer.update(trainer.pop("sae"), l0_target=0.0)  # the flat form of before
+    trainer.pop("architecture_options")
+    for sae in state["identity"]["saes"].values():  # every architecture's settings, flat
+        sae.update(jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.0, l0_target=0.0,
+                   matryoshka_prefixes=[], threshold_momentum=0.9)  # fmt: skip
+    metadata["state"] = json_module.dumps(state)
+    save_file(tensors, str(state_file), metadata=metadata)
+    before = (tmp_path / "old" / "sae_weights.safetensors").read_bytes()
+    run_training(job)  # finished: nothing to train, and no "other settings" refusal
+    assert (tmp_path / "old" / "sae_weights.safetensors").read_bytes() == before
+    trainer["aux_coef"] = 0.5  # a real difference is still refused
+    metadata["state"] = json_module.dumps(state)
+    save_file(tensors, str(state_file), metadata=metadata)
+    with pytest.raises(SaeguardError, match="other settings"):
+        run_training(job)
