@@ -31,6 +31,7 @@ from saeguard.fileio import (
     read_json,
     validate_document,
 )
+from saeguard.sae.hub import is_hub_sae
 from saeguard.steps import read_record, same_signature
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ def run_eval(
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if is_hub_sae(sae_dir) and not (cfg.out or cfg.adapter):
+        raise ConfigError(f"{sae_dir} lives in the Hugging Face cache: pass --out for its eval")
     sae_dir = Path(sae_dir)
     # An adapted model's eval never overwrites the base model's eval.json in the SAE directory.
     out = Path(cfg.out) if cfg.out else (Path(cfg.adapter) / "eval" if cfg.adapter else sae_dir)

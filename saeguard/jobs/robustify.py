@@ -60,6 +60,7 @@ from saeguard.robustify.measure import (
     perturb,
     pooled_activations,
 )
+from saeguard.sae.hub import resolve_sae_dir
 from saeguard.steps import Step
 
 if TYPE_CHECKING:  # scikit-learn loads lazily: the CLI starts without it
@@ -222,7 +223,7 @@ class _Run:
 
     def _monitor_dir(self) -> Path:
         cfg = self.cfg
-        sae_weights = Path(cfg.sae) / "sae_weights.safetensors"
+        sae_weights = resolve_sae_dir(cfg.sae) / "sae_weights.safetensors"
         if not sae_weights.is_file():
             raise ConfigError(
                 f"{cfg.sae} holds no sae_weights.safetensors; pass --sae an SAE directory "

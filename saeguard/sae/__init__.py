@@ -20,7 +20,7 @@ from saeguard.sae.registry import (
     sae_config_from_dict,
 )
 
-_NOT_ARCHITECTURES = {"base", "config", "registry", "io", "kernels"}
+_NOT_ARCHITECTURES = {"base", "config", "registry", "io", "kernels", "hub"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _NOT_ARCHITECTURES and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")

@@ -24,6 +24,7 @@ from saeguard.errors import CorruptFileError, SaeguardError
 from saeguard.fileio import atomic_path, atomic_write_json, read_json
 from saeguard.sae.base import SparseAutoencoder
 from saeguard.sae.config import SAEConfig
+from saeguard.sae.hub import resolve_sae_dir
 from saeguard.sae.registry import ARCHITECTURES, create_sae, sae_config_from_dict
 
 CFG_FILE = "cfg.json"
@@ -104,8 +105,9 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, metadata: dict[str, 
 
 
 def load_sae(directory: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """Load a saeguard, SAELens or sparsify SAE directory; returns (sae, metadata)."""
-    directory = Path(directory)
+    """Load a saeguard, SAELens or sparsify SAE directory, or a Hub SAE (``hf:ORG/REPO[:PATH]``,
+    see :mod:`saeguard.sae.hub`); returns (sae, metadata)."""
+    directory = resolve_sae_dir(directory)
     cfg_path = directory / CFG_FILE
     if not cfg_path.is_file():
         raise SaeguardError(
