@@ -279,25 +279,6 @@ def _assemble(
     return TextActivations(acts, tokens, window, position, windows, truncated, lm)
 
 
-def encode_documents(
-    loaded: LoadedModel,
-    texts: Sequence[str],
-    ctx_len: int,
-    truncate: Literal["head", "tail"] = "head",
-    prepend_bos: bool = True,
-) -> list[list[int]]:
-    """Token ids of each text as one context (start token + at most ``ctx_len - 1`` tokens)."""
-    spec = packing_spec(loaded.tokenizer, ctx_len, prepend_bos)
-    room = ctx_len - (spec.start_id is not None)
-    out = []
-    for i, ids in enumerate(tokenize_documents(loaded.tokenizer, list(texts))):
-        if not ids:
-            raise CorpusError(f"text {i} is empty after tokenisation; remove it or give it words")
-        ids = ids[:room] if truncate == "head" else ids[-room:]
-        out.append(([spec.start_id] if spec.start_id is not None else []) + ids)
-    return out
-
-
 def kept_document_activations(
     loaded: LoadedModel,
     hook: str,

@@ -82,7 +82,7 @@ class TrainJobConfig(ActivationSourceConfig, TrainerConfig):
             raise ConfigError("--eval-tokens must be >= 0")
         if self.replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, got {self.replicas}")
-        known = architecture_options()
+        known = architecture_options() if self.architecture_options else {}
         for option in self.architecture_options:
             if option not in known:
                 raise ConfigError(

@@ -174,7 +174,7 @@ def _comparable(identity: Any) -> Any:
         configs = {name: sae_config_from_dict(values).to_dict() for name, values in saes.items()}
     except (SaeguardError, TypeError, ValueError, AttributeError):
         return identity  # unreadable: it differs from this run's identity as it stands
-    return {**identity, "saes": json.loads(json.dumps(configs))}
+    return {**identity, "saes": configs}  # compared in JSON form by same_signature
 
 
 class Trainer:
