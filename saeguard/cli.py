@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 from saeguard import __version__
 from saeguard.configs import add_config_arguments, config_from_args
+from saeguard.distributed import launched_world_size, leave_world
 from saeguard.errors import SaeguardError, describe_os_error
 from saeguard.fileio import release_output_locks
 
@@ -275,6 +277,8 @@ class Command:
     """Extra flags of fields, by dotted name (e.g. the flags they had before configs nested)."""
     exclude: tuple[str, ...] = ()
     """Fields that are not options (decided by the job or following another setting)."""
+    distributed: bool = False
+    """Whether it runs data-parallel under ``torchrun`` (the others refuse to start there)."""
 
 
 GROUPS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -520,14 +524,33 @@ def build_parser() -> argparse.ArgumentParser:
             positional=command.positional,
             exclude=command.exclude,
         )
-        p.set_defaults(func=lambda args, c=command: c.run(config_from_args(c.config, args)))
+        p.set_defaults(func=lambda args, c=command: _run_command(c, args))
     return parser
+
+
+def _run_command(command: Command, args: argparse.Namespace) -> int:
+    if launched_world_size() > 1 and not command.distributed:
+        able = ", ".join(" ".join(c.path) for c in commands() if c.distributed)
+        raise SaeguardError(
+            f"`saeguard {' '.join(command.path)}` runs as one process, not under torchrun "
+            f"(data-parallel commands: {able}); start it without torchrun"
+        )
+    return command.run(config_from_args(command.config, args))
+
+
+def _rank_tag() -> str:
+    """`` (rank N)`` under torchrun, so a user sees which process failed."""
+    return f" (rank {os.environ.get('RANK', '0')})" if launched_world_size() > 1 else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    if launched_world_size() > 1 and os.environ.get("RANK", "0") != "0":
+        # Under torchrun rank 0 reports; the others log warnings and errors only, without bars.
+        level = max(level, logging.WARNING)
+        os.environ["TQDM_DISABLE"] = "1"
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -535,18 +558,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except SaeguardError as exc:
-        print(f"saeguard: error: {exc}", file=sys.stderr)
+        print(f"saeguard: error{_rank_tag()}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a permission, ...: one line, unless -v asks for more
         if args.verbose:
             raise
-        print(f"saeguard: error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"saeguard: error{_rank_tag()}: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("saeguard: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     finally:
         release_output_locks()  # in-process callers (tests, notebooks) may run another command
+        leave_world()
 
 
 if __name__ == "__main__":  # pragma: no cover
