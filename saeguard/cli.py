@@ -44,7 +44,9 @@ def _harvest(cfg: Any) -> int:
 def _train(cfg: Any) -> int:
     from saeguard.jobs.train import run_training
 
-    print(json.dumps(run_training(cfg), indent=2))
+    results = run_training(cfg)
+    if results:  # rank 0 (the only one under torchrun that reports)
+        print(json.dumps(results, indent=2))
     return 0
 
 
@@ -346,8 +348,12 @@ def commands() -> list[Command]:
                 "command again resumes with bit-identical results. Writes cfg.json + "
                 "sae_weights.safetensors (SAELens-compatible), metrics.jsonl and "
                 "train_results.json. Architecture settings (e.g. --jumprelu-bandwidth) go to "
-                "every trained architecture that has them."
+                "every trained architecture that has them. Data-parallel under torchrun "
+                "(`torchrun --nproc-per-node N -m saeguard train ...`): each rank computes its "
+                "share of the activations and trains on its share of every global batch; the "
+                "result equals one process's (docs/scaling.md)."
             ),
+            distributed=True,
             config=TrainJobConfig,
             run=_train,
             aliases={"hooks": ["--hook"], "architectures": ["--arch"]},

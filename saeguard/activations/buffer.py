@@ -9,6 +9,7 @@ iterable of ``[n, d]`` tensors: a cache (:class:`CachedActivationSource`) or a l
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from saeguard.activations.cache import ActivationCache
+from saeguard.distributed import World
 from saeguard.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,13 +48,27 @@ class CachedActivationSource:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """One pass over the shards, or endless passes with ``cycle`` (each pass logged)."""
-        passes = 0
-        while True:
-            yield from self.cache.iter_shards(self.hook, verify=self.verify and passes == 0)
-            passes += 1
-            if not self.cycle:
-                return
-            log.warning("activation cache exhausted: starting pass %d over it", passes + 1)
+        for acts in self.chunks():
+            assert acts is not None
+            yield acts
+
+    def chunks(self, world: World | None = None) -> Iterator[torch.Tensor | None]:
+        """Each shard's activations in order; with a ``world``, None for the shards other ranks
+        read (the ``i``-th shard read, passes included, is rank ``i % size``'s)."""
+        entries = [e for e in self.cache.shards if int(e["counts"].get(self.hook, 0)) > 0]
+        index = 0
+        for passes in itertools.count():
+            if passes:
+                if not self.cycle:
+                    return
+                log.warning("activation cache exhausted: starting pass %d over it", passes + 1)
+            for entry in entries:
+                if world is None or world.owns(index):
+                    verify = self.verify and passes == 0
+                    yield self.cache.shard_activations(entry, self.hook, verify=verify)
+                else:
+                    yield None
+                index += 1
 
 
 class ShuffleBuffer:

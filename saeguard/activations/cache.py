@@ -184,6 +184,12 @@ class ActivationCache:
             acts = tensors[f"acts.{hook}"].float()
             yield (acts, tensors[f"index.{hook}"]) if with_index else acts
 
+    def shard_activations(
+        self, entry: dict[str, Any], hook: str, verify: bool = True
+    ) -> torch.Tensor:
+        """One shard's activations [n, d] of ``hook`` as float32."""
+        return load_shard(self.directory, entry, verify=verify)[f"acts.{hook}"].float()
+
     def load(self, hook: str, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """All activations [n, d] (float32) of one hook and their global token indices [n]."""
         parts = list(self.iter_shards(hook, verify=verify, with_index=True))

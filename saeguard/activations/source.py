@@ -27,6 +27,8 @@ from saeguard.data import (
 )
 from saeguard.data.tokenize import PackingSpec
 from saeguard.defaults import DEFAULT_CORPUS, DEFAULT_HOOK, DEFAULT_MODEL
+from saeguard.devices import check_device_name, resolve_device
+from saeguard.distributed import World
 from saeguard.errors import ConfigError
 from saeguard.models import HookPoint, LoadedModel, load_model, run_to_hooks
 
@@ -59,8 +61,9 @@ class ActivationSourceConfig:
     """Contexts per forward pass."""
     dtype: DType = "float32"
     """Dtype of the model forward pass (bfloat16 is faster on recent CPUs and GPUs)."""
-    device: str = "cpu"
-    """Torch device of the model forward pass."""
+    device: str = "auto"
+    """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under
+    torchrun each process takes the GPU of its local rank."""
     exclude_special: bool = True
     """Drop activations at special tokens (BOS, separators, pad, chat markers)."""
     outlier_multiple: float = 10.0
@@ -84,6 +87,7 @@ class ActivationSourceConfig:
 
     def __post_init__(self) -> None:
         validate_literals(self)
+        check_device_name(self.device)
         if not self.hooks:
             raise ConfigError("at least one hook point is needed (--hook resid_post.15)")
         if self.ctx_len < 2:
@@ -158,6 +162,14 @@ class ActivationHarvester:
             keep = self.rules.keep_mask(tokens, acts, name) & ~dropped
             result[name] = (acts[keep], positions[keep])
         return result
+
+    def count_masking(self, tokens: torch.Tensor, first_context: int) -> None:
+        """Count the masking draws of contexts another rank runs (as :meth:`kept` would), so
+        every rank reports the same masked fraction without running the model on them."""
+        if self.masking is not None and self.masking.prob > 0:
+            eligible = ~self.rules.is_special(tokens)
+            self.masked_tokens += int(self.masking.draw(tokens, first_context, eligible).sum())
+            self.eligible_tokens += int(eligible.sum())
 
     @property
     def masked_fraction(self) -> float:
@@ -264,7 +276,7 @@ class PreparedSource:
         return {
             "corpus_sha256": corpus_fingerprint(self.documents),
             "model_sha256": self.loaded.fingerprint(),
-            "device_type": torch.device(self.cfg.device).type,
+            "device_type": self.loaded.device.type,
         }
 
 
@@ -276,7 +288,7 @@ def prepare(cfg: ActivationSourceConfig, loaded: LoadedModel | None = None) -> P
     documents = select_split(corpus.documents, cfg.split, seed=cfg.split_seed)
     if not documents:
         raise ConfigError(f"the {cfg.split!r} split of corpus {cfg.corpus!r} has no document")
-    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device))
     for hook in cfg.hooks:
         loaded.hook_point(hook)
     spec = packing_spec(loaded.tokenizer, cfg.ctx_len, cfg.prepend_bos)
@@ -345,14 +357,23 @@ class ModelActivationSource:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """One pass over the stream; every iteration starts again from the first context."""
+        for acts in self.chunks():
+            if acts is not None and len(acts):
+                yield acts
+
+    def chunks(self, world: World | None = None) -> Iterator[torch.Tensor | None]:
+        """Kept activations of each forward batch in stream order; with a ``world``, None for
+        the batches other ranks run (batch ``i`` is rank ``i % size``'s)."""
         stream = self.prepared.contexts()
         context_id = 0
-        while True:
+        for index in itertools.count():
             batch = list(itertools.islice(stream, self.cfg.batch_size))
             if not batch:
                 return
             tokens = torch.tensor(batch, dtype=torch.long)
-            acts, _ = self.harvester.kept(tokens, context_id)[self.hook]
+            if world is None or world.owns(index):
+                yield self.harvester.kept(tokens, context_id)[self.hook][0]
+            else:
+                self.harvester.count_masking(tokens, context_id)
+                yield None
             context_id += len(batch)
-            if len(acts):
-                yield acts

@@ -20,6 +20,8 @@ from saeguard.activations import (
 from saeguard.activations.cache import ActivationCache
 from saeguard.configs import EXTRA_OPTIONS
 from saeguard.defaults import DEFAULT_EXPANSION, DEFAULT_K
+from saeguard.devices import describe_device, resolve_device
+from saeguard.distributed import join_world
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory
 from saeguard.sae import (
@@ -129,8 +131,15 @@ def source_config_from_cache(job: TrainJobConfig, cache: ActivationCache) -> Tra
 
 
 def run_training(job: TrainJobConfig) -> dict[str, Any]:
-    """Train every SAE of the job, evaluate on held-out text, write ``train_results.json``."""
-    claim_output_directory(Path(job.out), "train", index=TRAIN_INDEX)
+    """Train every SAE of the job, evaluate on held-out text, write ``train_results.json``.
+
+    Under torchrun each rank computes its share of the activations (model forwards or cache
+    shards), every rank sees every global batch and trains on its share of it, and rank 0
+    alone writes; the other ranks return an empty dict.
+    """
+    device = resolve_device(job.device)
+    world = join_world(device)
+    world.on_main(lambda: claim_output_directory(Path(job.out), "train", index=TRAIN_INDEX))
     hook = job.hooks[0]
     if job.acts:
         cache_hooks = _cache_hooks(job)
@@ -164,10 +173,15 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
         "ctx_len": source_job.ctx_len,
         "prepend_bos": source_job.prepend_bos,
         "saeguard_version": __version__,
+        "device": describe_device(device),
+        **world.describe(),
         **provenance,
     }
-    batches = ShuffleBuffer(source, job.batch_tokens, job.buffer_tokens, seed=job.train_seed)
-    trainer = Trainer(saes, job, job.out, metadata)
+    # Under torchrun every rank holds the whole stream, each chunk computed once by its owner,
+    # so the shuffled global batches are those of one process.
+    chunks = world.replicate(source.chunks(world)) if world.distributed else source
+    batches = ShuffleBuffer(chunks, job.batch_tokens, job.buffer_tokens, seed=job.train_seed)
+    trainer = Trainer(saes, job, job.out, metadata, device=device, world=world)
     on_step = None
     if isinstance(source, ModelActivationSource):
         trainer.metadata["masking"] = source.describe()["masking"]
@@ -178,6 +192,8 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
             trainer.metadata["exclusions"] = described["exclusions"]
 
     trainer.fit(batches, on_step=on_step)
+    if not world.is_main:
+        return {}
     if isinstance(source, ModelActivationSource) and trainer.trained_steps:
         # The final masked fraction and thresholds, known once the stream has been read.
         trainer.metadata["masking"] = source.describe()["masking"]
@@ -193,6 +209,8 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "training_tokens": trainer.step * job.batch_tokens,
         "tokens_per_s": trainer.tokens_per_s,
+        "device": describe_device(device),
+        **world.describe(),
         "masking": masking,
         "saes": {},
     }

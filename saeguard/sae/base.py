@@ -10,6 +10,9 @@ say how latents are computed (:meth:`encode`) and how they are trained
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -136,6 +139,12 @@ class SparseAutoencoder(nn.Module):
         ``sparsity_scale`` (0..1) warms up the sparsity coefficient."""
         raise NotImplementedError
 
+    def splits_across_ranks(self) -> str:
+        """Why a global batch split across data-parallel ranks would not train this SAE as one
+        process does ('' when it does: its loss is a per-token mean, or a variance-normalised
+        sum, whose batch statistics :func:`batch_share` makes global)."""
+        return ""
+
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         if self.unit_norm_decoder:
@@ -185,14 +194,52 @@ class SparseAutoencoder(nn.Module):
         """Inverse of :meth:`extra_tensors`."""
 
 
+_RANK_SUM: ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = ContextVar(
+    "saeguard_rank_sum", default=None
+)
+
+
+@contextmanager
+def batch_share(sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within this block a training step sees one rank's share of a global batch.
+
+    The losses' batch statistics (token count, mean, variance) are then those of the global
+    batch, summed over the ranks by ``sum_over_ranks``, so that each rank's loss is its exact
+    share of the global loss and the sum of the ranks' gradients is the single-process
+    gradient of the whole batch.
+    """
+    token = _RANK_SUM.set(sum_over_ranks)
+    try:
+        yield
+    finally:
+        _RANK_SUM.reset(token)
+
+
+def token_mean(per_token: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch's tokens of a per-token quantity (this rank's share of the global
+    batch's mean inside :func:`batch_share`)."""
+    rank_sum = _RANK_SUM.get()
+    if rank_sum is None:
+        return per_token.mean()
+    n = rank_sum(torch.tensor([float(per_token.shape[0])], device=per_token.device))
+    return per_token.sum() / n[0]
+
+
 def mse_sum(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the squared reconstruction error."""
-    return (x_hat - x).pow(2).sum(-1).mean()
+    return token_mean((x_hat - x).pow(2).sum(-1))
 
 
 def normalized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Squared error over the batch variance (FVU of the batch): scale-free."""
-    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    rank_sum = _RANK_SUM.get()
+    if rank_sum is None:
+        return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    target = x.detach().float()
+    n = rank_sum(torch.tensor([float(target.shape[0])], device=target.device))
+    mean = rank_sum(target.sum(0)) / n
+    variance = rank_sum((target - mean).pow(2).sum().reshape(1))
+    return (x_hat - x).pow(2).sum() / variance[0].clamp_min(1e-12)
 
 
 def aux_latents(

@@ -58,6 +58,9 @@ class BatchTopKSAE(SparseAutoencoder):
         self.register_buffer("threshold", torch.full((cfg.d_sae,), -1.0))
         self._last_min_kept: float | None = None
 
+    def splits_across_ranks(self) -> str:
+        return "it keeps the top k x batch latents of the whole batch"
+
     def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
         """Dense latents keeping the k * N largest ReLU pre-activations of the whole batch."""
         rows, cols, _ = batch_topk_select(pre.detach(), self.cfg.k)

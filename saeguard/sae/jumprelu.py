@@ -10,7 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from saeguard.sae.base import SparseAutoencoder, StepOutput, dense_step_stats, mse_sum
+from saeguard.sae.base import (
+    SparseAutoencoder,
+    StepOutput,
+    dense_step_stats,
+    mse_sum,
+    token_mean,
+)
 from saeguard.sae.config import SAEConfig
 from saeguard.sae.registry import register
 
@@ -88,11 +94,16 @@ class JumpReLUSAE(SparseAutoencoder):
         f = _JumpReLU.apply(z, theta, self.cfg.jumprelu_bandwidth)
         x_hat = f @ self.W_dec + self.b_dec
         mse = mse_sum(x, x_hat)
-        l0 = _Step.apply(z, theta, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+        l0 = token_mean(_Step.apply(z, theta, self.cfg.jumprelu_bandwidth).sum(-1))
         coef = self.cfg.sparsity_coef(1.0) * sparsity_scale
         penalty = (l0 / self.cfg.l0_target - 1) ** 2 if self.cfg.l0_target > 0 else l0
         fired, l0_value = dense_step_stats(f)
         return StepOutput(mse + coef * penalty, x_hat, fired, l0_value, {"mse": mse.detach()})
+
+    def splits_across_ranks(self) -> str:
+        if self.cfg.l0_target > 0:
+            return "--l0-target penalises the square of the whole batch's mean L0"
+        return ""
 
     @torch.no_grad()
     def init_from_batch_(self, x: torch.Tensor) -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from saeguard.sae.base import SparseAutoencoder, StepOutput, dense_step_stats, mse_sum
+from saeguard.sae.base import (
+    SparseAutoencoder,
+    StepOutput,
+    dense_step_stats,
+    mse_sum,
+    token_mean,
+)
 from saeguard.sae.registry import register
 
 
@@ -26,7 +32,7 @@ class ReLUSAE(SparseAutoencoder):
         f = self.encode_flat(x)
         x_hat = f @ self.W_dec + self.b_dec
         mse = mse_sum(x, x_hat)
-        l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
+        l1 = token_mean((f * self.W_dec.norm(dim=-1)).sum(-1))
         coef = self.cfg.sparsity_coef(5.0) * sparsity_scale
         fired, l0 = dense_step_stats(f)
         return StepOutput(

@@ -12,6 +12,7 @@ a progress bar, a JSONL metrics log and optional TensorBoard / W&B logging.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -29,10 +30,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saeguard.configs import config_to_dict, validate_literals
+from saeguard.devices import autocast_device_type
+from saeguard.distributed import World
 from saeguard.errors import ConfigError, CorruptFileError, MissingPackageError, SaeguardError
 from saeguard.fileio import atomic_path, atomic_write_json, atomic_write_text, failpoint
 from saeguard.sae import SparseAutoencoder, sae_config_from_dict
-from saeguard.sae.base import normalized_mse
+from saeguard.sae.base import batch_share, normalized_mse
 from saeguard.sae.io import save_sae
 from saeguard.steps import read_record, same_signature
 from saeguard.train.optim import OptimizerName, SaeOptimizer, default_lr
@@ -44,6 +47,7 @@ CHECKPOINT_DIR = "checkpoint"
 # (The thread count stays in: it changes reduction order, so resumed weights would differ.)
 _NOT_IDENTITY = {
     "out",
+    "device",
     "eval_tokens",
     "logger",
     "log_every",
@@ -186,13 +190,22 @@ class Trainer:
         cfg: TrainerConfig,
         out: str | Path,
         metadata: dict[str, Any] | None = None,
+        device: torch.device | None = None,
+        world: World | None = None,
     ) -> None:
+        """``device``: where the SAEs, their optimiser state and counters live (CPU by
+        default); ``world``: the data-parallel ranks that share each global batch (under
+        torchrun), or None for one process."""
         if not saes:
             raise ConfigError("nothing to train: no SAE given")
         widths = {s.cfg.d_in for s in saes.values()}
         if len(widths) != 1:
             raise ConfigError(f"SAEs trained in one pass must share d_in, got {sorted(widths)}")
-        self.saes = saes
+        self.device = device or torch.device("cpu")
+        self.world = world or World()
+        if self.world.distributed:
+            _check_data_parallel(saes, cfg, self.world)
+        self.saes = {name: sae.to(self.device) for name, sae in saes.items()}
         self.cfg = cfg
         self.out = Path(out)
         self.metadata = metadata or {}
@@ -208,7 +221,8 @@ class Trainer:
             for name, sae in saes.items()
         }
         self.since_fired = {
-            name: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for name, sae in saes.items()
+            name: torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
+            for name, sae in saes.items()
         }
         self.step = 0
         self.scale = 1.0
@@ -227,13 +241,17 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Write the resumable state (rank 0 only; every tensor on the CPU, so a run started
+        on one device resumes on any other)."""
+        if not self.world.is_main:
+            return
         tensors: dict[str, torch.Tensor] = {}
         for name, sae in self.saes.items():
             for key, value in sae.state_dict().items():
-                tensors[f"{name}/param/{key}"] = value.detach().clone()
+                tensors[f"{name}/param/{key}"] = value.detach().cpu().clone()
             for key, value in self.optimizers[name].state_tensors().items():
-                tensors[f"{name}/opt/{key}"] = value
-            tensors[f"{name}/since_fired"] = self.since_fired[name].clone()
+                tensors[f"{name}/opt/{key}"] = value.cpu()
+            tensors[f"{name}/since_fired"] = self.since_fired[name].cpu().clone()
         tensors["rng/torch"] = torch.get_rng_state()
         directory = self.out / CHECKPOINT_DIR
         directory.mkdir(parents=True, exist_ok=True)
@@ -293,14 +311,14 @@ class Trainer:
                 {k[len(opt_prefix) :]: v for k, v in tensors.items() if k.startswith(opt_prefix)},
                 scalars.get(name, []),
             )
-            self.since_fired[name] = tensors[f"{name}/since_fired"].clone()
+            self.since_fired[name] = tensors[f"{name}/since_fired"].to(self.device)
         torch.set_rng_state(tensors["rng/torch"])
         self.step, self.scale = int(state["step"]), float(state["scale"])
         self.history = json.loads(metadata.get("history", "{}"))
         stream_stats = json.loads(metadata.get("stream_stats", "{}"))
         self.metadata.update({k: v for k, v in stream_stats.items() if k in STREAM_STATS})
         # A kill between the two checkpoint writes left the copy for people behind: renew it.
-        if read_record(directory / "state.json") != state:
+        if self.world.is_main and read_record(directory / "state.json") != state:
             atomic_write_json(directory / "state.json", state)
         self.tokens_per_s = float(metadata.get("tokens_per_s", "0"))
         log.info("resumed from %s at step %d", directory, self.step)
@@ -319,7 +337,7 @@ class Trainer:
         elif self.cfg.b_dec_init == "mean":
             centre = sample.mean(0)
         else:
-            centre = torch.zeros(self.d_in)
+            centre = torch.zeros(self.d_in, device=sample.device)
         for name, sae in self.saes.items():
             # Each SAE's initial weights depend only on the seed and its own name, not on which
             # other SAEs share the pass.
@@ -336,13 +354,13 @@ class Trainer:
                 f"[n, {self.d_in}]: check the hook point and model"
             )
         batch = batch.float()
-        if not torch.isfinite(batch).all():
+        if not torch.isfinite(batch).all():  # checked where the batch was made: no device sync
             bad = int((~torch.isfinite(batch)).any(-1).sum())
             raise SaeguardError(
                 f"{bad} activations in the batch of step {self.step} are NaN or inf; check the "
                 "model dtype (try --dtype float32) and the source"
             )
-        return batch
+        return batch.to(self.device, non_blocking=True)
 
     def fit(
         self,
@@ -352,16 +370,20 @@ class Trainer:
         """Train until ``cfg.tokens`` per SAE or the end of ``batches``; save every SAE.
 
         ``on_step`` is called after every step (e.g. a benchmark measuring held-out quality
-        along the way); its time is not counted in the tokens/s rate.
+        along the way); its time is not counted in the tokens/s rate. Under torchrun every rank
+        iterates the same global batches and trains on its share of each; rank 0 alone writes.
         """
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.world.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.try_resume()
         metrics_path = self.out / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.step)
+        if main:
+            _truncate_metrics(metrics_path, self.step)
         self.trained_steps = 0
         if resumed and self.step >= self.cfg.steps:
             log.info("%s already holds a finished run: nothing to train", self.out)
-            if not self._all_saved():  # a kill after the final checkpoint cut the saves short
+            if main and not self._all_saved():  # a kill after the final checkpoint cut saves
                 self.save_all()
             return self.history
         stream: Iterator[torch.Tensor] = iter(batches)
@@ -371,13 +393,14 @@ class Trainer:
         stream = _chain_first(first, stream)
         for _ in range(self.step):  # fast-forward the deterministic stream
             next(stream, None)
-        writer = _external_logger(self.cfg, self.out)
+        writer = _external_logger(self.cfg, self.out) if main else None
         total = self.cfg.steps
-        bar = tqdm(total=total, initial=self.step, unit="step", desc="train", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.step, unit="step", desc="train",
+                   dynamic_ncols=True, disable=not main or None)  # fmt: skip
         started, trained_tokens = time.perf_counter(), 0
         last_checkpoint = time.monotonic()
         try:
-            with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+            with open(metrics_path, "a", encoding="utf-8") if main else _no_file() as metrics:
                 while self.step < total:
                     batch = next(stream, None)
                     if batch is None:
@@ -386,7 +409,7 @@ class Trainer:
                         )
                         break
                     x = self._check(batch) * self.scale
-                    row = self._train_step(x)
+                    stats = self._train_step(x)
                     trained_tokens += len(x)
                     self.step += 1
                     failpoint()
@@ -395,26 +418,31 @@ class Trainer:
                         paused = time.perf_counter()
                         on_step(self)
                         started += time.perf_counter() - paused
-                    rate = trained_tokens / max(time.perf_counter() - started, 1e-9)
                     if self.step % self.cfg.log_every == 0 or self.step == total:
+                        # Numbers leave the device only here, every log_every steps.
+                        row = self._record(stats)
+                        rate = trained_tokens / max(time.perf_counter() - started, 1e-9)
                         line = {"step": self.step, "tokens": self.step * self.cfg.batch_tokens,
                                 "tokens_per_s": rate, **row}  # fmt: skip
-                        metrics_file.write(json.dumps(line) + "\n")
-                        metrics_file.flush()
+                        if metrics is not None:
+                            metrics.write(json.dumps(line) + "\n")
+                            metrics.flush()
                         if writer is not None:
                             writer(line)
-                    first_name = next(iter(self.saes))
-                    bar.set_postfix(
-                        loss=f"{row[f'{first_name}/loss']:.4f}",
-                        fvu=f"{row[f'{first_name}/fvu']:.3f}",
-                        l0=f"{row[f'{first_name}/l0']:.1f}",
-                        dead=f"{100 * row[f'{first_name}/dead_frac']:.1f}%",
-                        tok_s=f"{rate:,.0f}",
-                    )
+                        first_name = next(iter(self.saes))
+                        bar.set_postfix(
+                            loss=f"{row[f'{first_name}/loss']:.4f}",
+                            fvu=f"{row[f'{first_name}/fvu']:.3f}",
+                            l0=f"{row[f'{first_name}/l0']:.1f}",
+                            dead=f"{100 * row[f'{first_name}/dead_frac']:.1f}%",
+                            tok_s=f"{rate:,.0f}",
+                        )
                     bar.update(1)
-                    if self._checkpoint_due(last_checkpoint):
+                    if main and self._checkpoint_due(last_checkpoint):
                         self.save_checkpoint()
                         last_checkpoint = time.monotonic()
+                if self.trained_steps and self.step % self.cfg.log_every and self.step < total:
+                    self._record(stats)  # a stream that ended early: keep its last numbers
         finally:
             bar.close()
         self.tokens_per_s = trained_tokens / max(time.perf_counter() - started, 1e-9)
@@ -432,18 +460,33 @@ class Trainer:
             return True
         return bool(minutes) and time.monotonic() - last_checkpoint >= 60 * minutes
 
-    def _train_step(self, x: torch.Tensor) -> dict[str, float]:
-        row: dict[str, float] = {}
+    def _train_step(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor | float]]:
+        """One optimisation step of every SAE on the global batch ``x`` (this rank's share of
+        it under torchrun); returns each SAE's numbers, still on the device."""
+        world = self.world
+        share = x
+        if world.distributed:
+            size = len(x) // world.size
+            share = x[world.rank * size : (world.rank + 1) * size]
+        stats: dict[str, dict[str, torch.Tensor | float]] = {}
         decay = 0.0 if self.cfg.schedule_free else self.cfg.lr_decay_fraction
         factor = lr_factor(self.step, self.cfg.steps, self.cfg.lr_warmup_steps, decay)
         sparsity = min(1.0, (self.step + 1) / max(self.cfg.sparsity_warmup_steps, 1))
+        autocast = autocast_device_type(self.device)
         for name, sae in self.saes.items():
             opt = self.optimizers[name]
             dead = self.since_fired[name] >= sae.cfg.dead_tokens
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
-                out = sae.training_step(x, dead, sparsity)
+            with (
+                torch.autocast(autocast, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16),
+                _rank_share(world),
+            ):
+                out = sae.training_step(share, dead, sparsity)
             opt.zero_grad()
             out.loss.backward()
+            fired = out.fired
+            if world.distributed:
+                _sum_gradients(sae, world)
+                fired = world.max_(fired.to(torch.uint8)).bool()
             sae.remove_parallel_decoder_grad_()
             if self.cfg.grad_clip > 0 and self.cfg.optimizer != "signsgd":  # sign: scale-free
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
@@ -451,24 +494,43 @@ class Trainer:
             sae.normalize_decoder_()
             sae.after_step_()
             self.since_fired[name] += len(x)
-            self.since_fired[name][out.fired] = 0
-            with torch.no_grad():
-                fvu = float(normalized_mse(x, out.x_hat.float()))
-            stats = {
-                "loss": float(out.loss.detach()),
+            self.since_fired[name][fired] = 0
+            with torch.no_grad(), _rank_share(world):
+                fvu = normalized_mse(share, out.x_hat.float())
+            stats[name] = {
+                "loss": out.loss.detach(),
                 "fvu": fvu,
                 "l0": out.l0,
-                "dead_frac": float(dead.float().mean()),
+                "dead_frac": dead.float().mean(),
                 "lr": self.lrs[name] * factor,
-                **{k: float(v) for k, v in out.metrics.items()},
+                **{k: v.detach() for k, v in out.metrics.items()},
             }
-            row.update({f"{name}/{k}": v for k, v in stats.items()})
-            self.history[name] = stats
+        return stats
+
+    def _record(self, stats: dict[str, dict[str, torch.Tensor | float]]) -> dict[str, float]:
+        """The step's numbers as one flat row of floats (summed over the ranks' shares: each
+        rank's loss terms are its part of the global batch's; L0 is averaged), kept in
+        ``history``."""
+        row: dict[str, float] = {}
+        for name, values in stats.items():
+            keys = sorted(values)
+            # float64 holds every float32 tensor and Python float exactly.
+            vector = torch.stack([_as_float64(values[k], self.device) for k in keys])
+            if self.world.distributed:
+                shared = [k not in _SAME_ON_EVERY_RANK for k in keys]
+                mask = torch.tensor(shared, device=self.device)
+                summed = self.world.sum_(torch.where(mask, vector, 0.0))
+                vector = torch.where(mask, summed, vector)
+                vector[keys.index("l0")] /= self.world.size
+            numbers = dict(zip(keys, vector.tolist(), strict=True))
+            ordered = {k: numbers[k] for k in values}  # the step's own key order
+            row.update({f"{name}/{k}": v for k, v in ordered.items()})
+            self.history[name] = ordered
         return row
 
     def folded(self, name: str) -> SparseAutoencoder:
-        """A copy of an SAE that reads and reconstructs raw (unscaled) activations."""
-        sae = copy.deepcopy(self.saes[name])
+        """A CPU copy of an SAE that reads and reconstructs raw (unscaled) activations."""
+        sae = copy.deepcopy(self.saes[name]).cpu()
         with torch.no_grad():
             for key, value in self.optimizers[name].eval_parameters().items():
                 sae.get_parameter(key).copy_(value)
@@ -484,7 +546,10 @@ class Trainer:
         )
 
     def save_all(self) -> None:
-        """Save each SAE (scale folded in) into ``out`` (one SAE) or ``out/NAME`` (several)."""
+        """Save each SAE (scale folded in) into ``out`` (one SAE) or ``out/NAME`` (several);
+        rank 0 only."""
+        if not self.world.is_main:
+            return
         for name in self.saes:
             directory = sae_directory(self.out, name, len(self.saes))
             metadata = {
@@ -500,6 +565,61 @@ class Trainer:
 
 STREAM_STATS = ("masking", "exclusions")
 """Metadata keys counted by a live activation stream, kept in checkpoints."""
+
+
+def _as_float64(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A logged number as a float64 scalar on ``device`` (exact for float32 tensors and for
+    Python floats alike)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(()).double()
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+_SAME_ON_EVERY_RANK = frozenset({"lr", "dead_frac"})
+"""Logged numbers every rank computes whole (the others are each rank's share)."""
+
+
+def _check_data_parallel(
+    saes: dict[str, SparseAutoencoder], cfg: TrainerConfig, world: World
+) -> None:
+    """Refuse, in one line, what a split of each global batch over the ranks would change."""
+    if cfg.batch_tokens % world.size:
+        raise ConfigError(
+            f"--batch-tokens {cfg.batch_tokens} does not split evenly over {world.size} ranks; "
+            f"use a multiple of {world.size}"
+        )
+    for name, sae in saes.items():
+        reason = sae.splits_across_ranks()
+        if reason:
+            raise ConfigError(
+                f"SAE {name} ({sae.architecture}) cannot train data-parallel: {reason}. Train it "
+                "as one process (without torchrun)"
+            )
+
+
+def _rank_share(world: World) -> contextlib.AbstractContextManager[None]:
+    """Global batch statistics in the losses when the batch is split over ranks."""
+    if not world.distributed:
+        return contextlib.nullcontext()
+    return batch_share(world.sum_)
+
+
+def _sum_gradients(sae: SparseAutoencoder, world: World) -> None:
+    """Sum the gradients over the ranks in one collective: each rank's is the gradient of its
+    share of the global loss, so the sum is the whole batch's gradient."""
+    grads = [p.grad for p in sae.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = world.sum_(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+@contextlib.contextmanager
+def _no_file() -> Iterator[None]:
+    yield None
 
 
 def _chain_first(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

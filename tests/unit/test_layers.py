@@ -18,7 +18,8 @@ PACKAGE = Path(saeguard.__file__).parent
 LAYERS = (
     ("library", ("saeguard.models", "saeguard.data", "saeguard.activations", "saeguard.sae",
                  "saeguard.train", "saeguard.evals", "saeguard.ood", "saeguard.robustify",
-                 "saeguard.configs", "saeguard.defaults", "saeguard.errors", "saeguard.fileio",
+                 "saeguard.configs", "saeguard.defaults", "saeguard.devices",
+                 "saeguard.distributed", "saeguard.errors", "saeguard.fileio",
                  "saeguard.steps",
                  "saeguard.packages")),
     ("report", ("saeguard.report",)),
