@@ -19,7 +19,7 @@ from typing import Any
 
 from saeguard import __version__
 from saeguard.configs import add_config_arguments, config_from_args
-from saeguard.distributed import launched_world_size, leave_world
+from saeguard.distributed import is_main_process, launched_world_size, leave_world
 from saeguard.errors import SaeguardError, describe_os_error
 from saeguard.fileio import release_output_locks
 
@@ -31,6 +31,8 @@ def _harvest(cfg: Any) -> int:
     from saeguard.jobs.harvest import harvest
 
     cache = harvest(cfg)
+    if not is_main_process():
+        return 0
     summary = {
         "out": str(cache.directory),
         "hooks": {h: cache.n_tokens(h) for h in cache.hooks},
@@ -45,7 +47,7 @@ def _train(cfg: Any) -> int:
     from saeguard.jobs.train import run_training
 
     results = run_training(cfg)
-    if results:  # rank 0 (the only one under torchrun that reports)
+    if is_main_process():
         print(json.dumps(results, indent=2))
     return 0
 
@@ -331,8 +333,11 @@ def commands() -> list[Command]:
                 "Run the model over a corpus split and cache the activations at the given hook "
                 "points in a sharded, checksummed directory. The forward pass stops after the "
                 "deepest hook. Special tokens and norm outliers are excluded by default. Running "
-                "the same command again after an interruption resumes where it stopped."
+                "the same command again after an interruption resumes where it stopped. Under "
+                "torchrun each rank writes its own shards (shard i is rank i mod N's) into the "
+                "one cache, whose manifest lists them all: the cache equals one process's."
             ),
+            distributed=True,
             config=HarvestConfig,
             run=_harvest,
             aliases={"hooks": ["--hook"]},

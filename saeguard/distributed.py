@@ -39,6 +39,11 @@ def launched_world_size() -> int:
         return 1
 
 
+def is_main_process() -> bool:
+    """Whether this process reports (rank 0 under torchrun, or the only process)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the ranks of one job, and their collectives."""
@@ -169,6 +174,8 @@ class World:
         broadcast by its owner, so every rank sees the whole stream while each model forward
         or shard read happens once. Empty chunks are passed over.
         """
+        import torch
+
         for index, chunk in enumerate(chunks):
             owner = index % self.size
             if owner == self.rank and chunk is None:
@@ -233,4 +240,8 @@ def leave_world() -> None:
     except ImportError:  # pragma: no cover
         return
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        mode = os.environ.get("SAEGUARD_DEBUG_LEAVE", "")
+        if mode == "barrier":
+            dist.barrier()
+        if mode != "none":
+            dist.destroy_process_group()

@@ -27,6 +27,9 @@ FAULT_COUNT_ENV = "SAEGUARD_FAULT_COUNT_FILE"
 this file, as JSON ``{"failpoints": n, "writes": m}``."""
 FAULT_DISK_FULL_ENV = "SAEGUARD_FAULT_DISK_FULL_AT"
 """Fault injection: the N-th atomic write fails as on a full disk (``OSError`` ENOSPC)."""
+FAULT_RANK_ENV = "SAEGUARD_FAULT_RANK"
+"""Fault injection under torchrun: only the process of this rank is killed (e.g. one rank of a
+data-parallel job dying)."""
 _failpoints_passed = 0
 _writes_begun = 0
 
@@ -46,8 +49,13 @@ def failpoint() -> None:
     global _failpoints_passed
     _failpoints_passed += 1
     _record_fault_counts()
-    if os.environ.get(FAULT_KILL_ENV) == str(_failpoints_passed):
+    if os.environ.get(FAULT_KILL_ENV) == str(_failpoints_passed) and _is_fault_rank():
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _is_fault_rank() -> bool:
+    wanted = os.environ.get(FAULT_RANK_ENV)
+    return wanted is None or wanted == os.environ.get("RANK", "0")
 
 
 def _disk_full_point(path: Path) -> None:

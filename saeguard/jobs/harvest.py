@@ -8,6 +8,7 @@ cache whose checksums equal those of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -27,6 +28,7 @@ from saeguard.activations.cache import (
     MANIFEST,
     ActivationCache,
     check_shard,
+    load_shard,
     read_manifest,
     shard_name,
     write_manifest,
@@ -39,6 +41,8 @@ from saeguard.activations.source import (
     prepare,
 )
 from saeguard.configs import config_to_dict
+from saeguard.devices import resolve_device
+from saeguard.distributed import World, join_world
 from saeguard.errors import ConfigError, SaeguardError
 from saeguard.fileio import LOCK_FILE, output_lock, remove_stale_temporaries
 from saeguard.models import LoadedModel
@@ -113,39 +117,45 @@ def harvest(
     elif previous is not None and not cfg.overwrite:
         raise _different_arguments_error(out, previous, cfg)
 
+    world = join_world(loaded.device if loaded is not None else resolve_device(cfg.device))
     prepared = prepare(cfg, loaded)  # loads and checks everything before touching the disk
     fingerprint = prepared.fingerprint()
-    out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):
-        manifest = _resume_manifest(cfg, out, fingerprint)
-        removed = remove_stale_temporaries(out)
-        harvester = ActivationHarvester(
-            prepared.loaded, cfg.hooks, prepared.rules, prepared.masking
-        )
-        contexts = prepared.contexts()
-        calibration = list(itertools.islice(contexts, cfg.calibration_contexts))
-        if not calibration:
-            raise ConfigError(
-                f"corpus {cfg.corpus!r} is shorter than one {cfg.ctx_len}-token context"
-            )
-        if manifest is None:
-            if cfg.outlier_multiple > 0:
-                harvester.calibrate(calibration, cfg.batch_size)
-            manifest = _new_manifest(cfg, prepared, harvester, fingerprint)
-            write_manifest(out, manifest)
-        else:
-            harvester.rules.median_norms = {
-                h: manifest["hooks"][h]["median_norm"] for h in cfg.hooks
-            }
-            log.info(
-                "resuming %s: %d shards done%s",
-                out,
-                len(manifest["shards"]),
-                f", {removed} partial files removed" if removed else "",
-            )
-        _fill_shards(
-            cfg, harvester, itertools.chain(calibration, contexts), manifest, out, after_shard
-        )
+    harvester = ActivationHarvester(prepared.loaded, cfg.hooks, prepared.rules, prepared.masking)
+    contexts = prepared.contexts()
+    calibration = list(itertools.islice(contexts, cfg.calibration_contexts))
+    if not calibration:
+        raise ConfigError(f"corpus {cfg.corpus!r} is shorter than one {cfg.ctx_len}-token context")
+    with contextlib.ExitStack() as held:
+
+        def start() -> None:
+            """Rank 0 takes the folder, and writes a new manifest or checks the one to resume
+            while the other ranks wait."""
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(output_lock(out))
+            manifest = _resume_manifest(cfg, out, fingerprint)
+            removed = remove_stale_temporaries(out)
+            if manifest is None:
+                if cfg.outlier_multiple > 0:
+                    harvester.calibrate(calibration, cfg.batch_size)
+                write_manifest(out, _new_manifest(cfg, prepared, harvester, fingerprint))
+            else:
+                log.info(
+                    "resuming %s: %d shards done%s",
+                    out,
+                    len(manifest["shards"]),
+                    f", {removed} partial files removed" if removed else "",
+                )
+                write_manifest(out, manifest)  # without the shards found missing or corrupt
+
+        world.on_main(start)
+        manifest = read_manifest(out)
+        harvester.rules.median_norms = {
+            h: manifest["hooks"][h]["median_norm"]
+            for h in cfg.hooks
+            if manifest["hooks"][h]["median_norm"] is not None
+        }
+        _fill_shards(cfg, harvester, itertools.chain(calibration, contexts), manifest, out,
+                     after_shard, world)  # fmt: skip
     return ActivationCache(out, manifest)
 
 
@@ -156,8 +166,15 @@ def _fill_shards(
     manifest: dict[str, Any],
     out: Path,
     after_shard: Callable[[int], None] | None,
+    world: World,
 ) -> None:
-    """Walk the shards in order, computing the ones not on disk, until every hook is full."""
+    """Walk the shards in order, computing the ones not on disk, until every hook is full.
+
+    Shards go in rounds of one per rank (shard ``i`` is rank ``i % size``'s). A rank computes
+    its shard against the totals known when the round starts; once the round's entries are
+    gathered, the shard where a hook fills up is cut to what one process would have kept and
+    shards past the end are removed, so the cache is the one a single process writes.
+    """
     done = {entry["index"]: entry for entry in manifest["shards"]}
     totals = dict.fromkeys(cfg.hooks, 0)
     cache_dtype = CACHE_DTYPES[cfg.cache_dtype]
@@ -167,36 +184,49 @@ def _fill_shards(
         unit_scale=True,
         desc=f"harvest {','.join(cfg.hooks)}",
         dynamic_ncols=True,
+        disable=not world.is_main or None,
     )
     started, forward_tokens = time.perf_counter(), 0
-    shard = 0
+    first_shard = 0
     try:
         while min(totals.values()) < cfg.tokens:
-            shard_contexts = list(itertools.islice(stream, cfg.shard_contexts))
-            if not shard_contexts:
-                raise SaeguardError(
-                    f"corpus {cfg.corpus!r} ({cfg.split}) ran out after {min(totals.values())} "
-                    f"of {cfg.tokens} tokens; pass --repeat, lower --tokens or use a larger corpus"
-                )
-            entry = done.get(shard)
-            if entry is None:
-                first_context = shard * cfg.shard_contexts
-                entry = _compute_shard(
-                    cfg, harvester, shard_contexts, first_context, totals, cache_dtype, out, shard
-                )
-                manifest["shards"].append(entry)
+            rounds = [list(itertools.islice(stream, cfg.shard_contexts)) for _ in range(world.size)]
+            index = first_shard + world.rank
+            mine, fresh = done.get(index), False
+            if mine is None and rounds[world.rank]:
+                first_context = index * cfg.shard_contexts
+                mine = _compute_shard(cfg, harvester, rounds[world.rank], first_context, totals,
+                                      cache_dtype, out, index)  # fmt: skip
+                fresh = True
+                forward_tokens += len(rounds[world.rank]) * cfg.ctx_len
+            keep = _cut_plan(cfg, world.gather_json(mine), totals)[world.rank]
+            final = mine
+            if fresh and mine is not None:
+                if keep is None:  # past the end: one process never wrote it
+                    (out / mine["file"]).unlink(missing_ok=True)
+                    final = None
+                elif keep != mine["counts"]:
+                    final = _cut_shard(out, mine, keep)
+            entries = world.gather_json({"entry": final, "fresh": fresh})
+            for item in entries:
+                entry = item["entry"]
+                if entry is None:
+                    continue
+                if item["fresh"]:
+                    manifest["shards"].append(entry)
+                for hook in cfg.hooks:
+                    totals[hook] += int(entry["counts"].get(hook, 0))
+            if any(item["fresh"] for item in entries):
                 manifest["shards"].sort(key=lambda e: e["index"])
-                write_manifest(out, manifest)
-                forward_tokens += len(shard_contexts) * cfg.ctx_len
-                if after_shard is not None:
-                    after_shard(shard)
-            for hook in cfg.hooks:
-                totals[hook] += int(entry["counts"].get(hook, 0))
+                if world.is_main:
+                    write_manifest(out, manifest)
+            if after_shard is not None and fresh and final is not None:
+                after_shard(final["index"])
             bar.n = min(min(totals.values()), cfg.tokens)
             elapsed = time.perf_counter() - started
             bar.set_postfix(forward=f"{forward_tokens / max(elapsed, 1e-9):,.0f} tok/s")
             bar.refresh()
-            shard += 1
+            first_shard += world.size
     finally:
         bar.close()
     manifest["complete"] = True
@@ -206,16 +236,55 @@ def _fill_shards(
         eligible = sum(e.get("eligible_tokens", 0) for e in manifest["shards"])
         manifest["masking"]["masked_fraction"] = masked / max(eligible, 1)
     manifest["contexts"] = sum(e["contexts"][1] - e["contexts"][0] for e in manifest["shards"])
-    write_manifest(out, manifest)
+    if world.is_main:
+        write_manifest(out, manifest)
+    world.barrier()  # every rank returns the finished cache
     elapsed = time.perf_counter() - started
     log.info(
         "harvest complete: %s tokens per hook in %s (%d shards, %.1fs, %.0f forward tok/s)",
         cfg.tokens,
         out,
-        shard,
+        len(manifest["shards"]),
         elapsed,
         forward_tokens / max(elapsed, 1e-9),
     )
+
+
+def _cut_plan(
+    cfg: HarvestConfig, entries: list[dict[str, Any] | None], totals: dict[str, int]
+) -> list[dict[str, int] | None]:
+    """Per shard of a round, the activations per hook one process would have kept (None: a
+    shard past the end); fails as one process does when the corpus ran out first."""
+    running = dict(totals)
+    plan: list[dict[str, int] | None] = []
+    for entry in entries:
+        if min(running.values()) >= cfg.tokens:
+            plan.append(None)
+            continue
+        if entry is None:
+            raise SaeguardError(
+                f"corpus {cfg.corpus!r} ({cfg.split}) ran out after {min(running.values())} "
+                f"of {cfg.tokens} tokens; pass --repeat, lower --tokens or use a larger corpus"
+            )
+        pending = [h for h in cfg.hooks if running[h] < cfg.tokens]
+        keep = {h: min(int(entry["counts"].get(h, 0)), cfg.tokens - running[h]) for h in pending}
+        for hook, count in keep.items():
+            running[hook] += count
+        plan.append(keep)
+    return plan
+
+
+def _cut_shard(out: Path, entry: dict[str, Any], keep: dict[str, int]) -> dict[str, Any]:
+    """Rewrite a shard with only ``keep[hook]`` activations of each hook, as one process would
+    have written it; return its new manifest entry."""
+    tensors = load_shard(out, entry)
+    cut: dict[str, torch.Tensor] = {"tokens": tensors["tokens"]}
+    for hook, count in keep.items():
+        cut[f"acts.{hook}"] = tensors[f"acts.{hook}"][:count]
+        cut[f"index.{hook}"] = tensors[f"index.{hook}"][:count]
+    digest = write_shard(out / entry["file"], cut)
+    return {**entry, "counts": dict(keep), "sha256": digest,
+            "bytes": (out / entry["file"]).stat().st_size}  # fmt: skip
 
 
 def _compute_shard(

@@ -46,6 +46,21 @@ def from_saelens_hook(name: str) -> str:
     return f"{match.group(2)}.{match.group(1)}" if match else name
 
 
+_SPARSIFY_HOOK = re.compile(
+    r"^(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$"
+)
+_SPARSIFY_KINDS = {None: "resid_post", "mlp": "mlp_out", "self_attn": "attn_out",
+                   "attn": "attn_out", "attention": "attn_out"}  # fmt: skip
+
+
+def from_sparsify_hookpoint(name: str) -> str:
+    """sparsify's hookpoint (the module path its folder is named after) in saeguard's names:
+    ``layers.5`` -> ``resid_post.5`` (a block's output), ``layers.5.mlp`` -> ``mlp_out.5``,
+    ``layers.5.self_attn`` -> ``attn_out.5``; other names are kept."""
+    match = _SPARSIFY_HOOK.match(name or "")
+    return f"{_SPARSIFY_KINDS[match.group(2)]}.{match.group(1)}" if match else name
+
+
 def from_saelens_architecture(name: str) -> str:
     """Our architecture for a SAELens ``architecture``: the registered one SAELens runs under that
     name, preferring the one of that very name, then the most general class (``standard`` ->
@@ -121,7 +136,9 @@ def load_sae(directory: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
                 return _load_saeguard(document, tensors)
             return _load_saelens(document, tensors)
         if (directory / SPARSIFY_WEIGHTS).is_file():
-            return _load_sparsify(document, _load_tensors(directory / SPARSIFY_WEIGHTS))
+            sae, metadata = _load_sparsify(document, _load_tensors(directory / SPARSIFY_WEIGHTS))
+            # sparsify names each SAE's folder after its hookpoint.
+            return sae, {**metadata, "hook": from_sparsify_hookpoint(directory.name)}
     except SaeguardError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:

@@ -73,6 +73,7 @@ def test_hub_saes_load_offline_from_the_cache(hub_cache: dict[str, object]) -> N
         assert torch.equal(sae.W_enc.detach(), weights[layer]["W_enc"])  # the hook asked for
     sae, meta = load_sae("hf:org/sparsify-repo:layers.2")
     assert meta["format"] == "sparsify" and sae.cfg.k == 3 and sae.cfg.d_sae == 24
+    assert meta["hook"] == "resid_post.2"  # sparsify's hookpoint (folder) in saeguard's names
     assert torch.equal(sae.W_enc.detach(), hub_cache["encoder"].t())  # type: ignore[union-attr]
     with pytest.raises(SaeguardError, match="no folder 'blocks.9.*SAEs in this repo: blocks.1"):
         resolve_sae_dir("hf:org/saelens-repo:blocks.9.hook_resid_post")
@@ -104,3 +105,26 @@ def test_a_hub_sae_is_never_written_into_the_cache(hub_cache: dict[str, object])
 
     with pytest.raises(ConfigError, match="pass --out"):
         run_eval("hf:org/saelens-repo:blocks.1.hook_resid_post", EvalConfig())
+
+
+def test_sparsify_hookpoints_map_onto_saeguard_hooks() -> None:
+    from saeguard.sae.io import from_sparsify_hookpoint
+
+    assert from_sparsify_hookpoint("layers.5") == "resid_post.5"
+    assert from_sparsify_hookpoint("model.layers.12.mlp") == "mlp_out.12"
+    assert from_sparsify_hookpoint("layers.3.self_attn") == "attn_out.3"
+    assert from_sparsify_hookpoint("transformer.h.7") == "resid_post.7"
+    assert from_sparsify_hookpoint("embed_tokens") == "embed_tokens"  # unknown: kept as is
+
+
+def test_a_hub_sae_is_checked_against_the_model(
+    hub_cache: dict[str, object], tiny_llama_dir: Path, text_corpus: Path
+) -> None:
+    """The Hub SAEs of the fixture read 6-d activations; the tiny llama's residual is 32-d:
+    one line names both widths and the fix, before any evaluation."""
+    from saeguard.activations.subject import load_subject
+    from saeguard.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reads 6-d activations.*d_model 32.*--model"):
+        load_subject("hf:org/sparsify-repo:layers.2", model=str(tiny_llama_dir),
+                     corpus=str(text_corpus))  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,6 +86,48 @@ def test_resume_gives_bit_identical_weights(tmp_path: Path) -> None:
     lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == sorted(set(steps))  # no duplicated metric lines after the resume
+
+
+def test_a_checkpoint_saved_under_one_device_resumes_under_another(tmp_path: Path) -> None:
+    """Checkpoints hold CPU tensors and leave the device out of the run's identity: a run
+    started with --device cpu resumes with --device auto (a GPU where there is one) to the
+    weights of the uninterrupted run."""
+    from dataclasses import dataclass
+
+    from safetensors import safe_open
+
+    from saeguard.devices import resolve_device
+
+    @dataclass(kw_only=True)
+    class DeviceConfig(TrainerConfig):
+        device: str = "cpu"
+
+    settings: dict[str, Any] = {"tokens": 256 * 30, "batch_tokens": 256, "buffer_tokens": 512,
+                                "checkpoint_every": 5}  # fmt: skip
+
+    def trainer(out: Path, device: str) -> Trainer:
+        sae = create_sae(SAEConfig(architecture="topk", d_in=D, d_sae=128, k=4))
+        cfg = DeviceConfig(device=device, **settings)
+        return Trainer({"topk": sae}, cfg, out, device=resolve_device(device))
+
+    reference = trainer(tmp_path / "ref", "cpu")
+    reference.fit(_batches(30))
+
+    def crashing(n: int):
+        yield from _batches(30)[:n]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "run", "cpu").fit(crashing(12))
+    state = tmp_path / "run/checkpoint/state.safetensors"
+    with safe_open(str(state), framework="pt") as handle:
+        identity = json.loads(handle.metadata()["state"])["identity"]
+    assert "device" not in identity["trainer"]
+    resumed = trainer(tmp_path / "run", "auto")
+    resumed.fit(_batches(30))
+    assert resumed.trained_steps == 20  # from the step-10 checkpoint, not from the start
+    a, b = reference.saes["topk"].state_dict(), resumed.saes["topk"].state_dict()
+    assert all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
 def test_bad_batches_fail_clearly(tmp_path: Path) -> None:
