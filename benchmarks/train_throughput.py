@@ -7,11 +7,14 @@ floor implied by the measured matmul speed (the encoder's one unavoidable dense 
 speed-up of bfloat16 autocast. The CPU's instruction sets are printed with it: bfloat16 is fast
 only where the CPU has bfloat16 instructions (avx512_bf16, amx_bf16).
 
+With ``--device cuda`` every step runs on the GPU (timed with a device synchronise) and the
+default step is also timed on the CPU in the same run, for the GPU-over-CPU ratio.
+
 With ``--acts CACHE`` it also trains the default SAE for ``--tokens`` on that cache in float32
 and under bfloat16 autocast and prints both held-out FVUs (validation split, sinks excluded).
 
     python benchmarks/train_throughput.py [--batch 4096] [--d-in 576] [--expansion 16] [--k 32]
-        [--acts runs/acts300k --tokens 327680]
+        [--device cuda] [--acts runs/acts300k --tokens 327680]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 from timing import timed
 
+from saeguard.devices import autocast_device_type, describe_device, resolve_device
 from saeguard.jobs.planning import cpu_flags
 from saeguard.sae import SAEConfig, create_sae
 from saeguard.train.optim import SaeOptimizer, default_lr
@@ -60,20 +64,35 @@ def main() -> None:
     parser.add_argument("--acts", default="", help="cache for the float32 vs bf16 FVU check")
     parser.add_argument("--tokens", type=int, default=327_680)
     parser.add_argument("--out", default="runs/train_throughput")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     args = parser.parse_args()
     n, d, k = args.batch, args.d_in, args.k
     d_sae = d * args.expansion
+    device = resolve_device(args.device)
     torch.manual_seed(0)
-    x = torch.randn(n, d)
+    x_cpu = torch.randn(n, d)
+    x = x_cpu.to(device)
 
-    def saeguard_step(optimizer: str, schedule_free: bool):  # type: ignore[no-untyped-def]
+    def timed_here(step, repeats: int, on=device) -> float:  # type: ignore[no-untyped-def]
+        if on.type != "cuda":
+            return timed(step, repeats)
+
+        def synchronised() -> None:
+            step()
+            torch.cuda.synchronize(on)
+
+        return timed(synchronised, repeats)
+
+    def saeguard_step(optimizer: str, schedule_free: bool, on=device):  # type: ignore[no-untyped-def]
         sae = create_sae(SAEConfig(architecture="topk", d_in=d, d_sae=d_sae, k=k, aux_coef=0))
+        sae.to(on)
+        inputs = x if on == device else x_cpu
         lr = default_lr(optimizer, d_sae)
         opt = SaeOptimizer(sae, optimizer, lr, schedule_free)  # type: ignore[arg-type]
 
         def step(autocast: bool = False) -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = sae.training_step(x, None, 1.0)
+            with torch.autocast(autocast_device_type(on), dtype=torch.bfloat16, enabled=autocast):
+                out = sae.training_step(inputs, None, 1.0)
             opt.zero_grad()
             out.loss.backward()
             sae.remove_parallel_decoder_grad_()
@@ -85,10 +104,10 @@ def main() -> None:
     default = saeguard_step("signsgd", True)
     adam = saeguard_step("adam", False)
 
-    w_enc = torch.nn.Parameter(torch.randn(d, d_sae) * d**-0.5)
-    b_enc = torch.nn.Parameter(torch.zeros(d_sae))
-    w_dec = torch.nn.Parameter(torch.randn(d_sae, d) * d**-0.5)
-    b_dec = torch.nn.Parameter(torch.zeros(d))
+    w_enc = torch.nn.Parameter(torch.randn(d, d_sae, device=device) * d**-0.5)
+    b_enc = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+    w_dec = torch.nn.Parameter(torch.randn(d_sae, d, device=device) * d**-0.5)
+    b_dec = torch.nn.Parameter(torch.zeros(d, device=device))
     dense_opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=1e-4)
 
     def dense() -> None:
@@ -103,19 +122,20 @@ def main() -> None:
         with torch.no_grad():
             w_dec.div_(w_dec.norm(dim=-1, keepdim=True))
 
-    a, b = torch.randn(n, d), torch.randn(d, d_sae)
-    matmul_s = timed(lambda: a @ b, args.repeats)
+    a, b = torch.randn(n, d, device=device), torch.randn(d, d_sae, device=device)
+    matmul_s = timed_here(lambda: a @ b, args.repeats)
     gflops = 2 * n * d * d_sae / matmul_s / 1e9
-    t_default = timed(default, args.repeats)
-    t_adam = timed(adam, args.repeats)
-    t_dense = timed(dense, args.repeats)
-    t_bf16 = timed(lambda: default(autocast=True), args.repeats)
+    t_default = timed_here(default, args.repeats)
+    t_adam = timed_here(adam, args.repeats)
+    t_dense = timed_here(dense, args.repeats)
+    t_bf16 = timed_here(lambda: default(autocast=True), args.repeats)
     rate = {"default": n / t_default, "adam": n / t_adam, "dense": n / t_dense,
             "bf16": n / t_bf16}  # fmt: skip
     floor = n / matmul_s
     print(
         f"TopK k={k}, d_in={d}, d_sae={d_sae}, batch={n}, threads={torch.get_num_threads()}, "
-        f"matmul {gflops:.0f} GFLOP/s, CPU {cpu_flags() or 'flags unknown'}"
+        f"device {describe_device(device)}, matmul {gflops:.0f} GFLOP/s, "
+        f"CPU {cpu_flags() or 'flags unknown'}"
     )
     print(f"saeguard TopK step, sign-SGD + schedule-free (default): {rate['default']:10,.0f} tok/s "
           f"({rate['default'] / rate['dense']:.2f}x dense)")  # fmt: skip
@@ -126,6 +146,12 @@ def main() -> None:
           f"(default at {100 * rate['default'] / floor:.0f}% of it)")  # fmt: skip
     print(f"saeguard default step under bf16 autocast:             {rate['bf16']:10,.0f} tok/s "
           f"({rate['bf16'] / rate['default']:.2f}x fp32)")  # fmt: skip
+    if device.type != "cpu":
+        cpu = torch.device("cpu")
+        t_cpu = timed(saeguard_step("signsgd", True, on=cpu), args.repeats)
+        speedups = f"{device.type} fp32 {t_cpu / t_default:.1f}x, bf16 {t_cpu / t_bf16:.1f}x it"
+        print(f"the same default step on this machine's CPU:            {n / t_cpu:10,.0f} tok/s "
+              f"({speedups})")  # fmt: skip
     if args.acts:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -104,6 +104,16 @@ def test_two_gloo_ranks_train_the_single_process_sae_and_survive_a_killed_rank(
     ]
     assert steps == [5, 10, 15, 20]  # no line lost or doubled by the kill
 
+    # The global batch does not depend on the number of ranks: a job killed with two ranks
+    # resumes as one process (and the other way round) to the same SAE.
+    switched = tmp_path / "switched"
+    crash = _torchrun(["train", "--acts", str(cache), *TRAIN, "--out", str(switched)],
+                      env={"SAEGUARD_FAULT_KILL_AT": "11", "SAEGUARD_FAULT_RANK": "1"})  # fmt: skip
+    assert crash.returncode != 0 and (switched / "checkpoint").is_dir()
+    assert main(["train", "--acts", str(cache), *TRAIN, "--out", str(switched)]) == 0
+    assert max(_relative_differences(switched, ddp).values()) <= 1e-5
+    assert json.loads((switched / "train_results.json").read_text())["world_size"] == 1
+
 
 def test_two_ranks_share_the_model_forwards_and_mask_the_same_tokens(
     tiny_llama_dir: Path, text_corpus: Path, tmp_path: Path
