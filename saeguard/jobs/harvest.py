@@ -41,7 +41,7 @@ from saeguard.activations.source import (
     prepare,
 )
 from saeguard.configs import config_to_dict
-from saeguard.devices import resolve_device
+from saeguard.devices import describe_device, resolve_device
 from saeguard.distributed import World, join_world
 from saeguard.errors import ConfigError, SaeguardError
 from saeguard.fileio import LOCK_FILE, output_lock, remove_stale_temporaries
@@ -217,6 +217,7 @@ def _fill_shards(
                 for hook in cfg.hooks:
                     totals[hook] += int(entry["counts"].get(hook, 0))
             if any(item["fresh"] for item in entries):
+                manifest["world_size"] = world.size
                 manifest["shards"].sort(key=lambda e: e["index"])
                 if world.is_main:
                     write_manifest(out, manifest)
@@ -367,6 +368,7 @@ def _new_manifest(
         "shards": [],
         "complete": False,
         "masking": prepared.masking.to_dict() if prepared.masking else {"mask_prob": 0.0},
+        "device": describe_device(loaded.device),
     }
 
 
