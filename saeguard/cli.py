@@ -566,8 +566,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("transformers", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     func: Callable[[argparse.Namespace], int] = args.func
+    finished = False
     try:
-        return func(args)
+        status = func(args)
+        finished = status == 0
+        return status
     except SaeguardError as exc:
         print(f"saeguard: error{_rank_tag()}: {exc}", file=sys.stderr)
         return 2
@@ -581,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         release_output_locks()  # in-process callers (tests, notebooks) may run another command
-        leave_world()
+        leave_world(finished)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -231,17 +231,22 @@ def join_world(device: torch.device) -> World:
     return _WORLD
 
 
-def leave_world() -> None:
-    """Tear the process group down at the end of a command (no-op as one process)."""
+def leave_world(finished: bool = True) -> None:
+    """Tear the process group down at the end of a command (no-op as one process).
+
+    After a command that finished, the ranks first wait for each other, so none tears its side
+    down while another still works (rank 0 evaluating, say): a rank that left early made gloo
+    abort at exit in 2 of 36 runs here. After a failure nobody waits: the others may be
+    gone, and torchrun ends the job anyway.
+    """
     global _WORLD
     _WORLD = None
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover
         return
-    if dist.is_available() and dist.is_initialized():
-        mode = os.environ.get("SAEGUARD_DEBUG_LEAVE", "")
-        if mode == "barrier":
-            dist.barrier()
-        if mode != "none":
-            dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
