@@ -81,12 +81,14 @@ def _study_masking(cfg: Any) -> int:
 
 
 def _ood_fit(cfg: Any) -> int:
+    from saeguard.devices import describe_device
     from saeguard.jobs.ood import fit_monitor
 
     monitor = fit_monitor(cfg)
     flag = cfg.monitor.flag_score
     summary = {
         "monitor": cfg.out,
+        "device": describe_device(monitor.device),
         "id_tokens": monitor.stats.n_tokens,
         "id_texts": monitor.stats.n_texts,
         "flag_score": flag,
@@ -129,21 +131,11 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _ood_score(cfg: Any) -> int:
-    from saeguard.ood import Monitor
+    from saeguard.jobs.ood import score_texts
 
     texts = _read_texts(cfg)  # bad input fails before the model loads
-    if not texts:
-        raise SaeguardError("no text to score: pass texts as arguments, --file PATH, or stdin")
-    monitor = Monitor.load(cfg.monitor, model=cfg.model, adapter=cfg.adapter)
-    results = monitor.score(
-        texts,
-        with_lm=cfg.with_lm,
-        explain=cfg.explain,
-        explain_all=cfg.explain_all,
-        progress="score" if len(texts) > 16 else None,
-    )
-    for result in results:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+    for row in score_texts(cfg, texts):  # under torchrun: every rank's rows, on rank 0 only
+        print(json.dumps(row, ensure_ascii=False))
     return 0
 
 
@@ -151,7 +143,7 @@ def _ood_benchmark(job: Any) -> int:
     from saeguard.jobs.ood import run_benchmark
     from saeguard.report.ood_report import summary_sentences
 
-    document = run_benchmark(job.monitor, job.out, job.benchmark)
+    document = run_benchmark(job.monitor, job.out, job.benchmark, job.device)
     print(f"{job.out}/ood_benchmark.json, ood_benchmark.md, ood_report.html, examples.html")
     cal = document["calibration"]
     print(f"measured FPR {cal['measured_fpr']:.3f} (target {cal['target_fpr']})")
@@ -207,13 +199,15 @@ def _cache(cfg: Any) -> int:
 def _hooks(cfg: Any) -> int:
     import torch
 
+    from saeguard.devices import resolve_device
     from saeguard.models import capture_hooks, load_model
 
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, device=resolve_device(cfg.device))
     model: Any = loaded.model
     tokenizer: Any = loaded.tokenizer
     points = [loaded.hook_point(h) for h in loaded.hook_names()]
     probe = torch.tensor([tokenizer("Hello world")["input_ids"] or [0]], dtype=torch.long)
+    probe = probe.to(loaded.device)
     with torch.inference_mode(), capture_hooks(model, points, stop_early=False) as store:
         model.base_model(input_ids=probe, use_cache=False)
     if cfg.json:
@@ -426,6 +420,7 @@ def commands() -> list[Command]:
             config=OodScoreConfig,
             run=_ood_score,
             positional=("texts",),
+            distributed=True,
         ),
         Command(
             path=("ood", "benchmark"),

@@ -56,11 +56,14 @@ class Monitor:
         reference: dict[str, tuple[float, float]] | None = None,
         model_info: dict[str, Any] | None = None,
     ) -> None:
-        self.sae = sae.eval()
+        self.device = loaded.device
+        """Where the monitor computes: its model's device (the SAE and the per-latent
+        statistics move there; saving writes CPU tensors)."""
+        self.sae = sae.to(self.device).eval()
         self.sae_metadata = sae_metadata
         self.loaded = loaded
         self.cfg = cfg
-        self.stats = stats
+        self.stats = stats.to(self.device)
         self.rules = rules
         self.hook = str(sae_metadata["hook"])
         self.ctx_len = ctx_len
@@ -85,10 +88,14 @@ class Monitor:
         model: str = "",
         corpus: str = "",
         progress: bool = True,
+        device: str | torch.device = "cpu",
     ) -> Monitor:
-        """Fit ID statistics on ``texts`` (default: the train split of the SAE's corpus)."""
+        """Fit ID statistics on ``texts`` (default: the train split of the SAE's corpus), on
+        ``device`` (a given ``loaded`` model keeps its own)."""
         cfg = cfg or MonitorConfig()
-        subject = load_subject(sae_dir, model=model, corpus=corpus, split="train", loaded=loaded)
+        subject = load_subject(
+            sae_dir, model=model, corpus=corpus, split="train", loaded=loaded, device=device
+        )
         meta = subject.metadata
         corpus_name = corpus or str(meta.get("corpus") or DEFAULT_CORPUS)
         if texts is None:
@@ -312,11 +319,13 @@ class Monitor:
         loaded: LoadedModel | None = None,
         model: str = "",
         adapter: str = "",
+        device: str | torch.device = "cpu",
     ) -> Monitor:
-        """Load a monitor; a model other than the one it was fitted for is refused. With
-        ``adapter`` (a `saeguard robustify` adapter directory) the model scored is the base model
-        with that adapter merged in, judged against the base model's statistics."""
-        stored = load_monitor(directory, loaded, model, adapter)
+        """Load a monitor onto ``device`` (a given ``loaded`` model keeps its own); a model
+        other than the one it was fitted for is refused. With ``adapter`` (a `saeguard
+        robustify` adapter directory) the model scored is the base model with that adapter
+        merged in, judged against the base model's statistics."""
+        stored = load_monitor(directory, loaded, model, adapter, device)
         monitor = cls(
             stored["sae"],
             stored["sae_metadata"],

@@ -38,6 +38,9 @@ RENAMED = {
 }  # fmt: skip
 """Settings that moved into a sub-config when configs became nested (issue 14): old name ->
 dotted path in the new config echo."""
+ADDED = {"device"}
+"""Keys outputs gained after the recording, accepted where the recording lacks them: the device
+a run computed on (issue 15: run.json, eval.json, monitor.json, ood_benchmark.json)."""
 
 
 def _leaves(value: Any, into: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -96,6 +99,8 @@ def _compare(new: Any, old: Any, exact: bool, where: str = "") -> list[str]:
             if k not in leaves or _compare(leaves[k], v, exact)
         ]
     if isinstance(old, dict):
+        if isinstance(new, dict):
+            new = {k: v for k, v in new.items() if k in old or k not in ADDED}
         if not isinstance(new, dict) or set(new) != set(old):
             added = set(new) - set(old) if isinstance(new, dict) else set()
             missing = set(old) - set(new) if isinstance(new, dict) else set(old)
@@ -133,6 +138,9 @@ def test_compare_finds_a_changed_number_and_a_lost_setting() -> None:
     renamed = {"run.json": {"a": {"x": 1.0, "config": nested["config"]}}}
     assert not _compare(renamed, {"run.json": old}, exact=True)
     assert _compare({"a": {"x": 1.0, "config": nested["config"]}}, old, exact=True)
+    device = {"a": {"x": 1.0, "config": old["a"]["config"], "device": "cpu"}}
+    assert not _compare(device, old, exact=True)  # a key added since the recording
+    assert _compare({"a": {"x": 1.0, "config": old["a"]["config"], "other": 1}}, old, exact=True)
 
 
 def _option_strings(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, set[str]]:

@@ -19,7 +19,7 @@ LAYERS = (
     ("library", ("saeguard.models", "saeguard.data", "saeguard.activations", "saeguard.sae",
                  "saeguard.train", "saeguard.evals", "saeguard.ood", "saeguard.robustify",
                  "saeguard.configs", "saeguard.defaults", "saeguard.errors", "saeguard.fileio",
-                 "saeguard.steps",
+                 "saeguard.steps", "saeguard.devices", "saeguard.distributed",
                  "saeguard.packages")),
     ("report", ("saeguard.report",)),
     ("jobs", ("saeguard.jobs",)),
