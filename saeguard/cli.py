@@ -415,11 +415,18 @@ def commands() -> list[Command]:
                 "the top fallacious latents with where they fired and their top in-distribution "
                 "contexts. Empty texts get an error field; invalid UTF-8 is replaced and warned "
                 "about; texts longer than the context are scored in windows (up to the monitor's "
-                "max_windows, then marked truncated)."
+                "max_windows, then marked truncated). Data-parallel under `torchrun "
+                "--nproc-per-node N -m saeguard ood score --monitor-dir M ...` (spell --monitor "
+                "as --monitor-dir there: torchrun reads --monitor as its own option): each process "
+                "scores every N-th chunk of 64 texts on its device and the first prints every "
+                "result in input order: the lines of one process (bit for bit at equal thread "
+                "counts; torchrun gives each process one thread unless OMP_NUM_THREADS is set)."
             ),
             config=OodScoreConfig,
             run=_ood_score,
             positional=("texts",),
+            # torchrun's own parser takes --monitor for an abbreviation of its --monitor-interval
+            aliases={"monitor": ["--monitor-dir"]},
             distributed=True,
         ),
         Command(

@@ -36,7 +36,7 @@ from saeguard.fileio import (
 from saeguard.ood.config import MonitorConfig
 from saeguard.ood.explain import TextScore
 from saeguard.ood.metrics import bootstrap_detection, proportion_ci, score_values
-from saeguard.ood.monitor import Monitor
+from saeguard.ood.monitor import SCORE_CHUNK, Monitor
 from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
 from saeguard.ood.storage import MONITOR_ENTRIES, MONITOR_FILE
 from saeguard.steps import Step
@@ -345,18 +345,20 @@ class OodScoreConfig:
 def score_texts(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str, Any]]:
     """`saeguard ood score`: every text's result (``TextScore.to_json()``), in input order.
 
-    Data-parallel under torchrun: each rank loads the monitor on its own device, scores the
-    texts it owns (text ``i`` belongs to rank ``i % world size``) and rank 0 gathers every
-    rank's results; the other ranks return an empty list, so only rank 0 prints. A text's
-    numbers do not depend on which texts share its batches beyond float rounding (batches of
-    other sizes may sum in another order: equal to about 1e-6 relative, see the tests).
+    Data-parallel under torchrun: each rank loads the monitor on its own device and scores
+    the chunks of :data:`~saeguard.ood.monitor.SCORE_CHUNK` consecutive texts it owns (chunk
+    ``c`` belongs to rank ``c % world size``), and rank 0 gathers every rank's results; the
+    other ranks return an empty list, so only rank 0 prints. Whole chunks keep every batch
+    what it is in one process, so the numbers are those of one process, bit for bit when the
+    processes have as many threads (torchrun gives each one thread unless OMP_NUM_THREADS says
+    otherwise; other thread counts or other company change a text's numbers by float rounding).
     """
     device = resolve_device(cfg.device)  # a missing GPU fails before anything is loaded
     if not texts:
         raise ConfigError("no text to score: pass texts as arguments, --file PATH, or stdin")
     world = join_world(device)
     monitor = Monitor.load(cfg.monitor, model=cfg.model, adapter=cfg.adapter, device=device)
-    mine = [i for i in range(len(texts)) if world.owns(i)]
+    mine = [i for i in range(len(texts)) if world.owns(i // SCORE_CHUNK)]
     results = monitor.score(
         [texts[i] for i in mine],
         with_lm=cfg.with_lm,

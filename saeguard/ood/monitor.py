@@ -39,6 +39,14 @@ from saeguard.sae.base import SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
+SCORE_CHUNK = 64
+"""Texts :meth:`Monitor.score` reads and analyses together (consecutive, in input order). The
+model and the SAE run on batches drawn from one chunk, so a text's numbers depend on the other
+texts of its chunk only through float rounding (batches of other shapes may sum in another
+order, ~1e-7 relative); data-parallel scoring hands out whole chunks, so it reproduces one
+process's numbers exactly (given as many threads per process: thread counts change rounding
+too)."""
+
 
 class Monitor:
     """SAE-based OOD detector with baselines, a calibrated flag and explanations."""
@@ -174,6 +182,7 @@ class Monitor:
 
         Bytes are decoded as UTF-8 with invalid sequences replaced (the result warns). Empty
         texts get an ``error`` instead of scores; the rest of the batch is scored normally.
+        Texts are read and analysed in chunks of :data:`SCORE_CHUNK`.
         """
         with_lm = self.cfg.flag_score in LM_BASELINES if with_lm is None else with_lm
         results = [TextScore(index=i) for i in range(len(texts))]
@@ -196,13 +205,14 @@ class Monitor:
                 self._fill(results[i], item, analysis, explain, explain_all)
             batch.clear()
 
-        for i, item in self.reader.read(decoded, with_lm, keep, limit, progress):
+        reading = self.reader.read(decoded, with_lm, keep, limit, progress, SCORE_CHUNK)
+        for i, item in reading:
+            if batch and i // SCORE_CHUNK != batch[0][0] // SCORE_CHUNK:
+                flush()  # one analysis per chunk: what is analysed together is the chunk's
             if isinstance(item, ReadFailure):
                 results[i].error = item.message
                 continue
             batch.append((i, item))
-            if len(batch) >= 64:
-                flush()
         if batch:
             flush()
         return results
