@@ -132,9 +132,9 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Score every shift and the ID negatives on ``device`` (a ``--device`` word or a resolved
     device); write the JSON, markdown table and HTML report."""
+    device = resolve_device(device) if isinstance(device, str) else device
     from saeguard.report.ood_report import markdown_tables, write_ood_report
 
-    device = resolve_device(device) if isinstance(device, str) else device
     monitor_dir, out = Path(monitor_dir), Path(out)
     monitor = Monitor.load(monitor_dir, adapter=cfg.adapter, device=device)  # a bad monitor
     # creates no --out
