@@ -85,12 +85,14 @@ def _study_masking(cfg: Any) -> int:
 
 
 def _ood_fit(cfg: Any) -> int:
+    from saeguard.devices import describe_device
     from saeguard.jobs.ood import fit_monitor
 
     monitor = fit_monitor(cfg)
     flag = cfg.monitor.flag_score
     summary = {
         "monitor": cfg.out,
+        "device": describe_device(monitor.device),
         "id_tokens": monitor.stats.n_tokens,
         "id_texts": monitor.stats.n_texts,
         "flag_score": flag,
@@ -133,21 +135,11 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _ood_score(cfg: Any) -> int:
-    from saeguard.ood import Monitor
+    from saeguard.jobs.ood import score_texts
 
     texts = _read_texts(cfg)  # bad input fails before the model loads
-    if not texts:
-        raise SaeguardError("no text to score: pass texts as arguments, --file PATH, or stdin")
-    monitor = Monitor.load(cfg.monitor, model=cfg.model, adapter=cfg.adapter)
-    results = monitor.score(
-        texts,
-        with_lm=cfg.with_lm,
-        explain=cfg.explain,
-        explain_all=cfg.explain_all,
-        progress="score" if len(texts) > 16 else None,
-    )
-    for result in results:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+    for row in score_texts(cfg, texts):  # under torchrun: every rank's rows, on rank 0 only
+        print(json.dumps(row, ensure_ascii=False))
     return 0
 
 
@@ -155,7 +147,7 @@ def _ood_benchmark(job: Any) -> int:
     from saeguard.jobs.ood import run_benchmark
     from saeguard.report.ood_report import summary_sentences
 
-    document = run_benchmark(job.monitor, job.out, job.benchmark)
+    document = run_benchmark(job.monitor, job.out, job.benchmark, job.device)
     print(f"{job.out}/ood_benchmark.json, ood_benchmark.md, ood_report.html, examples.html")
     cal = document["calibration"]
     print(f"measured FPR {cal['measured_fpr']:.3f} (target {cal['target_fpr']})")
@@ -211,13 +203,15 @@ def _cache(cfg: Any) -> int:
 def _hooks(cfg: Any) -> int:
     import torch
 
+    from saeguard.devices import resolve_device
     from saeguard.models import capture_hooks, load_model
 
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, device=resolve_device(cfg.device))
     model: Any = loaded.model
     tokenizer: Any = loaded.tokenizer
     points = [loaded.hook_point(h) for h in loaded.hook_names()]
     probe = torch.tensor([tokenizer("Hello world")["input_ids"] or [0]], dtype=torch.long)
+    probe = probe.to(loaded.device)
     with torch.inference_mode(), capture_hooks(model, points, stop_early=False) as store:
         model.base_model(input_ids=probe, use_cache=False)
     if cfg.json:
@@ -432,11 +426,19 @@ def commands() -> list[Command]:
                 "the top fallacious latents with where they fired and their top in-distribution "
                 "contexts. Empty texts get an error field; invalid UTF-8 is replaced and warned "
                 "about; texts longer than the context are scored in windows (up to the monitor's "
-                "max_windows, then marked truncated)."
+                "max_windows, then marked truncated). Data-parallel under `torchrun "
+                "--nproc-per-node N -m saeguard ood score --monitor-dir M ...` (spell --monitor "
+                "as --monitor-dir there: torchrun reads --monitor as its own option): each process "
+                "scores every N-th chunk of 64 texts on its device and the first prints every "
+                "result in input order: the lines of one process (bit for bit at equal thread "
+                "counts; torchrun gives each process one thread unless OMP_NUM_THREADS is set)."
             ),
             config=OodScoreConfig,
             run=_ood_score,
             positional=("texts",),
+            # torchrun's own parser takes --monitor for an abbreviation of its --monitor-interval
+            aliases={"monitor": ["--monitor-dir"]},
+            distributed=True,
         ),
         Command(
             path=("ood", "benchmark"),

@@ -85,7 +85,7 @@ class ContextResult:
     keep: torch.Tensor
     """[n] bool: positions the exclusion rules keep."""
     logits: torch.Tensor | None
-    """[n, vocab] next-token logits when the full model ran."""
+    """[n, vocab] next-token logits when the full model ran (on the model's device)."""
 
 
 def run_contexts(
@@ -119,13 +119,14 @@ def run_contexts(
 def _forward(
     loaded: LoadedModel, point: HookPoint, tokens: torch.Tensor, with_lm: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Activations at the hook (the forward stops there) or, with ``with_lm``, also the logits."""
+    """Activations at the hook (the forward stops there), on the CPU, or with ``with_lm`` also
+    the logits, left on the model's device (the LM baselines reduce them there)."""
     model = loaded.model
     with torch.inference_mode():
         if with_lm:
             with capture_hooks(model, [point], stop_early=False) as store:
                 logits = model(input_ids=tokens, use_cache=False).logits
-            return store[point.name].float().cpu(), logits.float().cpu()
+            return store[point.name].float().cpu(), logits.float()
         return run_to_hooks(model, tokens, [point])[point.name].float().cpu(), None
 
 
@@ -245,6 +246,7 @@ def _lm_sums(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float, 
     """Per-window sums for the LM baselines: each position predicting the window's next token."""
     if len(tokens) < 2:
         return 0.0, 0.0, 0.0, 0
+    tokens = tokens.to(logits.device)
     logp = F.log_softmax(logits[:-1].float(), dim=-1)
     probs = logp.exp()
     max_prob = probs.max(dim=-1).values.sum().item()

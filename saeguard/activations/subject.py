@@ -38,10 +38,11 @@ class EvalSubject:
     """Model activations already computed (SAE-independent), shared by subjects of one study."""
 
     def with_sae(self, sae: SparseAutoencoder, metadata: dict[str, Any]) -> EvalSubject:
-        """Another SAE on the same model, hook, text and memo (the model runs once for all)."""
+        """Another SAE on the same model, hook, text and memo (the model runs once for all); it
+        moves to the model's device."""
         if sae.cfg.d_in != self.sae.cfg.d_in or metadata.get("hook") != self.hook:
             raise ConfigError("SAEs evaluated together must read the same hook and width")
-        return replace(self, sae=sae, metadata=metadata)
+        return replace(self, sae=sae.to(self.device), metadata=metadata)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -51,9 +52,15 @@ class EvalSubject:
     def ctx_len(self) -> int:
         return self.source.spec.ctx_len
 
+    @property
+    def device(self) -> torch.device:
+        """Where the SAE (and its model) compute."""
+        return self.sae.W_dec.device
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The SAE's latents of ``x``, computed (and returned) on the SAE's device."""
         with torch.no_grad():
-            return self.sae.encode(x)
+            return self.sae.encode(x.to(self.device))
 
 
 def load_subject(
@@ -63,11 +70,15 @@ def load_subject(
     split: str = "test",
     loaded: LoadedModel | None = None,
     adapter: str = "",
+    device: str | torch.device = "cpu",
 ) -> EvalSubject:
     """Load an SAE and prepare its model and evaluation corpus (empty arguments: from cfg.json).
-    With ``adapter`` the model is the base model with that LoRA adapter merged in."""
+    With ``adapter`` the model is the base model with that LoRA adapter merged in. The model is
+    loaded on ``device`` (a given ``loaded`` keeps its own) and the SAE moves to the model's."""
     sae, meta = load_sae(sae_dir)
     sae.eval()
+    if loaded is not None:
+        device = loaded.device
     hook = str(meta.get("hook") or "")
     if not hook:
         raise ConfigError(
@@ -87,13 +98,15 @@ def load_subject(
         exclude_special=bool(exclusions.get("exclude_special", True)),
         outlier_multiple=float(exclusions.get("outlier_multiple", 10.0)),
         repeat=False,
+        device=str(device),
     )
     if adapter:
         from saeguard.models.adapters import merge_adapter
         from saeguard.models.loading import load_model
 
-        loaded = merge_adapter(loaded or load_model(model_name), adapter)
+        loaded = merge_adapter(loaded or load_model(model_name, device=device), adapter)
     source = prepare(cfg, loaded)
+    sae.to(source.loaded.device)
     if source.loaded.d_model != sae.cfg.d_in and hook.startswith(("resid", "attn", "mlp")):
         raise ConfigError(
             f"the SAE reads {sae.cfg.d_in}-d activations but {model_name} has d_model "

@@ -173,10 +173,11 @@ def measure_absorption(
     probe = fit_letter_probe((x_train / scale).numpy(), y_train, cfg.seed, cfg.probe_c)
     predicted = probe.predict((x_test / scale).numpy())
     classes = list(probe.classes_)
+    device = sae.W_dec.device  # the SAE encodes where it lives; scikit-learn reads numpy
     with torch.no_grad():
-        f_train = sae.encode(x_train).numpy()
-        f_test = sae.encode(x_test).numpy()
-        w_dec = sae.W_dec.detach().double().numpy()
+        f_train = sae.encode(x_train.to(device)).cpu().numpy()
+        f_test = sae.encode(x_test.to(device)).cpu().numpy()
+        w_dec = sae.W_dec.detach().double().cpu().numpy()
     dec_norms = np.linalg.norm(w_dec, axis=1).clip(1e-12)
     x_test_np = x_test.double().numpy()
     per_letter: list[dict[str, Any]] = []

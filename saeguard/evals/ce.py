@@ -84,9 +84,10 @@ def reference_sums(
     if clean is None:
         clean = _log_probs(model, point, tokens, keep, None)
     zero = _log_probs(model, point, tokens, keep, torch.zeros_like)
+    predictions = torch.full((len(tokens),), float(tokens.shape[1] - 1), device=tokens.device)
     sums = {
         "clean": _ce(clean, tokens), "zero": _ce(zero, tokens), "kl_zero": _kl(clean, zero),
-        "predictions": torch.full((len(tokens),), float(tokens.shape[1] - 1)),
+        "predictions": predictions,
     }  # fmt: skip
     return clean, sums
 

@@ -54,12 +54,20 @@ class CoreSums:
 
 
 def accumulate(
-    encode_decode: Any, contexts: list[torch.Tensor], mean: torch.Tensor, d_sae: int
+    encode_decode: Any,
+    contexts: list[torch.Tensor],
+    mean: torch.Tensor,
+    d_sae: int,
+    device: torch.device | str = "cpu",
 ) -> CoreSums:
     """Sums per context; ``contexts`` are kept activations [n_c, d] and ``encode_decode`` maps
-    x to (f, x_hat). ``mean`` is the mean activation of the whole set."""
-    sums = CoreSums([], [], [], [], [], [], torch.zeros(d_sae), torch.zeros(d_sae), [])
+    x to (f, x_hat). ``mean`` is the mean activation of the whole set. The arithmetic runs on
+    ``device`` (the SAE's); the sums come back on the CPU."""
+    zeros = torch.zeros(d_sae, device=device), torch.zeros(d_sae, device=device)
+    sums = CoreSums([], [], [], [], [], [], *zeros, [])
+    mean = mean.to(device)
     for x in contexts:
+        x = x.to(device)
         f, x_hat = encode_decode(x)
         active = f != 0
         sums.err.append(float((x - x_hat).pow(2).sum()))
@@ -72,7 +80,8 @@ def accumulate(
         sums.fire_counts += active.sum(0).float()
         absolute = f.abs().sum(0).float()
         sums.abs_sums += absolute
-        sums.abs_per_context.append(absolute)
+        sums.abs_per_context.append(absolute.cpu())
+    sums.fire_counts, sums.abs_sums = sums.fire_counts.cpu(), sums.abs_sums.cpu()
     return sums
 
 
@@ -165,6 +174,6 @@ def run_core(
             f = sae.encode(x)
             return f, sae.decode(f)
 
-    sums = accumulate(encode_decode, contexts, mean, sae.cfg.d_sae)
+    sums = accumulate(encode_decode, contexts, mean, sae.cfg.d_sae, subject.device)
     results, details = metrics_from_sums(sums, sae.cfg.d_in, cfg.dense_threshold)
     return results, details, sums.abs_per_context

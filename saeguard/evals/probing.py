@@ -98,7 +98,7 @@ def pooled_features(
         per_doc = [acts[-1:] for acts in per_doc]
     raw = torch.stack([acts.mean(0) for acts in per_doc])
     sae = torch.stack([subject.encode(acts).float().mean(0) for acts in per_doc])
-    return {"raw": raw.numpy(), "sae": sae.numpy()}
+    return {"raw": raw.numpy(), "sae": sae.cpu().numpy()}
 
 
 def group_split(groups: Sequence[int], test_fraction: float, seed: int) -> np.ndarray:

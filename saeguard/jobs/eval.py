@@ -17,6 +17,7 @@ from typing import Any
 from saeguard import __version__
 from saeguard.activations.subject import EvalSubject, load_subject
 from saeguard.configs import config_to_dict, validate_literals
+from saeguard.devices import check_device_name, describe_device, resolve_device
 from saeguard.errors import ConfigError
 from saeguard.evals.absorption import AbsorptionConfig
 from saeguard.evals.ce import CEConfig
@@ -58,6 +59,9 @@ class EvalConfig:
     """Seed of every sampled choice (documents, words, bootstrap)."""
     threads: int = 0
     """Torch CPU threads (0: library default)."""
+    device: str = "auto"
+    """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under
+    torchrun each process takes the GPU of its local rank."""
     core: CoreConfig = field(default_factory=CoreConfig)
     """Core reconstruction metrics (and the effective features, which reuse their pass)."""
     ce: CEConfig = field(default_factory=CEConfig)
@@ -87,6 +91,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         validate_literals(self)
+        check_device_name(self.device)
         unknown = [e for e in self.evals if e not in EVAL_SPECS]
         if not self.evals or unknown:
             raise ConfigError(f"unknown or empty --evals {unknown}; choose from {', '.join(EVALS)}")
@@ -114,7 +119,7 @@ class EvalConfig:
 
 
 def _settings(cfg: EvalConfig) -> dict[str, Any]:
-    skip = {"evals", "out", "threads"}
+    skip = {"evals", "out", "threads", "device"}  # the device is recorded on its own
     return {k: v for k, v in config_to_dict(cfg).items() if k not in skip}
 
 
@@ -146,9 +151,11 @@ def _load_previous(path: Path, sae_path: str) -> dict[str, Any] | None:
 def run_eval(
     sae_dir: str | Path, cfg: EvalConfig, subject: EvalSubject | None = None
 ) -> dict[str, Any]:
-    """Run ``cfg.evals`` on the SAE in ``sae_dir``; returns the eval.json document."""
+    """Run ``cfg.evals`` on the SAE in ``sae_dir``; returns the eval.json document. The model
+    and SAE run on ``cfg.device`` (a given ``subject`` keeps its own)."""
     import torch
 
+    device = subject.device if subject is not None else resolve_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if is_hub_sae(sae_dir) and not (cfg.out or cfg.adapter):
@@ -159,7 +166,9 @@ def run_eval(
     if cfg.out:  # a folder of the user's choosing must be empty or an earlier eval's
         claim_output_directory(out, "eval", index=("eval.json",))
     out.mkdir(parents=True, exist_ok=True)
-    subject = subject or load_subject(sae_dir, cfg.model, cfg.corpus, adapter=cfg.adapter)
+    subject = subject or load_subject(
+        sae_dir, cfg.model, cfg.corpus, adapter=cfg.adapter, device=device
+    )
     settings = _settings(cfg)
     json_path, samples_path = out / "eval.json", out / "eval_samples.json"
     document = _load_previous(json_path, str(sae_dir)) or {
@@ -175,6 +184,7 @@ def run_eval(
         "complete": False,
     }
     document["settings"] = settings
+    document["device"] = describe_device(device)  # of this run (never part of a signature)
     samples: dict[str, Any] = {}
     if document["metrics"]:
         samples = read_record(samples_path) or {}  # a torn one is rebuilt with the evals

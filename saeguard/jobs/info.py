@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from saeguard.devices import check_device_name
+
 
 @dataclass(kw_only=True)
 class CacheInfoConfig:
@@ -23,6 +25,12 @@ class HooksConfig:
     """Embedded name (smollm2-135m, gemma3-270m), HF id or directory."""
     json: bool = False
     """Print JSON instead of a table."""
+    device: str = "auto"
+    """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under
+    torchrun each process takes the GPU of its local rank."""
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
 
 
 @dataclass(kw_only=True)

@@ -16,12 +16,14 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from saeguard import __version__
 from saeguard.configs import validate_literals
 from saeguard.data.shifts import DEFAULT_SHIFTS, ShiftSet, build_shift, id_split_texts
 from saeguard.defaults import DEFAULT_CORPUS
+from saeguard.devices import check_device_name, describe_device, resolve_device
+from saeguard.distributed import join_world
 from saeguard.errors import ConfigError
 from saeguard.fileio import (
     atomic_write_json,
@@ -34,10 +36,13 @@ from saeguard.fileio import (
 from saeguard.ood.config import MonitorConfig
 from saeguard.ood.explain import TextScore
 from saeguard.ood.metrics import bootstrap_detection, proportion_ci, score_values
-from saeguard.ood.monitor import Monitor
+from saeguard.ood.monitor import SCORE_CHUNK, Monitor
 from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
 from saeguard.ood.storage import MONITOR_ENTRIES, MONITOR_FILE
 from saeguard.steps import Step
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +125,19 @@ def _score_set(
 
 
 def run_benchmark(
-    monitor_dir: str | Path, out: str | Path, cfg: OodBenchmarkConfig
+    monitor_dir: str | Path,
+    out: str | Path,
+    cfg: OodBenchmarkConfig,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Score every shift and the ID negatives; write the JSON, markdown table and HTML report."""
+    """Score every shift and the ID negatives on ``device`` (a ``--device`` word or a resolved
+    device); write the JSON, markdown table and HTML report."""
+    device = resolve_device(device) if isinstance(device, str) else device
     from saeguard.report.ood_report import markdown_tables, write_ood_report
 
     monitor_dir, out = Path(monitor_dir), Path(out)
-    monitor = Monitor.load(monitor_dir, adapter=cfg.adapter)  # a bad monitor creates no --out
+    monitor = Monitor.load(monitor_dir, adapter=cfg.adapter, device=device)  # a bad monitor
+    # creates no --out
     claim_output_directory(out, "ood benchmark", index=(RESULT_FILE, "scores"))
     if not monitor.thresholds:
         raise ConfigError(
@@ -198,6 +209,7 @@ def run_benchmark(
             "measured_on": f"{corpus} test split, {len(flags)} texts, every window",
         },
         "shifts": table,
+        "device": describe_device(monitor.device),  # of this run; no score set's signature
     }
     validate_document(document, SCHEMA)
     atomic_write_json(out / RESULT_FILE, document)
@@ -275,15 +287,24 @@ class OodFitConfig:
     """ID corpus (empty: the SAE's training corpus)."""
     calibrate: bool = True
     """Calibrate thresholds on the corpus's validation split."""
+    device: str = "auto"
+    """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under
+    torchrun each process takes the GPU of its local rank."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     """How the monitor is fitted and calibrated."""
 
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+
 
 def fit_monitor(cfg: OodFitConfig) -> Monitor:
-    """Fit (and calibrate) a monitor and save it to ``cfg.out``; a foreign --out is refused
-    before the work, not after."""
+    """Fit (and calibrate) a monitor on ``cfg.device`` and save it to ``cfg.out``; a missing
+    device or a foreign --out is refused before the work, not after."""
+    device = resolve_device(cfg.device)
     check_output_directory(Path(cfg.out), MONITOR_ENTRIES)
-    monitor = Monitor.fit(cfg.sae_dir, cfg.monitor, model=cfg.model, corpus=cfg.corpus)
+    monitor = Monitor.fit(
+        cfg.sae_dir, cfg.monitor, model=cfg.model, corpus=cfg.corpus, device=device
+    )
     if cfg.calibrate:
         monitor.calibrate(corpus=cfg.corpus)
     monitor.save(cfg.out)
@@ -312,9 +333,44 @@ class OodScoreConfig:
     """Explain flagged texts."""
     explain_all: bool = False
     """Explain every text, flagged or not."""
+    device: str = "auto"
+    """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under
+    torchrun each process takes the GPU of its local rank."""
 
     def __post_init__(self) -> None:
         validate_literals(self)
+        check_device_name(self.device)
+
+
+def score_texts(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str, Any]]:
+    """`saeguard ood score`: every text's result (``TextScore.to_json()``), in input order.
+
+    Data-parallel under torchrun: each rank loads the monitor on its own device and scores
+    the chunks of :data:`~saeguard.ood.monitor.SCORE_CHUNK` consecutive texts it owns (chunk
+    ``c`` belongs to rank ``c % world size``), and rank 0 gathers every rank's results; the
+    other ranks return an empty list, so only rank 0 prints. Whole chunks keep every batch
+    what it is in one process, so the numbers are those of one process, bit for bit when the
+    processes have as many threads (torchrun gives each one thread unless OMP_NUM_THREADS says
+    otherwise; other thread counts or other company change a text's numbers by float rounding).
+    """
+    device = resolve_device(cfg.device)  # a missing GPU fails before anything is loaded
+    if not texts:
+        raise ConfigError("no text to score: pass texts as arguments, --file PATH, or stdin")
+    world = join_world(device)
+    monitor = Monitor.load(cfg.monitor, model=cfg.model, adapter=cfg.adapter, device=device)
+    mine = [i for i in range(len(texts)) if world.owns(i // SCORE_CHUNK)]
+    results = monitor.score(
+        [texts[i] for i in mine],
+        with_lm=cfg.with_lm,
+        explain=cfg.explain,
+        explain_all=cfg.explain_all,
+        progress="score" if len(mine) > 16 else None,
+    )
+    rows = [{**result.to_json(), "index": i} for i, result in zip(mine, results, strict=True)]
+    gathered = world.gather_json(rows)
+    if not world.is_main:
+        return []
+    return sorted((row for part in gathered for row in part), key=lambda row: row["index"])
 
 
 @dataclass(kw_only=True)
@@ -325,5 +381,11 @@ class OodBenchmarkJobConfig:
     """Monitor directory from `saeguard ood fit`."""
     out: str
     """Directory for the results and reports."""
+    device: str = "auto"
+    """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under
+    torchrun each process takes the GPU of its local rank."""
     benchmark: OodBenchmarkConfig = field(default_factory=OodBenchmarkConfig)
     """What is scored, on how much text."""
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)

@@ -240,8 +240,10 @@ def measure(
         point = loaded.hook_point(hook)
         with torch.inference_mode():
             run_to_hooks(loaded.model, tokens[:2].to(loaded.device), [point])  # warm-up
+            _synchronize(loaded.device)
             start = time.perf_counter()
             out = run_to_hooks(loaded.model, tokens.to(loaded.device), [point])[point.name]
+            _synchronize(loaded.device)
             rates[dtype] = tokens.numel() / (time.perf_counter() - start)
         acts[dtype] = out.float().cpu()
         d_in = loaded.d_model
@@ -254,14 +256,16 @@ def measure(
     generator = torch.Generator().manual_seed(0)
 
     sae = create_sae(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_in * d_sae_multiple, k=k))
+    sae.to(device)  # created (and seeded) on the CPU, timed where the job trains
     optimizer = SaeOptimizer(sae, "signsgd", default_lr("signsgd", sae.cfg.d_sae), True)
-    x = torch.randn(4096, d_in, generator=generator)
+    x = torch.randn(4096, d_in, generator=generator).to(device)
     steps, start = 0, time.perf_counter()
     while steps < 2 or time.perf_counter() - start < 3.0:
         out_step = sae.training_step(x, None, 1.0)
         optimizer.zero_grad()
         out_step.loss.backward()
         optimizer.step(default_lr("signsgd", sae.cfg.d_sae))
+        _synchronize(x.device)
         steps += 1
         if steps == 1:
             start = time.perf_counter()  # the first step pays for allocations
@@ -283,6 +287,12 @@ def measure(
         result.cpu_flags or "CPU flags unknown",
     )
     return result
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for a GPU's queued kernels, so that a timer measures them (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def retarget_training(plan: dict[str, Any], spent_s: float, batch_tokens: int = 4096) -> int:

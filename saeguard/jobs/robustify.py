@@ -36,6 +36,7 @@ from saeguard.configs import validate_literals
 from saeguard.data.shifts import id_split_texts
 from saeguard.data.tokenize import tokenize_documents
 from saeguard.defaults import DEFAULT_CORPUS, DEFAULT_MODEL
+from saeguard.devices import check_device_name, describe_device, resolve_device
 from saeguard.errors import ConfigError
 from saeguard.fileio import (
     atomic_path,
@@ -116,6 +117,9 @@ class RobustifyConfig(LoraSettings):
     """Smoke-test scale (minutes): few steps, texts and windows. Not a result."""
     threads: int = 0
     """Torch CPU threads (0: library default)."""
+    device: str = "auto"
+    """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under
+    torchrun each process takes the GPU of its local rank."""
     monitor_fit: MonitorConfig = field(
         default_factory=lambda: MonitorConfig(fit_texts=1000, calibration_texts=300)
     )
@@ -129,6 +133,7 @@ class RobustifyConfig(LoraSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_literals(self)
+        check_device_name(self.device)
         if self.quick:
             self.steps = min(self.steps, 4)
             self.batch_size = min(self.batch_size, 4)
@@ -188,9 +193,10 @@ class _Run:
 
     def __init__(self, cfg: RobustifyConfig) -> None:
         self.cfg = cfg
+        self.device = resolve_device(cfg.device)  # a missing GPU fails before anything is written
         self.out = Path(cfg.out)
         claim_output_directory(self.out, "robustify", index=("robustify.json", "monitor"))
-        self.base = load_model(cfg.model)
+        self.base = load_model(cfg.model, device=self.device)
         self.monitor_dir = self._monitor_dir()
         self.monitor = Monitor.load(self.monitor_dir, loaded=self.base)
         if not self.monitor.thresholds:
@@ -305,7 +311,7 @@ class _Run:
         progress: dict[str, Any] = {"signature": signature, "step": 0, "losses": []}
 
         torch.manual_seed(cfg.seed)  # the adapters' initialisation
-        loaded = load_model(cfg.model)
+        loaded = load_model(cfg.model, device=self.device)
         point = loaded.hook_point(self.monitor.hook)
         model = add_adapters(loaded.model, settings, point.layer)
         pad = self.monitor.rules.special_ids[0] if self.monitor.rules.special_ids else 0
@@ -368,9 +374,9 @@ class _Run:
         return adapter_dir, list(progress["losses"])
 
 
-def _adapted_model(model: str, adapter_dir: Path) -> LoadedModel:
+def _adapted_model(model: str, adapter_dir: Path, device: torch.device) -> LoadedModel:
     """A fresh copy of the base model with the saved adapter merged in (what users load)."""
-    return merge_adapter(load_model(model), adapter_dir)
+    return merge_adapter(load_model(model, device=device), adapter_dir)
 
 
 def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
@@ -395,7 +401,7 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
         t = time.perf_counter()
         after = job.measured(
             f"after_{name}",
-            partial(_adapted_model, cfg.model, adapter_dir),
+            partial(_adapted_model, cfg.model, adapter_dir, job.device),
             sha256_file(adapter_dir / PEFT_WEIGHTS),
         )
         timings[f"after_{name}"] = time.perf_counter() - t
@@ -449,6 +455,7 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
             ),
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "device": describe_device(job.device),  # of this run; no step's signature has it
     }
     validate_document(document, SCHEMA)
     atomic_write_json(job.out / RESULT_FILE, document)

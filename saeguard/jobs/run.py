@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from saeguard.configs import validate_literals
 from saeguard.defaults import DEFAULT_EXPANSION, DEFAULT_K
+from saeguard.devices import describe_device, resolve_device
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory, sha256_file
 from saeguard.jobs.ood import OodBenchmarkConfig
@@ -76,6 +77,7 @@ class RunConfig(TargetConfig):
     """Settings of the sub-configs the plan decides (not options of `saeguard run`)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         validate_literals(self)
         if self.quick:
             self.tokens = self.tokens or 24_576
@@ -110,6 +112,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from saeguard.jobs.train import TrainJobConfig, run_training
     from saeguard.ood import Monitor
 
+    device = resolve_device(cfg.device)  # a missing GPU fails before anything is written
     out = Path(cfg.out)
     claim_output_directory(out, "run", index=("run.json",))
     state_path = out / "run.json"
@@ -119,6 +122,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         log.warning("%s has an unexpected form: re-checking every step", state_path)
         state = {}
     state["config"] = asdict(cfg)
+    state["device"] = describe_device(device)  # of this invocation; no step's signature has it
     state.setdefault("steps", {})
     sae_dir, monitor_dir, ood_dir = out / "sae", out / "monitor", out / "ood"
     acts_dir = out / "acts"
@@ -137,7 +141,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         log.info("reusing the recorded plan: %s", _describe_plan(plan))
     else:
         start = time.perf_counter()
-        plan = _make_plan(cfg)
+        plan = _make_plan(cfg, str(device))
         log.info("plan: %s", _describe_plan(plan))
         if sum(plan["expected_s"].values()) > 1.1 * plan["budget_s"]:
             log.warning(
@@ -152,7 +156,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
              f"{plan['harvest_tokens']:,}", cfg.mask_prob, acts_dir)  # fmt: skip
     # What both the harvest and the training read: the same model, hook and documents.
     source: dict[str, Any] = {"model": cfg.model, "hooks": [cfg.hook], "corpus": cfg.corpus,
-                              "split": "train", "threads": cfg.threads}  # fmt: skip
+                              "split": "train", "threads": cfg.threads,
+                              "device": str(device)}  # fmt: skip
     harvest_cfg = HarvestConfig(
         out=str(acts_dir),
         tokens=plan["harvest_tokens"],
@@ -192,13 +197,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         **source,
         **trainer,
     )
-    eval_cfg = EvalConfig(evals=["core", "ce"], quick=cfg.quick, threads=cfg.threads)
+    eval_cfg = EvalConfig(
+        evals=["core", "ce"], quick=cfg.quick, threads=cfg.threads, device=str(device)
+    )
     monitor_cfg = replace(
         cfg.monitor, fit_texts=plan["fit_texts"], calibration_texts=plan["calibration_texts"]
     )
     bench_cfg = replace(cfg.benchmark, id_texts=plan["id_texts"], per_shift=plan["per_shift"])
-    signatures = {
-        "train": json.dumps(asdict(job), sort_keys=True, default=str),
+    signatures = {  # the device is left out (as "cpu", where runs before it recorded it):
+        # a run started on a GPU resumes on the CPU and the other way round
+        "train": json.dumps(asdict(job) | {"device": "cpu"}, sort_keys=True, default=str),
         "monitor": json.dumps(asdict(monitor_cfg), sort_keys=True),
         "benchmark": json.dumps(asdict(bench_cfg), sort_keys=True),
     }
@@ -222,14 +230,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     monitor_sig = signatures["monitor"] + weights
     if not (step("monitor", monitor_sig).done() and (monitor_dir / "monitor.json").is_file()):
         start = time.perf_counter()
-        monitor = Monitor.fit(sae_dir, monitor_cfg)
+        monitor = Monitor.fit(sae_dir, monitor_cfg, device=device)
         monitor.calibrate()
         monitor.save(monitor_dir)
         step("monitor", monitor_sig).record(seconds=time.perf_counter() - start)
 
     log.info("step 5/6: OOD benchmark (%d shifts)", len(bench_cfg.shifts))
     start = time.perf_counter()
-    document = run_benchmark(monitor_dir, ood_dir, bench_cfg)  # resumes per text set
+    document = run_benchmark(monitor_dir, ood_dir, bench_cfg, device)  # resumes per text set
     bench_sig = signatures["benchmark"] + monitor_sig
     step("benchmark", bench_sig).record(seconds=time.perf_counter() - start)
 
@@ -288,13 +296,15 @@ def _plan_inputs(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def _make_plan(cfg: RunConfig) -> dict[str, Any]:
-    """Measure this machine, then size the job to the budget (``throughput`` included)."""
+def _make_plan(cfg: RunConfig, device: str = "cpu") -> dict[str, Any]:
+    """Measure this machine (on ``device``), then size the job to the budget (``throughput``
+    included)."""
     from saeguard.jobs.planning import measure, plan_run
 
     rates = measure(
-        cfg.model, cfg.hook, cfg.corpus, cfg.expansion, cfg.k, contexts=8 if cfg.quick else 32
-    )
+        cfg.model, cfg.hook, cfg.corpus, cfg.expansion, cfg.k, device=device,
+        contexts=8 if cfg.quick else 32,
+    )  # fmt: skip
     plan = plan_run(
         60 * cfg.time_budget,
         rates,

@@ -23,6 +23,7 @@ import numpy as np
 from saeguard.activations.subject import EvalSubject, load_subject
 from saeguard.configs import config_to_dict
 from saeguard.defaults import DEFAULT_EXPANSION
+from saeguard.devices import describe_device, resolve_device
 from saeguard.errors import ConfigError
 from saeguard.evals.ce import CEConfig
 from saeguard.evals.core import CoreConfig
@@ -84,10 +85,11 @@ class MaskingStudyConfig(TargetConfig):
     by default, probes with 1 and 5 latents)."""
 
     EVAL_OWN = ("eval.evals", "eval.quick", "eval.model", "eval.adapter", "eval.corpus",
-                "eval.out", "eval.threads")  # fmt: skip
+                "eval.out", "eval.threads", "eval.device")  # fmt: skip
     """Evaluation settings the study decides itself (not options of `saeguard study masking`)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if 0.0 not in self.mask_probs:
             raise ConfigError(
                 "--mask-probs must include 0 (the baseline the others are compared to)"
@@ -100,17 +102,17 @@ class MaskingStudyConfig(TargetConfig):
             self.tokens = min(self.tokens, 40_960)
             self.expansion = min(self.expansion, 4)
             self.batch_tokens = min(self.batch_tokens, 1024)
-        self.eval = replace(self.eval, quick=self.quick, threads=self.threads)
+        self.eval = replace(self.eval, quick=self.quick, threads=self.threads, device=self.device)
         if self.tokens < self.batch_tokens:
             raise ConfigError("--tokens must be at least one batch (--batch-tokens)")
 
 
-def _training_job(cfg: MaskingStudyConfig, p: float) -> Any:
+def _training_job(cfg: MaskingStudyConfig, p: float, device: str = "cpu") -> Any:
     """The training run of one mask probability: every (k, seed) SAE from one stream."""
     from saeguard.jobs.train import TrainJobConfig
 
     return TrainJobConfig(
-        model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, split="train",
+        model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, split="train", device=device,
         ctx_len=cfg.ctx_len, mask_prob=p, architectures=["topk"], k=list(cfg.ks),
         expansion=[cfg.expansion], replicas=cfg.seeds, tokens=cfg.tokens,
         batch_tokens=cfg.batch_tokens, buffer_tokens=max(8 * cfg.batch_tokens, 32_768),
@@ -132,24 +134,25 @@ def _sae_dirs(cfg: MaskingStudyConfig) -> list[tuple[float, int, int, Path]]:
     return out
 
 
-def train_all(cfg: MaskingStudyConfig) -> None:
-    """One training pass per mask probability (resumes; finished runs return at once)."""
+def train_all(cfg: MaskingStudyConfig, device: str = "cpu") -> None:
+    """One training pass per mask probability (resumes; finished runs return at once), on
+    ``device`` (a device resolved by :func:`~saeguard.devices.resolve_device`, as a string)."""
     from saeguard.jobs.train import run_training
 
     for p in cfg.mask_probs:
-        job = _training_job(cfg, p)
+        job = _training_job(cfg, p, device)
         log.info("masking study: training p=%g (%d SAEs)", p, len(cfg.ks) * cfg.seeds)
         run_training(job)
 
 
-def evaluate_all(cfg: MaskingStudyConfig) -> dict[Path, dict[str, Any]]:
-    """Evaluate every SAE on the same text; the model runs once for all of them."""
+def evaluate_all(cfg: MaskingStudyConfig, device: str = "cpu") -> dict[Path, dict[str, Any]]:
+    """Evaluate every SAE on the same text, on ``device``; the model runs once for all."""
     eval_cfg = cfg.eval
     shared: EvalSubject | None = None
     results = {}
     for _, _, _, directory in _sae_dirs(cfg):
         if shared is None:
-            shared = load_subject(directory)
+            shared = load_subject(directory, device=device)
             subject = shared
         else:
             sae, meta = load_sae(directory)
@@ -263,15 +266,17 @@ def run_study(cfg: MaskingStudyConfig) -> dict[str, Any]:
 
     from saeguard.report.study_report import render_markdown, write_study_report
 
+    device = resolve_device(cfg.device)  # a missing GPU fails before anything is written
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     claim_output_directory(out, "study masking", index=("study.json",))
-    train_all(cfg)
-    evaluate_all(cfg)
+    train_all(cfg, str(device))
+    evaluate_all(cfg, str(device))
     table = summarise(cfg)
     finding = describe_finding(table, cfg)
-    document = {"config": config_to_dict(cfg), "table": table, "finding": finding}
+    document = {"config": config_to_dict(cfg), "table": table, "finding": finding,
+                "device": describe_device(device)}  # fmt: skip
     atomic_write_json(out / "study.json", document)
     markdown = render_markdown(cfg, table, finding, STUDY_METRICS)
     atomic_write_text(out / "study.md", markdown)

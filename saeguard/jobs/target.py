@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saeguard.defaults import DEFAULT_CORPUS, DEFAULT_HOOK, DEFAULT_MODEL
+from saeguard.devices import check_device_name
 
 
 @dataclass(kw_only=True)
@@ -18,3 +19,9 @@ class TargetConfig:
     corpus: str = DEFAULT_CORPUS
     """ID corpus: its train split trains the SAEs (and fits the monitor); held-out splits
     calibrate and evaluate."""
+    device: str = "auto"
+    """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under
+    torchrun each process takes the GPU of its local rank."""
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)

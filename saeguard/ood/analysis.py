@@ -51,34 +51,49 @@ def analyse(
     knn_k: int,
     reference: dict[str, tuple[float, float]],
 ) -> list[TextAnalysis]:
-    """Every SAE score and activation baseline of each text (``acts``: [n_i, d] per text)."""
+    """Every SAE score and activation baseline of each text (``acts``: [n_i, d] per text).
+
+    The SAE scores are computed on the SAE's device (``stats`` should have their per-latent
+    tensors there: :meth:`IDStats.to`); the baselines in numpy; what is returned (scores, and
+    the codes and masks explanations read) is on the CPU."""
     if not acts:
         return []
-    x = torch.cat(list(acts)).float()
+    device = sae.W_dec.device
+    stats = stats.to(device)  # itself when the monitor already keeps them there
+    x = torch.cat(list(acts)).float().to(device)
     segments = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in enumerate(acts)])
+    segments = segments.to(device)
     n = len(acts)
     codes = sparse_codes(sae, x)
     err = relative_error(x, reconstruct(sae, codes))
     fall, rare, oor = fallacious_mask(codes, stats.rate.float(), stats.p999, tau_rate, range_margin)
     mag = codes.values.abs().float()
     count = segment_mean(fall.sum(-1).float(), segments, n)
-    fall_mass = torch.zeros(n, dtype=torch.float64).index_add_(
+    fall_mass = torch.zeros(n, dtype=torch.float64, device=device).index_add_(
         0, segments, (mag * fall).sum(-1).double()
     )
-    total_mass = torch.zeros(n, dtype=torch.float64).index_add_(0, segments, mag.sum(-1).double())
+    total_mass = torch.zeros(n, dtype=torch.float64, device=device).index_add_(
+        0, segments, mag.sum(-1).double()
+    )
     recon = segment_mean(err, segments, n) / max(stats.recon_mean, 1e-12)
     l0 = segment_mean(codes.l0.float(), segments, n)
     if stats.l0_std > 1e-12:
         l0_shift = (l0 - stats.l0_mean).abs() / stats.l0_std
     else:
         l0_shift = torch.zeros(n, dtype=torch.float64)
-    pooled = torch.stack([a.float().mean(0) for a in acts]).numpy().astype(np.float64)
+    # One transfer each back to the CPU (no-ops there), instead of one per text and score.
+    count, fall_mass, total_mass, recon, l0_shift = (
+        t.cpu() for t in (count, fall_mass, total_mass, recon, l0_shift)
+    )
+    codes = SparseCodes(codes.values.cpu(), codes.indices.cpu(), codes.l0.cpu())
+    fall, rare, oor = fall.cpu(), rare.cpu(), oor.cpu()
+    pooled = torch.stack([a.float().mean(0) for a in acts]).cpu().numpy().astype(np.float64)
     maha = mahalanobis(
         pooled,
-        stats.pooled_mean.numpy().astype(np.float64),
-        stats.pooled_precision.numpy().astype(np.float64),
+        stats.pooled_mean.cpu().numpy().astype(np.float64),
+        stats.pooled_precision.cpu().numpy().astype(np.float64),
     )
-    knn = knn_distance(pooled, stats.knn_bank.numpy().astype(np.float64), knn_k)
+    knn = knn_distance(pooled, stats.knn_bank.cpu().numpy().astype(np.float64), knn_k)
     out = []
     start = 0
     for i, a in enumerate(acts):

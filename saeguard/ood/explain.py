@@ -133,7 +133,7 @@ def top_id_contexts(stats: IDStats, latent: int, snippet: Snippets) -> list[dict
         value = float(stats.top_values[rank, latent])
         if value <= 0:
             break
-        row = stats.context_tokens[int(stats.top_window[rank, latent])]
+        row = stats.context_tokens[int(stats.top_window[rank, latent])].tolist()
         window = [int(t) for t in row if t >= 0]
         out.append(snippet(window, int(stats.top_position[rank, latent]), value))
     return out

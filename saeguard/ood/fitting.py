@@ -27,7 +27,7 @@ def fit_stats(
     rng = random.Random(f"{cfg.seed}:reference")
     n_ref = max(2, round(cfg.reference_fraction * len(texts)))
     reference_idx = set(rng.sample(range(len(texts)), n_ref))
-    acc = StatsAccumulator(sae.cfg.d_sae, cfg.id_contexts)
+    acc = StatsAccumulator(sae.cfg.d_sae, cfg.id_contexts, device=sae.W_dec.device)
     reference: list[TextActivations] = []
     pending: list[tuple[TextActivations, int]] = []
     rows = 0
@@ -54,10 +54,11 @@ def fit_stats(
 def _accumulate(
     sae: SparseAutoencoder, acc: StatsAccumulator, items: list[tuple[TextActivations, int]]
 ) -> None:
-    x = torch.cat([it.acts for it, _ in items])
+    device = sae.W_dec.device  # the codes and the per-latent sums live with the SAE
+    x = torch.cat([it.acts for it, _ in items]).to(device)
     codes = sparse_codes(sae, x)
     err = relative_error(x, reconstruct(sae, codes))
-    window = torch.cat([it.window + first for it, first in items])
-    position = torch.cat([it.position for it, _ in items])
+    window = torch.cat([it.window + first for it, first in items]).to(device)
+    position = torch.cat([it.position for it, _ in items]).to(device)
     pooled = torch.stack([it.acts.mean(0) for it, _ in items])
     acc.add(codes, err, window, position, pooled)

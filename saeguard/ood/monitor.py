@@ -39,6 +39,14 @@ from saeguard.sae.base import SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
+SCORE_CHUNK = 64
+"""Texts :meth:`Monitor.score` reads and analyses together (consecutive, in input order). The
+model and the SAE run on batches drawn from one chunk, so a text's numbers depend on the other
+texts of its chunk only through float rounding (batches of other shapes may sum in another
+order, ~1e-7 relative); data-parallel scoring hands out whole chunks, so it reproduces one
+process's numbers exactly (given as many threads per process: thread counts change rounding
+too)."""
+
 
 class Monitor:
     """SAE-based OOD detector with baselines, a calibrated flag and explanations."""
@@ -56,11 +64,14 @@ class Monitor:
         reference: dict[str, tuple[float, float]] | None = None,
         model_info: dict[str, Any] | None = None,
     ) -> None:
-        self.sae = sae.eval()
+        self.device = loaded.device
+        """Where the monitor computes: its model's device (the SAE and the per-latent
+        statistics move there; saving writes CPU tensors)."""
+        self.sae = sae.to(self.device).eval()
         self.sae_metadata = sae_metadata
         self.loaded = loaded
         self.cfg = cfg
-        self.stats = stats
+        self.stats = stats.to(self.device)
         self.rules = rules
         self.hook = str(sae_metadata["hook"])
         self.ctx_len = ctx_len
@@ -85,10 +96,14 @@ class Monitor:
         model: str = "",
         corpus: str = "",
         progress: bool = True,
+        device: str | torch.device = "cpu",
     ) -> Monitor:
-        """Fit ID statistics on ``texts`` (default: the train split of the SAE's corpus)."""
+        """Fit ID statistics on ``texts`` (default: the train split of the SAE's corpus), on
+        ``device`` (a given ``loaded`` model keeps its own)."""
         cfg = cfg or MonitorConfig()
-        subject = load_subject(sae_dir, model=model, corpus=corpus, split="train", loaded=loaded)
+        subject = load_subject(
+            sae_dir, model=model, corpus=corpus, split="train", loaded=loaded, device=device
+        )
         meta = subject.metadata
         corpus_name = corpus or str(meta.get("corpus") or DEFAULT_CORPUS)
         if texts is None:
@@ -167,6 +182,7 @@ class Monitor:
 
         Bytes are decoded as UTF-8 with invalid sequences replaced (the result warns). Empty
         texts get an ``error`` instead of scores; the rest of the batch is scored normally.
+        Texts are read and analysed in chunks of :data:`SCORE_CHUNK`.
         """
         with_lm = self.cfg.flag_score in LM_BASELINES if with_lm is None else with_lm
         results = [TextScore(index=i) for i in range(len(texts))]
@@ -189,13 +205,14 @@ class Monitor:
                 self._fill(results[i], item, analysis, explain, explain_all)
             batch.clear()
 
-        for i, item in self.reader.read(decoded, with_lm, keep, limit, progress):
+        reading = self.reader.read(decoded, with_lm, keep, limit, progress, SCORE_CHUNK)
+        for i, item in reading:
+            if batch and i // SCORE_CHUNK != batch[0][0] // SCORE_CHUNK:
+                flush()  # one analysis per chunk: what is analysed together is the chunk's
             if isinstance(item, ReadFailure):
                 results[i].error = item.message
                 continue
             batch.append((i, item))
-            if len(batch) >= 64:
-                flush()
         if batch:
             flush()
         return results
@@ -312,11 +329,13 @@ class Monitor:
         loaded: LoadedModel | None = None,
         model: str = "",
         adapter: str = "",
+        device: str | torch.device = "cpu",
     ) -> Monitor:
-        """Load a monitor; a model other than the one it was fitted for is refused. With
-        ``adapter`` (a `saeguard robustify` adapter directory) the model scored is the base model
-        with that adapter merged in, judged against the base model's statistics."""
-        stored = load_monitor(directory, loaded, model, adapter)
+        """Load a monitor onto ``device`` (a given ``loaded`` model keeps its own); a model
+        other than the one it was fitted for is refused. With ``adapter`` (a `saeguard
+        robustify` adapter directory) the model scored is the base model with that adapter
+        merged in, judged against the base model's statistics."""
+        stored = load_monitor(directory, loaded, model, adapter, device)
         monitor = cls(
             stored["sae"],
             stored["sae_metadata"],

@@ -95,7 +95,9 @@ def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 def segment_mean(values: torch.Tensor, segments: torch.Tensor, n: int) -> torch.Tensor:
     """Mean of ``values`` [rows] within each of ``n`` segments (rows labelled 0..n-1)."""
-    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, segments, values.double())
+    sums = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(
+        0, segments, values.double()
+    )
     counts = torch.bincount(segments, minlength=n).clamp_min(1)
     return sums / counts
 

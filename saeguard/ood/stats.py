@@ -8,7 +8,7 @@ Mahalanobis (Ledoit-Wolf covariance) and k-NN baselines.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -67,7 +67,23 @@ class IDStats:
     def p999(self) -> torch.Tensor:
         return self.quantiles[QUANTILES.index(0.999)]
 
+    LATENT_TENSORS = ("firing_count", "quantiles", "top_values", "top_window", "top_position")
+    """The per-latent tensors scoring reads next to the SAE's codes (they follow the SAE to its
+    device); the baselines' tensors stay on the CPU, where numpy and scikit-learn read them."""
+
+    def to(self, device: torch.device | str) -> IDStats:
+        """These statistics with their per-latent tensors on ``device`` (the same object when
+        they are there already)."""
+        device = torch.device(device)
+        if self.firing_count.device == device:
+            return self
+        return replace(self, **{n: getattr(self, n).to(device) for n in self.LATENT_TENSORS})
+
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by name, on the CPU (what the monitor directory saves)."""
+        return {k: v.cpu() for k, v in self._tensors().items()}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
         return {
             "firing_count": self.firing_count,
             "quantiles": self.quantiles,
@@ -111,6 +127,8 @@ class StatsAccumulator:
     d_sae: int
     top_k: int = 5
     """Top-activating ID contexts kept per latent."""
+    device: torch.device | str = "cpu"
+    """Where the batches arrive and the per-latent sums are kept (the SAE's device)."""
     count: torch.Tensor = field(init=False)
     _pairs_idx: list[torch.Tensor] = field(default_factory=list)
     _pairs_val: list[torch.Tensor] = field(default_factory=list)
@@ -123,10 +141,11 @@ class StatsAccumulator:
     top_position: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.count = torch.zeros(self.d_sae, dtype=torch.long)
-        self.top_values = torch.zeros(self.top_k, self.d_sae)
-        self.top_window = torch.zeros(self.top_k, self.d_sae, dtype=torch.long)
-        self.top_position = torch.zeros(self.top_k, self.d_sae, dtype=torch.long)
+        device = self.device
+        self.count = torch.zeros(self.d_sae, dtype=torch.long, device=device)
+        self.top_values = torch.zeros(self.top_k, self.d_sae, device=device)
+        self.top_window = torch.zeros(self.top_k, self.d_sae, dtype=torch.long, device=device)
+        self.top_position = torch.zeros(self.top_k, self.d_sae, dtype=torch.long, device=device)
 
     def add_windows(self, windows: list[list[int]]) -> int:
         """Register a text's windows; returns the global index of its first one."""
@@ -153,7 +172,7 @@ class StatsAccumulator:
         self._l0.append(codes.l0.float())
         self._err.append(rel_error.float())
         self._pooled.append(pooled.float())
-        dense = torch.zeros(len(codes.values), self.d_sae)
+        dense = torch.zeros(len(codes.values), self.d_sae, device=self.count.device)
         dense.scatter_(-1, codes.indices, codes.values.abs().float() * active)
         values = torch.cat([self.top_values, dense])
         best, rows = values.topk(self.top_k, dim=0)
@@ -169,13 +188,14 @@ class StatsAccumulator:
         self.top_values = best
 
     def finish(self, ctx_len: int) -> IDStats:
+        """The statistics, on the CPU (where they are saved; scoring moves what it needs)."""
         from sklearn.covariance import LedoitWolf
 
         if not self._l0:
             raise CorpusError("no in-distribution tokens to fit statistics on")
-        l0 = torch.cat(self._l0)
-        err = torch.cat(self._err)
-        pooled = torch.cat(self._pooled).numpy().astype(np.float64)
+        l0 = torch.cat(self._l0).cpu()
+        err = torch.cat(self._err).cpu()
+        pooled = torch.cat(self._pooled).cpu().numpy().astype(np.float64)
         if len(pooled) < 2:
             raise CorpusError(
                 f"only {len(pooled)} in-distribution text(s) to fit on; the monitor needs at "
@@ -183,7 +203,7 @@ class StatsAccumulator:
             )
         quantiles = per_latent_quantiles(
             torch.cat(self._pairs_idx), torch.cat(self._pairs_val), self.d_sae, QUANTILES
-        )
+        ).cpu()
         lw = LedoitWolf().fit(pooled)
         unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         tokens = torch.full((len(self._windows), ctx_len), -1, dtype=torch.int32)
@@ -192,7 +212,7 @@ class StatsAccumulator:
         return IDStats(
             n_tokens=len(l0),
             n_texts=len(pooled),
-            firing_count=self.count,
+            firing_count=self.count.cpu(),
             quantiles=quantiles,
             l0_mean=float(l0.mean()),
             l0_std=float(l0.std()) if len(l0) > 1 else 0.0,
@@ -201,9 +221,9 @@ class StatsAccumulator:
             pooled_mean=torch.from_numpy(lw.location_).float(),
             pooled_precision=torch.from_numpy(lw.precision_).float(),
             knn_bank=torch.from_numpy(unit).float(),
-            top_values=self.top_values,
-            top_window=self.top_window.to(torch.int32),
-            top_position=self.top_position.to(torch.int32),
+            top_values=self.top_values.cpu(),
+            top_window=self.top_window.to(torch.int32).cpu(),
+            top_position=self.top_position.to(torch.int32).cpu(),
             context_tokens=tokens,
         )
 
@@ -218,11 +238,11 @@ def per_latent_quantiles(
     idx, val = idx[order], val[order]
     counts = torch.bincount(idx, minlength=d_sae)
     starts = torch.cumsum(counts, 0) - counts
-    out = torch.zeros(len(levels), d_sae)
+    out = torch.zeros(len(levels), d_sae, device=values.device)
     seen = counts > 0
     for row, q in enumerate(levels):
         offset = torch.floor(q * (counts - 1).clamp_min(0).double()).long()
         pos = (starts + offset).clamp(max=max(len(val) - 1, 0))
         if len(val):
-            out[row] = torch.where(seen, val[pos], torch.zeros(()))
+            out[row] = torch.where(seen, val[pos], torch.zeros((), device=values.device))
     return out

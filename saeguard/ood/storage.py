@@ -13,11 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saeguard import __version__
 from saeguard.activations.exclusion import ExclusionRules
+from saeguard.devices import describe_device
 from saeguard.errors import ConfigError, CorruptFileError, SaeguardError
 from saeguard.fileio import atomic_directory, atomic_write_json, check_schema, read_json
 from saeguard.models.loading import LoadedModel, load_model
@@ -43,6 +45,7 @@ class MonitorState(Protocol):
 
     sae: SparseAutoencoder
     sae_metadata: dict[str, Any]
+    device: torch.device
     cfg: MonitorConfig
     model_info: dict[str, Any]
     hook: str
@@ -62,7 +65,7 @@ def save_monitor(monitor: MonitorState, directory: str | Path) -> Path:
     directory = Path(directory)
     with atomic_directory(directory, MONITOR_ENTRIES, index=MONITOR_FILE) as tmp:
         save_sae(monitor.sae, tmp / SAE_SUBDIR, monitor.sae_metadata)
-        save_file(
+        save_file(  # tensors() are CPU tensors wherever the monitor computes
             {k: v.contiguous() for k, v in monitor.stats.tensors().items()},
             str(tmp / STATS_FILE),
         )
@@ -91,6 +94,7 @@ def monitor_document(monitor: MonitorState) -> dict[str, Any]:
         "reference": {k: list(v) for k, v in monitor.reference.items()},
         "thresholds": monitor.thresholds,
         "calibration": monitor.calibration,
+        "device": describe_device(monitor.device),
     }
 
 
@@ -99,9 +103,12 @@ def load_monitor(
     loaded: LoadedModel | None = None,
     model: str = "",
     adapter: str = "",
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Read a monitor directory and load (or take) its model; a model other than the one it was
-    fitted for is refused. With ``adapter`` the model is the base model with it merged in.
+    """Read a monitor directory and load (or take) its model, loading it onto ``device``; a
+    model other than the one it was fitted for is refused. With ``adapter`` the model is the
+    base model with it merged in. The tensors are read onto the CPU (the monitor moves what it
+    computes with to its model's device).
     Returns the monitor's attributes by name (as :class:`MonitorState` lists them, with
     ``loaded``)."""
     directory = Path(directory)
@@ -116,7 +123,7 @@ def load_monitor(
     sae, meta = load_sae(directory / SAE_SUBDIR)
     info = doc["model"]
     if loaded is None:
-        loaded = load_model(model or info["name"], adapter=adapter)
+        loaded = load_model(model or info["name"], device=device, adapter=adapter)
     elif adapter:
         from saeguard.models.adapters import merge_adapter
 

@@ -149,10 +149,15 @@ class LoraRobustifier:
             )
         self.optimizer = torch.optim.Adam(self.params, lr=settings.lr)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model (and the SAE with it) trains."""
+        return next(self.model.parameters()).device
+
     def _batch(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, real = pad_contexts(rows, self.pad_id)
         keep = real & ~self.rules.special_mask(tokens)
-        return tokens, keep
+        return tokens.to(self.device), keep.to(self.device)
 
     def losses(
         self, clean: Sequence[list[int]], perturbed: Sequence[list[int]]
@@ -162,7 +167,7 @@ class LoraRobustifier:
         shifted_tokens, shifted_keep = self._batch(perturbed)
         with torch.no_grad(), self.model.disable_adapter():
             target, _ = _pooled_latents(self.model, self.sae, self.point, clean_tokens, clean_keep)
-        zero = torch.zeros(())
+        zero = torch.zeros((), device=clean_tokens.device)
         consistency, lm = zero, zero
         if self.settings.consistency_weight > 0:
             pooled, acts = _pooled_latents(
@@ -172,7 +177,7 @@ class LoraRobustifier:
             if self.settings.energy_weighting:
                 if self.energy_of is not None:
                     rows = [a[k].detach() for a, k in zip(acts, shifted_keep, strict=True)]
-                    heat = self.energy_of(rows).float()
+                    heat = self.energy_of(rows).float().to(per_pair.device)
                 else:
                     heat = per_pair.detach()
                 weights = torch.softmax(heat, dim=0) * len(per_pair)
@@ -189,15 +194,17 @@ class LoraRobustifier:
         return total, consistency, lm
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Adapter weights and Adam moments as named tensors (checkpoints are safetensors)."""
+        """Adapter weights and Adam moments as named CPU tensors (checkpoints are safetensors,
+        read back onto whichever device the resumed run trains on)."""
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         out: dict[str, torch.Tensor] = {}
         for name, param in zip(names, self.params, strict=True):
-            out[f"param/{name}"] = param.detach().clone()
+            out[f"param/{name}"] = param.detach().cpu().clone()
             state = self.optimizer.state.get(param, {})
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 if key in state:
-                    out[f"adam/{key}/{name}"] = torch.as_tensor(state[key]).detach().clone()
+                    value = torch.as_tensor(state[key]).detach()
+                    out[f"adam/{key}/{name}"] = value.cpu().clone()
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -213,10 +220,10 @@ class LoraRobustifier:
             for name, param in zip(names, self.params, strict=True):
                 param.copy_(tensors[f"param/{name}"])
                 if f"adam/step/{name}" in tensors:
-                    self.optimizer.state[param] = {
+                    self.optimizer.state[param] = {  # Adam keeps its step count on the CPU
                         "step": tensors[f"adam/step/{name}"].clone(),
-                        "exp_avg": tensors[f"adam/exp_avg/{name}"].clone(),
-                        "exp_avg_sq": tensors[f"adam/exp_avg_sq/{name}"].clone(),
+                        "exp_avg": tensors[f"adam/exp_avg/{name}"].to(param.device).clone(),
+                        "exp_avg_sq": tensors[f"adam/exp_avg_sq/{name}"].to(param.device).clone(),
                     }
 
     def step(self, clean: Sequence[list[int]], perturbed: Sequence[list[int]]) -> StepLosses:

@@ -199,6 +199,8 @@ def test_ood_fit_and_benchmark_commands_end_to_end(
     assert main(argv) == 0
     fitted = json.loads(capsys.readouterr().out)
     assert fitted["threshold"] is not None and fitted["calibration"]["n_texts"] == 30
+    assert fitted["device"] == "cpu"  # --device auto on a machine without a GPU
+    assert json.loads((tmp_path / "mon" / "monitor.json").read_text())["device"] == "cpu"
     argv = ["-q", "ood", "benchmark", "--monitor", mon, "--out", str(tmp_path / "b"),
             "--shifts", "typos:0.2,wiki-fr", "--id-texts", "12", "--per-shift", "10",
             "--no-lm-baselines", "--resamples", "100"]  # fmt: skip
@@ -206,6 +208,7 @@ def test_ood_fit_and_benchmark_commands_end_to_end(
     assert "measured FPR" in capsys.readouterr().out
     bench = json.loads((tmp_path / "b" / "ood_benchmark.json").read_text())
     assert set(bench["shifts"]) == {"typos:0.2", "wiki-fr"} and "msp" not in bench["scores"]
+    assert bench["device"] == "cpu" and bench["config"].get("device") is None
     out = tmp_path / "x"
     rc = main(["-q", "ood", "benchmark", "--monitor", str(tmp_path / "nothing"), "--out", str(out)])
     assert rc == 2 and "not a monitor directory" in capsys.readouterr().err

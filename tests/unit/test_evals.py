@@ -239,6 +239,9 @@ def test_eval_runner_writes_valid_json_html_resumes_and_compares(
     first = _tiny_sae(tiny_llama_dir, tmp_path / "a", 0)
     document = run_eval(first, EvalConfig(**cfg))  # type: ignore[arg-type]
     assert document["complete"]
+    # The device it ran on is recorded, outside the settings and the per-eval signatures.
+    assert document["device"] == "cpu" and "device" not in document["settings"]
+    assert all("device" not in json.dumps(s) for s in document["eval_settings"].values())
     loaded, samples = load_eval(first)  # schema-validated
     metrics = loaded["metrics"]
     assert {"fvu", "ce_loss_recovered", "effective_features", "sparse_probing_accuracy_k1",

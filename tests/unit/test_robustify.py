@@ -153,7 +153,7 @@ def test_robustify_job_writes_a_valid_report_with_both_arms(tiny_job) -> None:
     html_page = (out / "robustify.html").read_text()
     assert "before / after / difference" in html_page and "QUICK" in html_page
     saved = json.loads((out / "robustify.json").read_text())
-    assert saved["checks"] == document["checks"]
+    assert saved["checks"] == document["checks"] and saved["device"] == "cpu"
     assert not list(out.rglob("*.pkl")) and not list(out.rglob("*.bin"))
 
 
