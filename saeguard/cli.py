@@ -170,7 +170,8 @@ def _run(cfg: Any) -> int:
     from saeguard.jobs.run import run
 
     state = run(cfg)
-    print(f"report: {state['report']}")
+    if is_main_process():
+        print(f"report: {state['report']}")
     return 0
 
 
@@ -314,8 +315,10 @@ def commands() -> list[Command]:
                 "harvest activations and train a masked TopK SAE, evaluate it (core + CE), fit and "
                 "calibrate the OOD monitor, run the OOD benchmark and write OUT/index.html linking "
                 "every report. Progress bars throughout; running the same command again after an "
-                "interruption resumes instead of starting over."
+                "interruption resumes instead of starting over. Under torchrun the harvest and "
+                "the training are data-parallel and rank 0 does the rest (docs/scaling.md)."
             ),
+            distributed=True,
             config=RunConfig,
             run=_run,
             exclude=RunConfig.PLANNED,

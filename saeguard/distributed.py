@@ -231,6 +231,22 @@ def join_world(device: torch.device) -> World:
     return _WORLD
 
 
+def part_ways(world: World) -> World:
+    """End the ranks' work together: wait for each other and tear the process group down; each
+    process goes on alone (rank 0 with what only it does: evaluation, reports), so no rank waits
+    at a collective for the others' single-process work."""
+    global _WORLD
+    if not world.distributed:
+        return world
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # (a sub-job may have parted already)
+        dist.barrier()
+        dist.destroy_process_group()
+    _WORLD = World(rank=world.rank, size=1, device=world.device)
+    return _WORLD
+
+
 def leave_world(finished: bool = True) -> None:
     """Tear the process group down at the end of a command (no-op as one process).
 

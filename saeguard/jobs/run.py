@@ -28,6 +28,7 @@ from typing import Any, Literal
 from saeguard.configs import validate_literals
 from saeguard.defaults import DEFAULT_EXPANSION, DEFAULT_K
 from saeguard.devices import describe_device, resolve_device
+from saeguard.distributed import join_world, part_ways
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory, sha256_file
 from saeguard.jobs.ood import OodBenchmarkConfig
@@ -113,8 +114,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from saeguard.ood import Monitor
 
     device = resolve_device(cfg.device)  # a missing GPU fails before anything is written
+    world = join_world(device)  # under torchrun: harvest and train data-parallel, rank 0 the rest
     out = Path(cfg.out)
-    claim_output_directory(out, "run", index=("run.json",))
+    world.on_main(lambda: claim_output_directory(out, "run", index=("run.json",)))
     state_path = out / "run.json"
     state: dict[str, Any] = read_record(state_path) or {}  # unreadable: every step re-checked
     steps = state.get("steps")
@@ -123,12 +125,17 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         state = {}
     state["config"] = asdict(cfg)
     state["device"] = describe_device(device)  # of this invocation; no step's signature has it
+    state["world_size"] = world.size
     state.setdefault("steps", {})
     sae_dir, monitor_dir, ood_dir = out / "sae", out / "monitor", out / "ood"
     acts_dir = out / "acts"
 
     def step(name: str, signature: str) -> Step:
         return Step(state_path, signature, name=name, document=state)
+
+    def record(name: str, signature: str, **payload: Any) -> None:
+        if world.is_main:  # rank 0 alone writes run.json
+            step(name, signature).record(**payload)
 
     started = time.perf_counter()
     log.info("step 0/6: measure this machine and plan the job for %.0f minutes", cfg.time_budget)
@@ -140,17 +147,24 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         plan = state["steps"]["plan"]["plan"]
         log.info("reusing the recorded plan: %s", _describe_plan(plan))
     else:
-        start = time.perf_counter()
-        plan = _make_plan(cfg, str(device))
-        log.info("plan: %s", _describe_plan(plan))
-        if sum(plan["expected_s"].values()) > 1.1 * plan["budget_s"]:
-            log.warning(
-                "--time-budget %.0f min cannot pay for the smallest text counts on this machine: "
-                "expect about %.0f min (raise the budget, or lower --per-shift/--id-texts)",
-                cfg.time_budget, sum(plan["expected_s"].values()) / 60,
-            )  # fmt: skip
-        step("plan", plan_signature).record(seconds=time.perf_counter() - start, plan=plan,
-                                            throughput=plan.pop("throughput"))  # fmt: skip
+
+        def make_plan() -> dict[str, Any]:  # rank 0 measures; every rank follows its plan
+            start = time.perf_counter()
+            plan = _make_plan(cfg, str(device))
+            log.info("plan: %s", _describe_plan(plan))
+            if sum(plan["expected_s"].values()) > 1.1 * plan["budget_s"]:
+                log.warning(
+                    "--time-budget %.0f min cannot pay for the smallest text counts on this "
+                    "machine: expect about %.0f min (raise the budget, or lower "
+                    "--per-shift/--id-texts)", cfg.time_budget,
+                    sum(plan["expected_s"].values()) / 60,
+                )  # fmt: skip
+            step("plan", plan_signature).record(seconds=time.perf_counter() - start, plan=plan,
+                                                throughput=plan.pop("throughput"))  # fmt: skip
+            return plan
+
+        plan = world.gather_json(world.on_main(make_plan))[0]
+        state["steps"].setdefault("plan", {"plan": plan})
 
     log.info("step 1/6: harvest %s masked activations (p=%s) into %s",
              f"{plan['harvest_tokens']:,}", cfg.mask_prob, acts_dir)  # fmt: skip
@@ -169,17 +183,19 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if not step("harvest", harvest_signature).done():
         start = time.perf_counter()
         harvest(harvest_cfg)
-        step("harvest", harvest_signature).record(seconds=time.perf_counter() - start)
+        record("harvest", harvest_signature, seconds=time.perf_counter() - start)
 
     if "train_tokens_final" not in plan:  # decided once, recorded, reused by every resume
         spent = sum(
             state["steps"].get(step, {}).get("seconds", 0.0) for step in ("plan", "harvest")
         )
-        plan["train_tokens_final"] = (
+        # Timing-dependent: rank 0 decides, every rank trains on its number.
+        plan["train_tokens_final"] = world.gather_json(
             plan["train_tokens"] if cfg.tokens else retarget_training(plan, spent)
-        )
+        )[0]
         state["steps"]["plan"]["plan"] = plan
-        atomic_write_json(state_path, state)
+        if world.is_main:
+            atomic_write_json(state_path, state)
         log.info("the harvest took %.1f min: training on %s tokens (planned %s)", spent / 60,
                  f"{plan['train_tokens_final']:,}", f"{plan['train_tokens']:,}")  # fmt: skip
 
@@ -215,10 +231,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
              f"{plan['train_tokens_final']:,}")  # fmt: skip
     if not step("train", signatures["train"]).done():
         start = time.perf_counter()
-        results = run_training(job)
-        step("train", signatures["train"]).record(
-            seconds=time.perf_counter() - start, results=results
-        )
+        results = run_training(job)  # ends the ranks' shared work: rank 0 goes on alone
+        record("train", signatures["train"], seconds=time.perf_counter() - start,
+               results=results)  # fmt: skip
+    world = part_ways(world)
+    if not world.is_main:
+        return state
     weights = sha256_file(sae_dir / "sae_weights.safetensors")
 
     log.info("step 3/6: evaluate the SAE (core metrics, CE loss recovered)")

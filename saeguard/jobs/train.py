@@ -21,7 +21,7 @@ from saeguard.activations.cache import ActivationCache
 from saeguard.configs import EXTRA_OPTIONS
 from saeguard.defaults import DEFAULT_EXPANSION, DEFAULT_K
 from saeguard.devices import describe_device, resolve_device
-from saeguard.distributed import join_world
+from saeguard.distributed import join_world, part_ways
 from saeguard.errors import ConfigError
 from saeguard.fileio import atomic_write_json, claim_output_directory
 from saeguard.sae import (
@@ -192,6 +192,8 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
             trainer.metadata["exclusions"] = described["exclusions"]
 
     trainer.fit(batches, on_step=on_step)
+    ranks = world.describe()
+    world = part_ways(world)  # rank 0 evaluates alone
     if not world.is_main:
         return {}
     if isinstance(source, ModelActivationSource) and trainer.trained_steps:
@@ -210,7 +212,7 @@ def run_training(job: TrainJobConfig) -> dict[str, Any]:
         "training_tokens": trainer.step * job.batch_tokens,
         "tokens_per_s": trainer.tokens_per_s,
         "device": describe_device(device),
-        **world.describe(),
+        **ranks,
         "masking": masking,
         "saes": {},
     }

@@ -177,6 +177,25 @@ def done_ok(done: subprocess.CompletedProcess[str]) -> bool:
     return True
 
 
+def test_the_main_job_runs_under_torchrun_and_trains_the_one_process_sae(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """`saeguard run` under torchrun: harvest and training data-parallel, rank 0 evaluates,
+    fits the monitor and reports; the SAE equals the one-process run's."""
+    argv = ["run", "--model", str(tiny_llama_dir), "--hook", "resid_post.2", "--quick",
+            "--tokens", "40960", "--dtype", "float32", "--threads", "1",
+            "--fit-texts", "40", "--calibration-texts", "30", "--id-texts", "20",
+            "--per-shift", "12", "--shifts", "typos:0.2"]  # fmt: skip
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main([*argv, "--out", str(single)]) == 0
+    done = _torchrun([*argv, "--out", str(ddp)])
+    assert done_ok(done) and done.stdout.count("report:") == 1  # rank 0 alone reports
+    assert max(_relative_differences(ddp / "sae", single / "sae").values()) <= 1e-5
+    state = json.loads((ddp / "run.json").read_text())
+    assert state["world_size"] == 2 and state["steps"]["train"]["results"]["world_size"] == 2
+    assert (ddp / "index.html").is_file() and (ddp / "ood" / "ood_benchmark.json").is_file()
+
+
 def test_what_a_split_batch_would_change_is_refused_in_one_line() -> None:
     two = World(rank=0, size=2)
     cfg = TrainerConfig(tokens=256, batch_tokens=128, buffer_tokens=256)
