@@ -69,22 +69,18 @@ class World:
     # --- collectives (no-ops in a single-rank world) ----------------------------------------
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks in place (every rank gets the same result)."""
-        if self.distributed:
-            import torch.distributed as dist
-
-            moved = tensor.to(self.device)
-            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
-            if moved is not tensor:
-                tensor.copy_(moved)
-        return tensor
+        return self._all_reduce_(tensor, "SUM")
 
     def max_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over the ranks, in place."""
+        return self._all_reduce_(tensor, "MAX")
+
+    def _all_reduce_(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         if self.distributed:
             import torch.distributed as dist
 
             moved = tensor.to(self.device)
-            dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+            dist.all_reduce(moved, op=getattr(dist.ReduceOp, op))
             if moved is not tensor:
                 tensor.copy_(moved)
         return tensor

@@ -148,3 +148,33 @@ def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 @pytest.fixture()
 def text_corpus(tmp_path: Path) -> Path:
     return make_text_corpus(tmp_path / "corpus.txt")
+
+
+MONITOR_WORDS = (
+    "the cat dog river mountain city history science music art king queen war peace".split()
+)
+
+
+def random_texts(n: int, seed: int) -> list[str]:
+    """``n`` short texts of a fixed vocabulary (a tiny monitor's ID text)."""
+    rng = random.Random(seed)
+    words = MONITOR_WORDS
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(n)]
+
+
+def fit_tiny_monitor(model_dir: Path, out: Path, fit_texts: int, calibration_texts: int) -> Path:
+    """A random TopK SAE on the tiny llama's resid_post.2 and a monitor fitted and calibrated
+    on random texts; returns the monitor directory."""
+    from saeguard.ood import Monitor, MonitorConfig
+    from saeguard.sae import SAEConfig, create_sae
+    from saeguard.sae.io import save_sae
+
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
+    save_sae(sae, out / "sae", {"model": str(model_dir), "hook": "resid_post.2",
+                                "corpus": "wiki-en", "ctx_len": 16})  # fmt: skip
+    settings = MonitorConfig(fit_texts=fit_texts, calibration_texts=calibration_texts)
+    monitor = Monitor.fit(out / "sae", settings, texts=random_texts(fit_texts, 0))
+    monitor.calibrate(random_texts(calibration_texts, 1))
+    monitor.save(out / "monitor")
+    return out / "monitor"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ import torch
 from saeguard.cli import build_parser, commands, main
 from saeguard.configs import config_from_args
 from saeguard.devices import DEVICE_HELP
+from tests.conftest import fit_tiny_monitor
+from tests.conftest import random_texts as _texts
 
 REPO = Path(__file__).parents[2]
 
@@ -95,31 +96,9 @@ def test_a_missing_gpu_is_one_stderr_line_in_a_real_process(tmp_path: Path) -> N
 
 
 # --- data-parallel `ood score` ---------------------------------------------------------------
-WORDS = "the cat dog river mountain city history science music art king queen war peace".split()
-
-
-def _texts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def tiny_monitor(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from saeguard.ood import Monitor, MonitorConfig
-    from saeguard.sae import SAEConfig, create_sae
-    from saeguard.sae.io import save_sae
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("device_ood")
-    sae = create_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
-    save_sae(sae, out / "sae", {"model": str(tiny_llama_dir), "hook": "resid_post.2",
-                                "corpus": "wiki-en", "ctx_len": 16})  # fmt: skip
-    monitor = Monitor.fit(
-        out / "sae", MonitorConfig(fit_texts=40, calibration_texts=30), texts=_texts(40, 0)
-    )
-    monitor.calibrate(_texts(30, 1))
-    monitor.save(out / "monitor")
-    return out / "monitor"
+    return fit_tiny_monitor(tiny_llama_dir, tmp_path_factory.mktemp("device_ood"), 40, 30)
 
 
 def test_a_monitor_records_its_device_and_saves_cpu_tensors(tiny_monitor: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from saeguard.ood.metrics import auroc, bootstrap_detection, fpr_at_tpr, rank_au
 from saeguard.ood.scores import energy, sparse_codes
 from saeguard.ood.stats import QUANTILES, IDStats, StatsAccumulator, per_latent_quantiles
 from saeguard.sae import SAEConfig, create_sae
-from saeguard.sae.io import save_sae
+from tests.conftest import fit_tiny_monitor
+from tests.conftest import random_texts as _texts
 
 
 def _identity_sae(d: int = 4, k: int = 1):
@@ -160,27 +160,9 @@ def test_detection_metrics_agree_with_scikit_learn() -> None:
     assert perfect["auroc"] == 1.0 and perfect["fpr95"] == 0.0
 
 
-WORDS = "the cat dog river mountain city history science music art king queen war peace".split()
-
-
-def _texts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def tiny_monitor(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("ood")
-    sae = create_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
-    save_sae(sae, out / "sae", {"model": str(tiny_llama_dir), "hook": "resid_post.2",
-                                "corpus": "wiki-en", "ctx_len": 16})  # fmt: skip
-    monitor = Monitor.fit(
-        out / "sae", MonitorConfig(fit_texts=100, calibration_texts=60), texts=_texts(100, 0)
-    )
-    monitor.calibrate(_texts(60, 1))
-    monitor.save(out / "monitor")
-    return out / "monitor"
+    return fit_tiny_monitor(tiny_llama_dir, tmp_path_factory.mktemp("ood"), 100, 60)
 
 
 def test_monitor_scores_flags_explains_and_round_trips(tiny_monitor: Path) -> None:
