@@ -2,15 +2,18 @@
 
 Trains the same SAE on the same activation cache twice: once as one process, once under
 ``torchrun --nproc-per-node N`` (gloo on the CPU, nccl with ``--device cuda``), and prints both
-training rates (tokens/s, from each run's train_results.json), their ratio, and the largest
-relative difference between the two SAEs' weights (they should agree to float rounding).
+training rates (tokens/s, from each run's train_results.json), their ratio, both SAEs'
+held-out FVU (validation split) and the largest relative difference between their weights. The
+ranks sum their gradients in another order than one process does; with sign-SGD a near-zero
+gradient element can change sign, after which TopK training drifts to a different SAE of the
+same quality (docs/scaling.md has the measurement), so compare the FVUs, not the weights.
 
 On a CPU the ranks share the machine's cores: one process gets ``--threads`` threads, each rank
 ``--threads / N``, so the ratio shows what the split and the per-step collectives cost or gain
 at equal hardware. On N GPUs each rank has its own GPU.
 
     python benchmarks/ddp_scaling.py --acts runs/default/acts [--nproc 2] [--tokens 262144]
-        [--device cpu] [--threads 2]
+        [--device cpu] [--threads 2] [--optimizer adam --no-schedule-free]
 """
 
 from __future__ import annotations
@@ -53,11 +56,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="CPU threads of one process (each rank: threads / nproc)")  # fmt: skip
     parser.add_argument("--out", default="", help="keep both runs here (default: a temp dir)")
-    args = parser.parse_args()
+    parser.add_argument("--eval-tokens", type=int, default=16_384, help="held-out FVU tokens")
+    args, extra = parser.parse_known_args()  # the rest goes to `saeguard train` as is
     argv = ["--acts", args.acts, "--tokens", str(args.tokens), "--batch-tokens",
             str(args.batch_tokens), "--k", str(args.k), "--expansion", str(args.expansion),
-            "--device", args.device, "--eval-tokens", "0", "--checkpoint-minutes", "0",
-            "--checkpoint-every", "0", "--buffer-tokens", str(16 * args.batch_tokens)]  # fmt: skip
+            "--device", args.device, "--eval-tokens", str(args.eval_tokens),
+            "--checkpoint-minutes", "0", "--checkpoint-every", "0",
+            "--buffer-tokens", str(16 * args.batch_tokens), *extra]  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.out or scratch)
         single, single_s = train(argv, root / "single", 1, args.threads)
@@ -72,7 +77,11 @@ def main() -> None:
     print(f"one process:  {one:10,.0f} training tok/s ({single_s:.0f} s wall)")
     print(f"torchrun x{args.nproc}:  {many:10,.0f} training tok/s ({ranks_s:.0f} s wall): "
           f"{many / one:.2f}x")  # fmt: skip
-    print(f"largest relative weight difference between the two SAEs: {difference:.1e}")
+    if args.eval_tokens:
+        fvus = [next(iter(r["saes"].values()))["held_out"]["fvu"] for r in (single, ranks)]
+        print(f"held-out FVU: one process {fvus[0]:.4f}, torchrun x{args.nproc} {fvus[1]:.4f}")
+    print(f"largest relative weight difference between the two SAEs: {difference:.1e}"
+          f"{' (extra train options: ' + ' '.join(extra) + ')' if extra else ''}")  # fmt: skip
 
 
 if __name__ == "__main__":
