@@ -33,26 +33,27 @@ class StepOutput:
     """Reconstruction [N, d_in]."""
     fired: torch.Tensor
     """Boolean [d_sae]: latents active on at least one token of the batch."""
-    l0: float
-    """Mean number of active latents per token."""
+    l0: torch.Tensor | float
+    """Mean number of active latents per token (a 0-d tensor left on the device: reading it
+    would wait for the device every step)."""
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     """Loss terms to log (detached scalars)."""
 
 
-def dense_step_stats(f: torch.Tensor) -> tuple[torch.Tensor, float]:
+def dense_step_stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fired [d_sae], mean L0) of a dense latent matrix."""
     active = f != 0
-    return active.any(0), float(active.sum()) / max(f.shape[0], 1)
+    return active.any(0), active.sum().double() / max(f.shape[0], 1)
 
 
 def sparse_step_stats(
     values: torch.Tensor, indices: torch.Tensor, n_latents: int
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(fired [d_sae], mean L0) of (values, indices) latents."""
     active = values != 0
     fired = torch.zeros(n_latents, dtype=torch.bool, device=values.device)
     fired[indices[active]] = True
-    return fired, float(active.sum()) / max(values.shape[0], 1)
+    return fired, active.sum().double() / max(values.shape[0], 1)
 
 
 class SparseAutoencoder(nn.Module):

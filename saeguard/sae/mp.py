@@ -96,7 +96,7 @@ class MatchingPursuitSAE(SparseAutoencoder):
             fired[chosen[coefs != 0]] = True
             ordered = chosen.sort(-1).values  # an atom chosen twice is one active latent
             distinct = 1 + (ordered.diff(dim=-1) != 0).sum(-1)
-            l0 = float(distinct.float().mean()) if x.shape[0] else 0.0
+            l0 = distinct.float().mean() if x.shape[0] else x.new_zeros(())
         return StepOutput(mse, x_hat, fired, l0, {"mse": mse.detach()})
 
     @torch.no_grad()
