@@ -285,8 +285,9 @@ GROUPS: dict[tuple[str, ...], tuple[str, str]] = {
                  "Studies that train and evaluate several SAEs and write a report."),
     ("ood",): ("Detect out-of-distribution inputs: fit a monitor, score texts, benchmark it.",
                "The OOD monitor of SPEC section 5: fallacious SAE latents (rare or out of range "
-               "on in-distribution text), reconstruction error, L0 shift and their energy, beside "
-               "Mahalanobis, k-NN and LM-confidence baselines."),
+               "on in-distribution text, weighted by their surprisal), reconstruction error, L0 "
+               "shift, Mahalanobis, k-NN and LM-confidence baselines, fused into one score by "
+               "their p-values against held-out in-distribution text (the default flag)."),
 }  # fmt: skip
 """Words that only group sub-commands: (help, description)."""
 

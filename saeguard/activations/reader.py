@@ -54,6 +54,9 @@ class TextActivations:
     """True when the text had more than ``max_windows`` windows and the rest was dropped."""
     lm: dict[str, float] = field(default_factory=dict)
     """LM baselines (msp, entropy, perplexity) when the full model ran."""
+    lm_surprisal: torch.Tensor | None = None
+    """[n] the LM's surprisal ``-log p`` (nats) of each kept token given its window's prefix
+    (NaN for a window's first token, which nothing predicts), when the full model ran."""
 
 
 @dataclass
@@ -228,8 +231,13 @@ class ActivationReader:
                 kept[0] = n == 1
             positions = kept.nonzero().squeeze(1)
             window = torch.tensor(windows[res.index], dtype=torch.long)
-            lm = _lm_sums(res.logits, window) if res.logits is not None else None
-            results[res.index] = WindowResult(res.acts[positions], window[positions], positions, lm)
+            lm, surprisal = None, None
+            if res.logits is not None:
+                lm, nll = _lm_sums(res.logits, window)
+                surprisal = torch.cat([torch.full((1,), math.nan), nll])[positions]
+            results[res.index] = WindowResult(
+                res.acts[positions], window[positions], positions, lm, surprisal
+            )
         return [r for r in results if r is not None]
 
 
@@ -240,19 +248,25 @@ class WindowResult:
     positions: torch.Tensor
     lm: tuple[float, float, float, int] | None
     """Sums over predicted positions of (max prob, entropy, NLL) and their count."""
+    surprisal: torch.Tensor | None = None
+    """[kept] the LM's surprisal of each kept token (NaN at the window's first position)."""
 
 
-def _lm_sums(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float, float, int]:
-    """Per-window sums for the LM baselines: each position predicting the window's next token."""
+def _lm_sums(
+    logits: torch.Tensor, tokens: torch.Tensor
+) -> tuple[tuple[float, float, float, int], torch.Tensor]:
+    """Per-window sums for the LM baselines (each position predicting the window's next token),
+    and the surprisal of each token from position 1 on ([len - 1], on the CPU)."""
     if len(tokens) < 2:
-        return 0.0, 0.0, 0.0, 0
+        return (0.0, 0.0, 0.0, 0), torch.zeros(0)
     tokens = tokens.to(logits.device)
     logp = F.log_softmax(logits[:-1].float(), dim=-1)
     probs = logp.exp()
     max_prob = probs.max(dim=-1).values.sum().item()
     entropy = -(probs * logp).sum(dim=-1).sum().item()
-    nll = -logp.gather(-1, tokens[1:, None]).sum().item()
-    return max_prob, entropy, nll, len(tokens) - 1
+    nll_each = -logp.gather(-1, tokens[1:, None]).squeeze(1)
+    nll = nll_each.sum().item()
+    return (max_prob, entropy, nll, len(tokens) - 1), nll_each.cpu()
 
 
 def _assemble(
@@ -267,6 +281,9 @@ def _assemble(
     position = torch.cat([p.positions for _, p in parts])
     window = torch.cat([torch.full((len(p.positions),), w) for w, p in parts])
     lm: dict[str, float] = {}
+    surprisal = None
+    if with_lm and all(p.surprisal is not None for _, p in parts):
+        surprisal = torch.cat([p.surprisal for _, p in parts if p.surprisal is not None])
     if with_lm:
         sums = [p.lm for _, p in parts if p.lm is not None and p.lm[3] > 0]
         count = sum(s[3] for s in sums)
@@ -278,7 +295,7 @@ def _assemble(
             }
         else:  # a one-token text predicts nothing: neutral values, never NaN
             lm = {"msp": 0.0, "entropy": 0.0, "perplexity": 1.0}
-    return TextActivations(acts, tokens, window, position, windows, truncated, lm)
+    return TextActivations(acts, tokens, window, position, windows, truncated, lm, surprisal)
 
 
 def kept_document_activations(

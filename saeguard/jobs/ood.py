@@ -35,9 +35,21 @@ from saeguard.fileio import (
 )
 from saeguard.ood.config import MonitorConfig
 from saeguard.ood.explain import TextScore
-from saeguard.ood.metrics import bootstrap_detection, proportion_ci, score_values
+from saeguard.ood.metrics import (
+    bootstrap_detection,
+    detection_summary,
+    proportion_ci,
+    score_values,
+)
 from saeguard.ood.monitor import SCORE_CHUNK, Monitor
-from saeguard.ood.scores import ALL_SCORES, BASELINES, LM_BASELINES, SAE_SCORES
+from saeguard.ood.scores import (
+    ALL_SCORES,
+    BASELINES,
+    FUSED,
+    SAE_SCORES,
+    SCORE_VERSIONS,
+    SINGLE_SCORES,
+)
 from saeguard.ood.storage import MONITOR_ENTRIES, MONITOR_FILE
 from saeguard.steps import Step
 
@@ -139,6 +151,12 @@ def run_benchmark(
     monitor = Monitor.load(monitor_dir, adapter=cfg.adapter, device=device)  # a bad monitor
     # creates no --out
     claim_output_directory(out, "ood benchmark", index=(RESULT_FILE, "scores"))
+    if monitor.needs_lm and not cfg.lm_baselines:
+        raise ConfigError(
+            f"the monitor's flag score {monitor.cfg.flag_score} needs the LM baselines, which "
+            "--no-lm-baselines turns off; drop --no-lm-baselines, or fit the monitor with "
+            "--no-fused-with-lm (or another --flag-score)"
+        )
     if not monitor.thresholds:
         raise ConfigError(
             f"the monitor in {monitor_dir} is not calibrated; run `saeguard ood fit` (it "
@@ -167,7 +185,7 @@ def run_benchmark(
         scored[shift.name] = (shift, rows, negatives)
     deployed = _score_set(
         monitor, monitor_dir, out, cfg, "id-deployed", id_texts, max_windows=None,
-        with_lm=monitor.cfg.flag_score in LM_BASELINES,
+        with_lm=monitor.needs_lm,
     )  # fmt: skip
     flag_score = monitor.cfg.flag_score
     threshold = monitor.thresholds[flag_score]
@@ -209,8 +227,17 @@ def run_benchmark(
             "measured_on": f"{corpus} test split, {len(flags)} texts, every window",
         },
         "shifts": table,
+        "score_versions": {name: SCORE_VERSIONS[name] for name in names},
         "device": describe_device(monitor.device),  # of this run; no score set's signature
     }
+    if FUSED in names:
+        document["fusion"] = monitor.document()["fusion"]
+        document["summary"] = detection_summary(
+            table,
+            FUSED,
+            [s for s in names if s in SINGLE_SCORES],
+            [s for s in names if s in BASELINES],
+        )
     validate_document(document, SCHEMA)
     atomic_write_json(out / RESULT_FILE, document)
     atomic_write_text(out / "ood_benchmark.md", markdown_tables(document))
@@ -254,14 +281,16 @@ def _explained_examples(
         picked = top(rows, cfg.examples)
         results = monitor.score(
             [shift.ood_texts[i] for i in picked], explain=True, explain_all=True,
-            keep="tail" if shift.truncate == "tail" else "head", max_windows=1, with_lm=False,
+            keep="tail" if shift.truncate == "tail" else "head", max_windows=1, tokens=True,
         )  # fmt: skip
         out += [
             _example(shift_name, shift.ood_texts[i], r)
             for i, r in zip(picked, results, strict=True)
         ]
     false_pos = top(deployed, cfg.examples)
-    results = monitor.score([id_texts[i] for i in false_pos], explain=True, explain_all=True)
+    results = monitor.score(
+        [id_texts[i] for i in false_pos], explain=True, explain_all=True, tokens=True
+    )
     out += [
         _example("id (false positive)", id_texts[i], r)
         for i, r in zip(false_pos, results, strict=True)
@@ -328,11 +357,16 @@ class OodScoreConfig:
     adapter: str = ""
     """LoRA adapter directory from `saeguard robustify`, merged into the model first."""
     with_lm: bool = False
-    """Also compute the LM baselines (full forward)."""
+    """Also compute the LM baselines (full forward); they are computed anyway when the
+    monitor's flag score needs them (the default fused score does)."""
     explain: bool = True
     """Explain flagged texts."""
     explain_all: bool = False
     """Explain every text, flagged or not."""
+    tokens: bool = False
+    """Add every token's own scores (reconstruction error, fallacious surprisal, LM surprisal)
+    and the fallacious latents that fired on it, to locate where a text leaves the
+    distribution."""
     device: str = "auto"
     """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under
     torchrun each process takes the GPU of its local rank."""
@@ -361,10 +395,11 @@ def score_texts(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str,
     mine = [i for i in range(len(texts)) if world.owns(i // SCORE_CHUNK)]
     results = monitor.score(
         [texts[i] for i in mine],
-        with_lm=cfg.with_lm,
+        with_lm=True if cfg.with_lm else None,
         explain=cfg.explain,
         explain_all=cfg.explain_all,
         progress="score" if len(mine) > 16 else None,
+        tokens=cfg.tokens,
     )
     rows = [{**result.to_json(), "index": i} for i, result in zip(mine, results, strict=True)]
     gathered = world.gather_json(rows)

@@ -22,6 +22,8 @@ from saeguard.ood.scores import (
     relative_error,
     segment_mean,
     sparse_codes,
+    surprisal_weights,
+    top_share_mean,
 )
 from saeguard.ood.stats import IDStats
 from saeguard.sae.base import SparseAutoencoder
@@ -39,6 +41,10 @@ class TextAnalysis:
     """[n, m] active latents that are rare in-distribution."""
     out_of_range: torch.Tensor
     """[n, m] active latents above their ID p99.9 by the margin."""
+    weights: torch.Tensor
+    """[n, m] surprisal weight of each active latent (0 unless fallacious)."""
+    token_scores: dict[str, torch.Tensor]
+    """Per-token scores [n] (``TOKEN_SCORES``; ``lm_surprisal`` once the LM ran)."""
 
 
 @torch.no_grad()
@@ -50,6 +56,7 @@ def analyse(
     range_margin: float,
     knn_k: int,
     reference: dict[str, tuple[float, float]],
+    top_q: float = 0.1,
 ) -> list[TextAnalysis]:
     """Every SAE score and activation baseline of each text (``acts``: [n_i, d] per text).
 
@@ -67,8 +74,12 @@ def analyse(
     codes = sparse_codes(sae, x)
     err = relative_error(x, reconstruct(sae, codes))
     fall, rare, oor = fallacious_mask(codes, stats.rate.float(), stats.p999, tau_rate, range_margin)
+    weights = surprisal_weights(codes, fall, stats.rate, stats.p999, stats.rate_floor)
+    token_surprisal = weights.sum(-1)
     mag = codes.values.abs().float()
     count = segment_mean(fall.sum(-1).float(), segments, n)
+    surprisal = segment_mean(token_surprisal, segments, n)
+    token_recon = err.double() / max(stats.recon_mean, 1e-12)
     fall_mass = torch.zeros(n, dtype=torch.float64, device=device).index_add_(
         0, segments, (mag * fall).sum(-1).double()
     )
@@ -82,11 +93,12 @@ def analyse(
     else:
         l0_shift = torch.zeros(n, dtype=torch.float64)
     # One transfer each back to the CPU (no-ops there), instead of one per text and score.
-    count, fall_mass, total_mass, recon, l0_shift = (
-        t.cpu() for t in (count, fall_mass, total_mass, recon, l0_shift)
+    count, fall_mass, total_mass, recon, l0_shift, surprisal = (
+        t.cpu() for t in (count, fall_mass, total_mass, recon, l0_shift, surprisal)
     )
     codes = SparseCodes(codes.values.cpu(), codes.indices.cpu(), codes.l0.cpu())
-    fall, rare, oor = fall.cpu(), rare.cpu(), oor.cpu()
+    fall, rare, oor, weights = fall.cpu(), rare.cpu(), oor.cpu(), weights.cpu()
+    token_surprisal, token_recon = token_surprisal.cpu(), token_recon.cpu()
     pooled = torch.stack([a.float().mean(0) for a in acts]).cpu().numpy().astype(np.float64)
     maha = mahalanobis(
         pooled,
@@ -101,6 +113,8 @@ def analyse(
         scores = {
             "fallacious_count": float(count[i]),
             "fallacious_mass": float(fall_mass[i] / max(float(total_mass[i]), 1e-12)),
+            "fallacious_surprisal": float(surprisal[i]),
+            "fallacious_surprisal_top": top_share_mean(token_surprisal[start:stop], top_q),
             "recon_error": float(recon[i]),
             "l0_shift": float(l0_shift[i]),
         }
@@ -110,8 +124,20 @@ def analyse(
         sliced = SparseCodes(
             codes.values[start:stop], codes.indices[start:stop], codes.l0[start:stop]
         )
+        tokens = {
+            "recon_error": token_recon[start:stop],
+            "fallacious_surprisal": token_surprisal[start:stop],
+        }
         out.append(
-            TextAnalysis(scores, sliced, fall[start:stop], rare[start:stop], oor[start:stop])
+            TextAnalysis(
+                scores,
+                sliced,
+                fall[start:stop],
+                rare[start:stop],
+                oor[start:stop],
+                weights[start:stop],
+                tokens,
+            )
         )
         start = stop
     return out

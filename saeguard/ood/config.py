@@ -6,11 +6,15 @@ for in ``Monitor.calibration`` and never rewrites the config it was fitted with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from saeguard.configs import validate_literals
 from saeguard.errors import ConfigError
-from saeguard.ood.scores import ALL_SCORES
+from saeguard.ood.fusion import FusionRule, Tail
+from saeguard.ood.scores import ALL_SCORES, FUSED, LM_BASELINES, SINGLE_SCORES
+
+DEFAULT_FUSED_SCORES: tuple[str, ...] = tuple(s for s in SINGLE_SCORES if s != "energy")
+"""Components of the fused score: every single score but ``energy`` (itself a combination)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,8 +27,21 @@ class MonitorConfig:
     """Held-out ID texts (validation split) the threshold is calibrated on."""
     target_fpr: float = 0.05
     """False-positive rate the threshold is set for on held-out ID text."""
-    flag_score: str = "energy"
-    """Score that raises the flag (any SAE score or baseline; LM baselines need the full model)."""
+    flag_score: str = FUSED
+    """Score that raises the flag: fused, or any single SAE score or baseline (the LM baselines,
+    and a fused score that includes them, need the full model)."""
+    fused_scores: list[str] = field(default_factory=lambda: list(DEFAULT_FUSED_SCORES))
+    """Scores the fused score combines (their p-values against held-out ID texts)."""
+    fused_with_lm: bool = True
+    """Include the LM baselines in the fused score (scoring then runs the model past the hook
+    to its logits); --no-fused-with-lm keeps scoring to the forward up to the hook."""
+    fusion_rule: FusionRule = "fisher"
+    """How the components' p-values are combined: fisher (-2 sum log p) or min_p (Sidak)."""
+    fusion_tail: Tail = "exponential"
+    """P-values beyond every reference value: exponential (an exponential tail fitted to the
+    top of the reference keeps their order) or none (all tie at 1 / (n + 1))."""
+    top_q: float = 0.1
+    """Share of a text's tokens (most surprising first) that fallacious_surprisal_top averages."""
     tau_rate: float = 1e-4
     """A latent firing on fewer than this fraction of ID tokens is rare (fallacious when active)."""
     range_margin: float = 0.1
@@ -50,6 +67,14 @@ class MonitorConfig:
             raise ConfigError(
                 f"unknown --flag-score {self.flag_score!r}; choose from {', '.join(ALL_SCORES)}"
             )
+        unknown = [s for s in self.fused_scores if s not in SINGLE_SCORES]
+        if unknown or not self.fused_scores:
+            raise ConfigError(
+                f"--fused-scores: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; "
+                f"choose from {', '.join(SINGLE_SCORES)}"
+            )
+        if not 0 < self.top_q <= 1:
+            raise ConfigError(f"--top-q must lie in (0, 1], got {self.top_q}")
         if not 0 < self.target_fpr < 0.5:
             raise ConfigError(f"--target-fpr must lie in (0, 0.5), got {self.target_fpr}")
         if not 0 < self.tau_rate < 1:
@@ -65,6 +90,23 @@ class MonitorConfig:
                 f"--calibration-texts must be at least 20 (got {self.calibration_texts}): "
                 "a threshold for a 5% FPR needs enough held-out texts to place it"
             )
+        if not self.fusion_components:
+            raise ConfigError(
+                "--fused-scores lists only LM baselines but --no-fused-with-lm leaves them out; "
+                "name at least one SAE score or activation baseline"
+            )
         for name in ("knn_k", "id_contexts", "explain_latents", "max_windows", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+    @property
+    def fusion_components(self) -> list[str]:
+        """The scores the fused score combines (the LM baselines only with ``fused_with_lm``)."""
+        return [s for s in self.fused_scores if self.fused_with_lm or s not in LM_BASELINES]
+
+    @property
+    def flag_needs_lm(self) -> bool:
+        """Whether the flag score needs the LM's logits (the forward past the hook)."""
+        if self.flag_score == FUSED:
+            return any(s in LM_BASELINES for s in self.fusion_components)
+        return self.flag_score in LM_BASELINES

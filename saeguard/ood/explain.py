@@ -3,6 +3,7 @@ raised it, each shown where it fired in the input and in its top in-distribution
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,6 +32,13 @@ class LatentExplanation:
     """Where it fired in the input: {left, token, right, value}."""
     id_contexts: list[dict[str, Any]]
     """Its top-activating in-distribution contexts: {left, token, right, value}."""
+    surprisal: float = 0.0
+    """Its summed surprisal weight over the text (what ranks the latents of an explanation)."""
+    id_range: list[float] = field(default_factory=list)
+    """Its |activation| p50, p99 and p99.9 on ID tokens where it is active (0s: never seen)."""
+    token_positions: list[int] = field(default_factory=list)
+    """Every token (index into the text's scored tokens, as ``tokens`` lists them) where it
+    fired as fallacious."""
 
 
 @dataclass
@@ -47,11 +55,17 @@ class TextScore:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     explanation: list[LatentExplanation] = field(default_factory=list)
+    p_values: dict[str, float] = field(default_factory=dict)
+    """The fused score's components as ID p-values (small: unusual for ID text)."""
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    """Per-token scores when asked for (``ood score --tokens``): {token, window, position,
+    recon_error, fallacious_surprisal, lm_surprisal, latents}."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        if not self.explanation:
-            out.pop("explanation")
+        for optional in ("explanation", "p_values", "tokens"):
+            if not out[optional]:
+                out.pop(optional)
         return out
 
 
@@ -81,14 +95,15 @@ def explain_text(
     n_latents: int,
     snippet: Snippets,
 ) -> list[LatentExplanation]:
-    """The text's top ``n_latents`` fallacious latents (by total activation) with ID and input
-    contexts."""
+    """The text's top ``n_latents`` fallacious latents (by summed surprisal weight: rarer and
+    further out of range first, then by how often they fired) with ID and input contexts."""
     rows, cols = analysis.fallacious.nonzero(as_tuple=True)
     if len(rows) == 0:
         return []
     latents = analysis.codes.indices[rows, cols]
     mags = analysis.codes.values[rows, cols].abs().float()
-    totals = torch.zeros(d_sae).index_add_(0, latents, mags)
+    weights = analysis.weights[rows, cols].double()
+    totals = torch.zeros(d_sae, dtype=torch.float64).index_add_(0, latents, weights)
     top = totals.topk(min(n_latents, int((totals > 0).sum()))).indices
     out = []
     for latent in top.tolist():
@@ -121,6 +136,9 @@ def explain_text(
                 tokens_fired=len(values),
                 input_contexts=input_contexts,
                 id_contexts=top_id_contexts(stats, latent, snippet),
+                surprisal=round(float(totals[latent]), 4),
+                id_range=[round(float(q), 4) for q in stats.quantiles[:, latent]],
+                token_positions=sorted(set(hit_rows.tolist())),
             )
         )
     return out
@@ -137,3 +155,36 @@ def top_id_contexts(stats: IDStats, latent: int, snippet: Snippets) -> list[dict
         window = [int(t) for t in row if t >= 0]
         out.append(snippet(window, int(stats.top_position[rank, latent]), value))
     return out
+
+
+def token_rows(
+    item: TextActivations,
+    analysis: TextAnalysis,
+    decode: Callable[[list[int]], str],
+    n_latents: int = 3,
+) -> list[dict[str, Any]]:
+    """One row per scored token, in text order: the token's text, where it sits, its
+    per-token scores and its most surprising fallacious latents ({latent, weight, value})."""
+    rows = []
+    weights = analysis.weights
+    for t in range(len(item.tokens)):
+        row: dict[str, Any] = {
+            "token": decode([int(item.tokens[t])]),
+            "window": int(item.window[t]),
+            "position": int(item.position[t]),
+        }
+        for name, values in analysis.token_scores.items():
+            value = float(values[t])
+            row[name] = None if math.isnan(value) else round(value, 5)
+        fired = (weights[t] > 0).nonzero().squeeze(1)
+        order = weights[t, fired].argsort(descending=True)[:n_latents]
+        row["latents"] = [
+            {
+                "latent": int(analysis.codes.indices[t, fired[j]]),
+                "weight": round(float(weights[t, fired[j]]), 4),
+                "value": round(float(analysis.codes.values[t, fired[j]].abs()), 4),
+            }
+            for j in order.tolist()
+        ]
+        rows.append(row)
+    return rows

@@ -21,25 +21,35 @@ def fit_stats(
     cfg: MonitorConfig,
     texts: Sequence[str],
     progress: bool,
+    reference_with_lm: bool = False,
 ) -> tuple[IDStats, list[TextActivations]]:
     """ID statistics from most texts; the rest (``reference_fraction``) come back unscored, to
-    measure the energy components on text the statistics never saw."""
+    measure every score's ID distribution on text the statistics never saw (read with the LM's
+    logits when ``reference_with_lm``)."""
     rng = random.Random(f"{cfg.seed}:reference")
     n_ref = max(2, round(cfg.reference_fraction * len(texts)))
-    reference_idx = set(rng.sample(range(len(texts)), n_ref))
+    reference_idx = sorted(rng.sample(range(len(texts)), n_ref))
+    held_back = set(reference_idx)
+    fit_texts = [t for i, t in enumerate(texts) if i not in held_back]
     acc = StatsAccumulator(sae.cfg.d_sae, cfg.id_contexts, device=sae.W_dec.device)
-    reference: list[TextActivations] = []
+    reference = [
+        item
+        for _, item in reader.read(
+            [texts[i] for i in reference_idx],
+            with_lm=reference_with_lm,
+            max_windows=cfg.max_windows,
+            progress="read reference ID texts" if progress else None,
+        )
+        if not isinstance(item, ReadFailure)
+    ]
     pending: list[tuple[TextActivations, int]] = []
     rows = 0
-    for i, item in reader.read(
-        texts,
+    for _, item in reader.read(
+        fit_texts,
         max_windows=cfg.max_windows,
         progress="fit ID statistics" if progress else None,
     ):
         if isinstance(item, ReadFailure):
-            continue
-        if i in reference_idx:
-            reference.append(item)
             continue
         pending.append((item, acc.add_windows(item.windows)))
         rows += len(item.acts)

@@ -93,3 +93,70 @@ def proportion_ci(
     rng = np.random.default_rng(seed)
     means = flags[rng.integers(0, len(flags), (resamples, len(flags)))].mean(axis=1)
     return [float(v) for v in np.percentile(means, [2.5, 97.5])]
+
+
+def compare_intervals(a: list[float], b: list[float]) -> str:
+    """ "win" when interval ``a`` lies wholly above ``b``, "loss" when wholly below, else "tie"
+    (overlapping 95% intervals)."""
+    if a[0] > b[1]:
+        return "win"
+    if a[1] < b[0]:
+        return "loss"
+    return "tie"
+
+
+def detection_summary(
+    shifts: dict[str, dict[str, Any]],
+    fused: str,
+    singles: list[str],
+    baselines: list[str],
+    margin: float = 0.01,
+) -> dict[str, Any]:
+    """Per shift, the fused score against the best single score and the best baseline (by
+    AUROC), with a win/tie/loss verdict from the 95% intervals; and each score's mean AUROC
+    over the shifts. ``shifts`` is the benchmark's table ({shift: {"scores": {score: cell}}})."""
+    per_shift: dict[str, Any] = {}
+    tally = {"win": 0, "tie": 0, "loss": 0}
+    for shift, row in shifts.items():
+        cells = row["scores"]
+        present = [s for s in singles if s in cells]
+        base = [s for s in baselines if s in cells]
+        if fused not in cells or not present:
+            continue
+        best = max(present, key=lambda s: cells[s]["auroc"])
+        entry: dict[str, Any] = {
+            "fused_auroc": cells[fused]["auroc"],
+            "fused_auroc_ci95": cells[fused]["auroc_ci95"],
+            "best_single": best,
+            "best_single_auroc": cells[best]["auroc"],
+            "best_single_auroc_ci95": cells[best]["auroc_ci95"],
+            "within_margin_of_best_single": cells[fused]["auroc"] >= cells[best]["auroc"] - margin,
+        }
+        if base:
+            best_base = max(base, key=lambda s: cells[s]["auroc"])
+            verdict = compare_intervals(cells[fused]["auroc_ci95"], cells[best_base]["auroc_ci95"])
+            tally[verdict] += 1
+            entry |= {
+                "best_baseline": best_base,
+                "best_baseline_auroc": cells[best_base]["auroc"],
+                "best_baseline_auroc_ci95": cells[best_base]["auroc_ci95"],
+                "vs_best_baseline": verdict,
+            }
+        per_shift[shift] = entry
+    names = [fused, *singles]
+    mean_auroc = {
+        name: float(np.mean([row["scores"][name]["auroc"] for row in shifts.values()]))
+        for name in names
+        if all(name in row["scores"] for row in shifts.values())
+    }
+    others = [v for k, v in mean_auroc.items() if k != fused]
+    return {
+        "fused_score": fused,
+        "margin": margin,
+        "per_shift": per_shift,
+        "vs_best_baseline": tally,
+        "mean_auroc": mean_auroc,
+        "fused_has_best_mean": fused in mean_auroc and all(mean_auroc[fused] > v for v in others),
+        "fused_within_margin_everywhere": bool(per_shift)
+        and all(e["within_margin_of_best_single"] for e in per_shift.values()),
+    }

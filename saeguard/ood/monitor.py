@@ -29,10 +29,18 @@ from saeguard.ood.explain import (
     Snippets,
     TextScore,
     explain_text,
+    token_rows,
     top_id_contexts,
 )
 from saeguard.ood.fitting import fit_stats
-from saeguard.ood.scores import ENERGY_COMPONENTS, LM_BASELINES
+from saeguard.ood.fusion import Fusion
+from saeguard.ood.scores import (
+    ENERGY_COMPONENTS,
+    FUSED,
+    LM_BASELINES,
+    SINGLE_SCORES,
+    energy,
+)
 from saeguard.ood.stats import IDStats
 from saeguard.ood.storage import load_monitor, model_identity, monitor_document, save_monitor
 from saeguard.sae.base import SparseAutoencoder
@@ -63,6 +71,7 @@ class Monitor:
         prepend_bos: bool = True,
         reference: dict[str, tuple[float, float]] | None = None,
         model_info: dict[str, Any] | None = None,
+        reference_scores: dict[str, list[float]] | None = None,
     ) -> None:
         self.device = loaded.device
         """Where the monitor computes: its model's device (the SAE and the per-latent
@@ -77,6 +86,11 @@ class Monitor:
         self.ctx_len = ctx_len
         self.prepend_bos = prepend_bos
         self.reference = reference or {}
+        self.reference_scores: dict[str, list[float]] = {}
+        """Every single score on the held-out reference ID texts (the fused score's p-values
+        are read against them); empty for a monitor saved before the fused score existed."""
+        self.fusion: Fusion | None = None
+        self.set_reference_scores(reference_scores or {})
         self.thresholds: dict[str, float] = {}
         self.calibration: dict[str, Any] = {}
         self.calibration_scores: dict[str, list[float]] = {}
@@ -119,7 +133,8 @@ class Monitor:
             subject.loaded, subject.hook, subject.source.rules, subject.ctx_len, prepend_bos,
             cfg.batch_size,
         )  # fmt: skip
-        stats, reference_items = fit_stats(reader, subject.sae, cfg, texts, progress)
+        with_lm = any(s in LM_BASELINES for s in cfg.fusion_components)
+        stats, reference_items = fit_stats(reader, subject.sae, cfg, texts, progress, with_lm)
         monitor = cls(
             subject.sae,
             meta,
@@ -130,7 +145,7 @@ class Monitor:
             subject.ctx_len,
             prepend_bos,
         )
-        analyses = monitor.analyse(reference_items, with_lm=False)
+        analyses = monitor.analyse(reference_items, with_lm=with_lm)
         monitor.reference = {
             name: (
                 float(np.mean([a.scores[name] for a in analyses])),
@@ -138,6 +153,15 @@ class Monitor:
             )
             for name in ENERGY_COMPONENTS
         }
+        for analysis in analyses:  # energy is z-scored against the reference it now has
+            analysis.scores["energy"] = energy(analysis.scores, monitor.reference)
+        monitor.set_reference_scores(
+            {
+                name: [a.scores[name] for a in analyses]
+                for name in SINGLE_SCORES
+                if all(name in a.scores for a in analyses)
+            }
+        )
         log.info(
             "monitor fitted on %d ID tokens (%d texts); energy reference %s",
             monitor.stats.n_tokens,
@@ -146,10 +170,27 @@ class Monitor:
         )
         return monitor
 
+    def set_reference_scores(self, reference_scores: dict[str, list[float]]) -> None:
+        """Take the single scores of held-out ID texts and fit the fused score on them."""
+        self.reference_scores = {k: list(v) for k, v in reference_scores.items()}
+        components = self.cfg.fusion_components
+        if all(name in self.reference_scores for name in components):
+            self.fusion = Fusion.fit(
+                self.reference_scores, components, self.cfg.fusion_rule, self.cfg.fusion_tail
+            )
+        else:
+            self.fusion = None
+
+    @property
+    def needs_lm(self) -> bool:
+        """Whether scoring for the flag needs the LM's logits (the forward past the hook)."""
+        return self.cfg.flag_needs_lm
+
     # --- scoring ------------------------------------------------------------------------------
     def analyse_acts(self, acts: Sequence[torch.Tensor]) -> list[TextAnalysis]:
-        """Every SAE score and activation baseline of texts given by their kept activations."""
-        return analyse(
+        """Every SAE score and activation baseline of texts given by their kept activations (and
+        the fused score when none of its components needs the LM)."""
+        analyses = analyse(
             self.sae,
             acts,
             self.stats,
@@ -157,7 +198,10 @@ class Monitor:
             self.cfg.range_margin,
             self.cfg.knn_k,
             self.reference,
+            self.cfg.top_q,
         )
+        self._add_fused(analyses)
+        return analyses
 
     def analyse(self, items: Sequence[TextActivations], with_lm: bool) -> list[TextAnalysis]:
         """Every score of a batch of texts (one SAE pass over all their tokens)."""
@@ -165,7 +209,21 @@ class Monitor:
         if with_lm:
             for item, analysis in zip(items, analyses, strict=True):
                 analysis.scores.update(item.lm)
+                if item.lm_surprisal is not None:
+                    analysis.token_scores["lm_surprisal"] = item.lm_surprisal
+            self._add_fused(analyses)
         return analyses
+
+    def _add_fused(self, analyses: Sequence[TextAnalysis]) -> None:
+        """Put the fused score first in each analysis whose scores hold every component."""
+        if self.fusion is None:
+            return
+        for analysis, value in zip(
+            analyses, self.fusion.score_many([a.scores for a in analyses]), strict=True
+        ):
+            if value is not None:
+                rest = {k: v for k, v in analysis.scores.items() if k != FUSED}
+                analysis.scores = {FUSED: value, **rest}
 
     def score(
         self,
@@ -176,15 +234,18 @@ class Monitor:
         keep: Keep = "head",
         max_windows: int | None = None,
         progress: str | None = None,
+        tokens: bool = False,
     ) -> list[TextScore]:
-        """Score texts: every SAE score and activation baseline (LM baselines with ``with_lm``),
-        the flag when calibrated, and for flagged texts the latents that raised it.
+        """Score texts: every SAE score and activation baseline (LM baselines with ``with_lm``;
+        by default when the flag score needs them), the fused score and its components'
+        p-values, the flag when calibrated, for flagged texts the latents that raised it, and
+        with ``tokens`` every token's own scores.
 
         Bytes are decoded as UTF-8 with invalid sequences replaced (the result warns). Empty
         texts get an ``error`` instead of scores; the rest of the batch is scored normally.
         Texts are read and analysed in chunks of :data:`SCORE_CHUNK`.
         """
-        with_lm = self.cfg.flag_score in LM_BASELINES if with_lm is None else with_lm
+        with_lm = self.needs_lm if with_lm is None else with_lm
         results = [TextScore(index=i) for i in range(len(texts))]
         decoded: list[str] = []
         for i, text in enumerate(texts):
@@ -202,7 +263,7 @@ class Monitor:
         def flush() -> None:
             analyses = self.analyse([it for _, it in batch], with_lm)
             for (i, item), analysis in zip(batch, analyses, strict=True):
-                self._fill(results[i], item, analysis, explain, explain_all)
+                self._fill(results[i], item, analysis, explain, explain_all, tokens)
             batch.clear()
 
         reading = self.reader.read(decoded, with_lm, keep, limit, progress, SCORE_CHUNK)
@@ -224,8 +285,15 @@ class Monitor:
         analysis: TextAnalysis,
         explain: bool,
         explain_all: bool,
+        tokens: bool = False,
     ) -> None:
         result.scores = analysis.scores
+        if self.fusion is not None and FUSED in analysis.scores:
+            result.p_values = {
+                k: round(v, 6) for k, v in self.fusion.pvalues(analysis.scores).items()
+            }
+        if tokens:
+            result.tokens = token_rows(item, analysis, self.loaded.tokenizer.decode)
         result.n_tokens = len(item.acts)
         result.n_windows = len(item.windows)
         result.truncated = item.truncated
@@ -347,6 +415,7 @@ class Monitor:
             stored["prepend_bos"],
             stored["reference"],
             stored["model_info"],
+            stored["reference_scores"],
         )
         monitor.thresholds = stored["thresholds"]
         monitor.calibration = stored["calibration"]

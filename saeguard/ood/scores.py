@@ -14,7 +14,14 @@ Every score is "higher = more out-of-distribution". Per text, over its kept toke
   exactly k active latents, so L0 is read before the top-k cut (positive pre-activations);
 - ``energy``: the mean of the four scores above, each z-scored against its per-text distribution
   on reference ID texts that the statistics were not fitted on (components constant on ID are
-  left out).
+  left out);
+- ``fallacious_surprisal``: each fallacious firing weighted by its ID rarity
+  ``-log max(r_i, r_floor)`` (never-seen latents at the floor) times how far it exceeds its ID
+  range ``max(1, |f_i| / p99.9_i)`` (1 when the latent has no ID range), summed per token and
+  averaged over the text's tokens; ``fallacious_surprisal_top``: the mean of its top ``top_q``
+  share of tokens (at least one), for texts that leave the distribution in one place;
+- ``fused`` (:mod:`saeguard.ood.fusion`): the per-text scores turned into ID p-values and
+  combined.
 
 Baselines on the same inputs: ``mahalanobis`` (squared distance of the mean-pooled raw activation
 under a Ledoit-Wolf covariance of pooled ID texts), ``knn`` (distance of the L2-normalised pooled
@@ -24,6 +31,7 @@ activation to its k-th nearest pooled ID text), and from the LM's own prediction
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,15 +43,32 @@ from saeguard.sae.kernels import sparse_decode
 SAE_SCORES: tuple[str, ...] = (
     "fallacious_count",
     "fallacious_mass",
+    "fallacious_surprisal",
+    "fallacious_surprisal_top",
     "recon_error",
     "l0_shift",
     "energy",
 )
-ENERGY_COMPONENTS: tuple[str, ...] = SAE_SCORES[:4]
+ENERGY_COMPONENTS: tuple[str, ...] = (
+    "fallacious_count",
+    "fallacious_mass",
+    "recon_error",
+    "l0_shift",
+)
 ACTIVATION_BASELINES: tuple[str, ...] = ("mahalanobis", "knn")
 LM_BASELINES: tuple[str, ...] = ("msp", "entropy", "perplexity")
 BASELINES: tuple[str, ...] = ACTIVATION_BASELINES + LM_BASELINES
-ALL_SCORES: tuple[str, ...] = SAE_SCORES + BASELINES
+FUSED = "fused"
+"""The default flag score: every other per-text score as an ID p-value, combined."""
+SINGLE_SCORES: tuple[str, ...] = SAE_SCORES + BASELINES
+ALL_SCORES: tuple[str, ...] = (FUSED,) + SINGLE_SCORES
+SCORE_VERSIONS: dict[str, int] = {name: 1 for name in ALL_SCORES}
+"""Version of each score's definition: a score whose definition changes gets a new version (or
+a new name), so that numbers recorded with an older saeguard stay reproducible by name."""
+TOKEN_SCORES: tuple[str, ...] = ("recon_error", "fallacious_surprisal", "lm_surprisal")
+"""Per-token scores (``ood score --tokens``): relative reconstruction error over its ID mean,
+summed fallacious surprisal of the token's latents, and the LM's surprisal of the token
+(``-log p``, nats; needs the full forward)."""
 
 
 @dataclass
@@ -86,6 +111,32 @@ def fallacious_mask(
     beyond = codes.values.abs() > p999[codes.indices] * (1.0 + range_margin)
     out_of_range = active & ~rare & beyond
     return rare | out_of_range, rare, out_of_range
+
+
+def surprisal_weights(
+    codes: SparseCodes,
+    fallacious: torch.Tensor,
+    rate: torch.Tensor,
+    p999: torch.Tensor,
+    rate_floor: float,
+) -> torch.Tensor:
+    """[n, m] weight of each active latent: 0 unless fallacious, else its ID surprisal
+    ``-log max(r_i, r_floor)`` times its range excess ``max(1, |f_i| / p99.9_i)`` (1 when the
+    latent has no ID range: never seen, or p99.9 of 0)."""
+    surprisal = -torch.log(rate.double().clamp_min(rate_floor))[codes.indices]
+    bound = p999[codes.indices].double()
+    magnitude = codes.values.abs().double()
+    ratio = torch.where(bound > 0, magnitude / bound.clamp_min(1e-30), torch.ones_like(bound))
+    return torch.where(fallacious, surprisal * ratio.clamp_min(1.0), torch.zeros_like(bound))
+
+
+def top_share_mean(values: torch.Tensor, fraction: float) -> float:
+    """Mean of the largest ``ceil(fraction * n)`` values (at least one; 0 for none)."""
+    n = len(values)
+    if n == 0:
+        return 0.0
+    take = max(1, math.ceil(fraction * n))
+    return float(values.double().topk(take).values.mean())
 
 
 def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

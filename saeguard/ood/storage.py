@@ -9,6 +9,7 @@ leaves a half-written monitor and never destroys the previous one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from saeguard.errors import ConfigError, CorruptFileError, SaeguardError
 from saeguard.fileio import atomic_directory, atomic_write_json, check_schema, read_json
 from saeguard.models.loading import LoadedModel, load_model
 from saeguard.ood.config import MonitorConfig
+from saeguard.ood.scores import SCORE_VERSIONS
 from saeguard.ood.stats import IDStats
 from saeguard.sae.base import SparseAutoencoder
 from saeguard.sae.io import load_sae, save_sae
@@ -33,10 +35,11 @@ FORMAT_VERSION = 1
 MONITOR_FILE = "monitor.json"
 STATS_FILE = "id_stats.safetensors"
 CALIBRATION_FILE = "calibration_scores.json"
+REFERENCE_FILE = "reference_scores.json"
 SAE_SUBDIR = "sae"
 SCHEMA = Path(__file__).with_name("monitor.schema.json")
 """JSON schema of ``monitor.json``, checked on every load."""
-MONITOR_ENTRIES = (SAE_SUBDIR, STATS_FILE, CALIBRATION_FILE, MONITOR_FILE)
+MONITOR_ENTRIES = (SAE_SUBDIR, STATS_FILE, CALIBRATION_FILE, REFERENCE_FILE, MONITOR_FILE)
 """Everything a monitor directory holds: ``ood fit`` refuses a directory with anything else."""
 
 
@@ -57,6 +60,7 @@ class MonitorState(Protocol):
     thresholds: dict[str, float]
     calibration: dict[str, Any]
     calibration_scores: dict[str, list[float]]
+    reference_scores: dict[str, list[float]]
 
 
 def save_monitor(monitor: MonitorState, directory: str | Path) -> Path:
@@ -70,6 +74,7 @@ def save_monitor(monitor: MonitorState, directory: str | Path) -> Path:
             str(tmp / STATS_FILE),
         )
         atomic_write_json(tmp / CALIBRATION_FILE, monitor.calibration_scores)
+        atomic_write_json(tmp / REFERENCE_FILE, monitor.reference_scores)
         atomic_write_json(tmp / MONITOR_FILE, monitor_document(monitor))
     return directory
 
@@ -92,6 +97,16 @@ def monitor_document(monitor: MonitorState) -> dict[str, Any]:
         "exclusions": monitor.rules.to_dict(),
         "stats": monitor.stats.scalars(),
         "reference": {k: list(v) for k, v in monitor.reference.items()},
+        "fusion": {
+            "components": monitor.cfg.fusion_components,
+            "rule": monitor.cfg.fusion_rule,
+            "tail": monitor.cfg.fusion_tail,
+            "reference_texts": len(next(iter(monitor.reference_scores.values()), [])),
+            "reference_source": "fit texts held back from the ID statistics",
+        }
+        if monitor.reference_scores
+        else None,
+        "score_versions": SCORE_VERSIONS,
         "thresholds": monitor.thresholds,
         "calibration": monitor.calibration,
         "device": describe_device(monitor.device),
@@ -155,7 +170,9 @@ def load_monitor(
         calibration=dict(doc.get("calibration") or {}),
     )
     calib = directory / CALIBRATION_FILE
-    stored["calibration_scores"] = _read_calibration_scores(calib) if calib.is_file() else {}
+    stored["calibration_scores"] = _read_score_lists(calib) if calib.is_file() else {}
+    reference = directory / REFERENCE_FILE  # absent in monitors saved before the fused score
+    stored["reference_scores"] = _read_score_lists(reference) if reference.is_file() else {}
     return stored
 
 
@@ -181,15 +198,16 @@ def read_monitor_document(directory: Path) -> dict[str, Any]:
     return dict(doc)
 
 
-def _read_calibration_scores(path: Path) -> dict[str, list[float]]:
-    """``calibration_scores.json``: each score's values on the calibration texts."""
-    doc = read_json(path, "calibration score file", "Re-run `saeguard ood fit`.")
+def _read_score_lists(path: Path) -> dict[str, list[float]]:
+    """``calibration_scores.json`` or ``reference_scores.json``: each score's values on the
+    calibration (or reference) texts."""
+    doc = read_json(path, "score file", "Re-run `saeguard ood fit`.")
     ok = isinstance(doc, dict) and all(
         isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in doc.values()
     )
-    if not ok:
+    if not ok or any(not math.isfinite(float(x)) for v in doc.values() for x in v):
         raise CorruptFileError(
-            f"{path} must map each score to a list of numbers; re-run `saeguard ood fit`"
+            f"{path} must map each score to a list of finite numbers; re-run `saeguard ood fit`"
         )
     return {str(k): [float(x) for x in v] for k, v in doc.items()}
 

@@ -12,9 +12,11 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from saeguard.ood.metrics import score_values
+from saeguard.ood.scores import TOKEN_SCORES
 from saeguard.report.html import HtmlPage, with_interval
 
 CURVE_SCORES = (
+    "fused",
     "energy",
     "fallacious_count",
     "recon_error",
@@ -41,7 +43,7 @@ def roc_figure(
             pos, negs = score_values(ood, score), score_values(neg, score)
             labels = np.r_[np.zeros(len(negs)), np.ones(len(pos))]
             fpr, tpr, _ = roc_curve(labels, np.r_[negs, pos])
-            style = "-" if score in ("energy", "fallacious_count", "recon_error") else "--"
+            style = "-" if score in ("fused", "energy", "fallacious_count", "recon_error") else "--"
             ax.plot(fpr, tpr, style, label=score, linewidth=1.3)
         ax.plot([0, 1], [0, 1], ":", color="#999", linewidth=0.8)
         ax.set_title(shift, fontsize=10)
@@ -107,6 +109,76 @@ def summary_sentences(document: dict[str, Any]) -> list[str]:
     return out
 
 
+def fused_summary_lines(document: dict[str, Any]) -> list[str]:
+    """Per shift: the best single score, the fused score and its verdict against the best
+    baseline (intervals compared); then the tally and each score's mean AUROC (markdown)."""
+    summary = document.get("summary")
+    if not summary:
+        return []
+    lines = [
+        "| shift | best single score | fused | best baseline | fused vs best baseline |",
+        "|---|---|---|---|---|",
+    ]
+    for shift, e in summary["per_shift"].items():
+        fused = with_interval(e["fused_auroc"], e["fused_auroc_ci95"])
+        if not e["within_margin_of_best_single"]:
+            fused += f" (below best - {summary['margin']})"
+        base = (
+            f"{e['best_baseline']} {with_interval(e['best_baseline_auroc'], e['best_baseline_auroc_ci95'])}"  # noqa: E501
+            if "best_baseline" in e
+            else "-"
+        )
+        lines.append(
+            f"| {shift} | {e['best_single']} "
+            f"{with_interval(e['best_single_auroc'], e['best_single_auroc_ci95'])} | {fused} | "
+            f"{base} | {e.get('vs_best_baseline', '-')} |"
+        )
+    tally = summary["vs_best_baseline"]
+    lines.append("")
+    lines.append(
+        f"Fused score against the best baseline of each shift (95% intervals; ties overlap): "
+        f"**{tally['win']} wins, {tally['tie']} ties, {tally['loss']} losses**."
+    )
+    means = sorted(summary["mean_auroc"].items(), key=lambda kv: -kv[1])
+    lines.append(
+        "Mean AUROC over the shifts: "
+        + ", ".join(
+            f"{'**' + k + '**' if k == summary['fused_score'] else k} {v:.3f}" for k, v in means
+        )  # fmt: skip
+        + "."
+    )
+    lines.append("")
+    return lines
+
+
+def _token_colour(value: float | None, top: float) -> str:
+    if value is None or top <= 0:
+        return "transparent"
+    alpha = min(1.0, max(0.0, value / top))
+    return f"rgba(214,96,77,{alpha:.2f})"
+
+
+def token_heatmap_html(tokens: list[dict[str, Any]], score: str) -> str:
+    """The scored tokens of a text, each shaded by ``score`` (darker: further from ID), with a
+    tooltip of its per-token scores and the fallacious latents that fired on it."""
+    values = [t.get(score) for t in tokens]
+    finite = [v for v in values if v is not None]
+    top = max(finite) if finite else 0.0
+    spans = []
+    for token, value in zip(tokens, values, strict=True):
+        tip = [f"{k}: {token[k]:.3g}" for k in TOKEN_SCORES if token.get(k) is not None]
+        tip += [
+            f"latent {lat['latent']} (weight {lat['weight']:.3g}, value {lat['value']:.3g})"
+            for lat in token.get("latents", [])
+        ]
+        spans.append(
+            f"<span class='tok' style='background:{_token_colour(value, top)}' "
+            f"title='{html.escape(chr(10).join(tip), quote=True)}'>"
+            f"{html.escape(token['token'])}</span>"
+        )
+    return f"<div class='heat'>{''.join(spans)}</div>"
+
+
 def _context_html(ctx: dict[str, Any]) -> str:
     return (
         f"<code>{html.escape(ctx['left'])}<mark>{html.escape(ctx['token'])}</mark>"
@@ -121,23 +193,44 @@ def explanation_html(
     text = example["text"]
     shown = text if len(text) <= 700 else text[:700] + " [...]"
     score = example["scores"].get(flag_score)
+    shown_score = f"{score:.3g}" if isinstance(score, int | float) else "not computed"
     verdict = "<span class='flag'>flagged</span>" if example.get("flagged") else "not flagged"
     parts = [
         f"<div class='example'><h3>{html.escape(example['shift'])}</h3>",
-        f"<p>{verdict}: {html.escape(flag_score)} = {score:.3g}"
+        f"<p>{verdict}: {html.escape(flag_score)} = {shown_score}"
         + (f" (threshold {threshold:.3g})" if threshold is not None else "")
         + f"; fallacious latents per token {example['scores'].get('fallacious_count', 0):.3g}</p>",
         f"<pre style='white-space:pre-wrap'>{html.escape(shown)}</pre>",
     ]
+    p_values = example.get("p_values") or {}
+    if p_values:
+        lowest = sorted(p_values.items(), key=lambda kv: kv[1])[:4]
+        parts.append(
+            "<p class='note'>Most unusual for ID text (p-value against held-out ID texts): "
+            + ", ".join(f"{html.escape(k)} p = {v:.2g}" for k, v in lowest)
+            + "</p>"
+        )
+    if example.get("tokens"):
+        parts.append(
+            "<p>Where the text leaves the distribution (shade: fallacious surprisal of the "
+            "token's latents; hover for every per-token score and the latents):</p>"
+        )
+        parts.append(token_heatmap_html(example["tokens"], "fallacious_surprisal"))
+        parts.append("<p>Reconstruction error per token:</p>")
+        parts.append(token_heatmap_html(example["tokens"], "recon_error"))
     if not example.get("explanation"):
         parts.append("<p class='note'>No fallacious latent: the alarm comes from the other scores "
                      "(reconstruction error, L0 shift).</p>")  # fmt: skip
     for latent in example.get("explanation", []):
         parts.append(
-            f"<h4>latent {latent['latent']}: {html.escape(latent['reason'])}</h4><p class='note'>"
+            f"<h4 id='latent-{latent['latent']}'>latent {latent['latent']}: "
+            f"{html.escape(latent['reason'])}</h4><p class='note'>"
             f"active on {latent['id_firings']} of {n_id_tokens:,} ID tokens (rate "
-            f"{latent['id_rate']:.2g}); ID p99.9 {latent['id_p999']:.3g}; here max "
-            f"{latent['max_activation']:.3g} on {latent['tokens_fired']} token(s)</p>"
+            f"{latent['id_rate']:.2g}); ID range p50 / p99 / p99.9 "
+            + " / ".join(f"{q:.3g}" for q in latent.get("id_range") or [latent["id_p999"]])
+            + f"; here max {latent['max_activation']:.3g} on {latent['tokens_fired']} token(s)"
+            + (f", surprisal {latent['surprisal']:.3g}" if "surprisal" in latent else "")
+            + "</p>"
         )
         parts.append("<p>Where it fired in this text:</p><ul>")
         parts += [f"<li>{_context_html(c)}</li>" for c in latent["input_contexts"]]
@@ -176,6 +269,9 @@ def write_ood_report(
         f"Measured FPR on {cal['measured_on']}: {cal['measured_fpr']:.3f} "
         f"[{cal['measured_fpr_ci95'][0]:.3f}, {cal['measured_fpr_ci95'][1]:.3f}]."
     )
+    if document.get("summary"):
+        page.heading("The fused score against the best single score and the best baseline")
+        page.raw(_markdown_table_html(fused_summary_lines(document)))
     page.heading("Where the SAE scores beat Mahalanobis, and where not")
     page.raw(
         "<ul>"
@@ -224,7 +320,11 @@ def write_ood_report(
         "counts as fallacious, where it fired in the text (highlighted token, activation), and "
         "the in-distribution contexts where it fires most."
     )
-    style = "<style>mark{background:#fd6;padding:0 2px}.example h4{margin:.6em 0 .2em}</style>"
+    style = (
+        "<style>mark{background:#fd6;padding:0 2px}.example h4{margin:.6em 0 .2em}"
+        ".heat{font-family:monospace;white-space:pre-wrap;line-height:1.6}"
+        ".tok{border-radius:2px}</style>"
+    )
     ex_page.raw(style)
     for example in examples:
         ex_page.raw(explanation_html(example, cal["flag_score"], cal["threshold"], n_id_tokens))
@@ -232,6 +332,25 @@ def write_ood_report(
         ex_page.paragraph("No text was flagged.")
     ex_page.write(out / "examples.html")
     return out / "ood_report.html"
+
+
+def _markdown_table_html(lines: list[str]) -> str:
+    """The summary's markdown lines as HTML: the table rows become a table, the rest paragraphs
+    (bold marks kept as <b>)."""
+
+    def inline(text: str) -> str:
+        parts = html.escape(text).split("**")
+        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+    rows = [ln for ln in lines if ln.startswith("|") and not ln.startswith("|---")]
+    out = ["<table>"]
+    for i, row in enumerate(rows):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        tag = "th" if i == 0 else "td"
+        out.append("<tr>" + "".join(f"<{tag}>{inline(c)}</{tag}>" for c in cells) + "</tr>")
+    out.append("</table>")
+    out += [f"<p>{inline(ln)}</p>" for ln in lines if ln and not ln.startswith("|")]
+    return "\n".join(out)
 
 
 def markdown_tables(document: dict[str, Any]) -> str:
@@ -245,6 +364,9 @@ def markdown_tables(document: dict[str, Any]) -> str:
         f"{cal['measured_fpr']:.3f} [{cal['measured_fpr_ci95'][0]:.3f}, "
         f"{cal['measured_fpr_ci95'][1]:.3f}] on {cal['measured_on']}.\n"
     )
+    if document.get("summary"):
+        lines.append("### The fused score against the best single score and the best baseline\n")
+        lines += fused_summary_lines(document)
     for metric, title in (
         ("auroc", "AUROC (higher is better)"),
         ("fpr95", "FPR at 95% TPR (lower is better)"),

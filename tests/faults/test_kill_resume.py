@@ -79,7 +79,7 @@ def setup(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Set
          "--tokens", "1024", "--batch-tokens", "128", "--buffer-tokens", "256",
          "--eval-tokens", "128", "--out", str(sae)],
         ["ood", "fit", str(sae), "--corpus", "wiki-en", "--out", str(monitor), "--fit-texts", "40",
-         "--calibration-texts", "30"],
+         "--calibration-texts", "30", "--no-fused-with-lm"],
     ):  # fmt: skip
         done = _cli(args, env)
         assert done.returncode == 0, done.stderr

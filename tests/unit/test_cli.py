@@ -195,7 +195,7 @@ def test_ood_fit_and_benchmark_commands_end_to_end(
     _random_sae(tiny_llama_dir, tmp_path / "sae")
     mon = str(tmp_path / "mon")
     argv = ["-q", "ood", "fit", str(tmp_path / "sae"), "--out", mon, "--fit-texts", "40",
-            "--calibration-texts", "30"]  # fmt: skip
+            "--calibration-texts", "30", "--no-fused-with-lm"]  # fmt: skip
     assert main(argv) == 0
     fitted = json.loads(capsys.readouterr().out)
     assert fitted["threshold"] is not None and fitted["calibration"]["n_texts"] == 30
@@ -208,6 +208,10 @@ def test_ood_fit_and_benchmark_commands_end_to_end(
     assert "measured FPR" in capsys.readouterr().out
     bench = json.loads((tmp_path / "b" / "ood_benchmark.json").read_text())
     assert set(bench["shifts"]) == {"typos:0.2", "wiki-fr"} and "msp" not in bench["scores"]
+    # The fused score (here without the LM baselines) is the flag, with its summary per shift.
+    assert bench["calibration"]["flag_score"] == "fused" and "fused" in bench["scores"]
+    assert set(bench["summary"]["per_shift"]) == {"typos:0.2", "wiki-fr"}
+    assert "wins" in (tmp_path / "b" / "ood_benchmark.md").read_text()
     assert bench["device"] == "cpu" and bench["config"].get("device") is None
     out = tmp_path / "x"
     rc = main(["-q", "ood", "benchmark", "--monitor", str(tmp_path / "nothing"), "--out", str(out)])
