@@ -50,8 +50,10 @@ MAX_HARVEST = 4_000_000
 
 # Forward-token equivalents per text (or for the whole evaluation), measured from `saeguard run`
 # on the embedded SmolLM2 + wiki-en: seconds a step took x the probe's float32 forward rate
-# (1,296 tokens/s), / texts. Monitor fit + calibration: 190.6 s for 2,000 texts.
-MONITOR_TOKENS_PER_TEXT = 125.0
+# (1,296 tokens/s), / texts. Monitor fit + calibration: 190.6 s for 2,000 texts before the fused
+# score; with it the 300 reference and 500 calibration texts also run the LM head (full forward,
+# half batches): ~350 s (7.0 min measured beside a niced second job, ~20% slower).
+MONITOR_TOKENS_PER_TEXT = 225.0
 # OOD benchmark: the full model (LM baselines), longer texts (jailbreaks), k-NN and bootstrap.
 BENCHMARK_TOKENS_PER_TEXT = 330.0
 # Evaluation (core + CE): a fixed set of contexts; CE runs three full forwards per context

@@ -37,9 +37,10 @@ class MonitorConfig:
     to its logits); --no-fused-with-lm keeps scoring to the forward up to the hook."""
     fusion_rule: FusionRule = "fisher"
     """How the components' p-values are combined: fisher (-2 sum log p) or min_p (Sidak)."""
-    fusion_tail: Tail = "exponential"
-    """P-values beyond every reference value: exponential (an exponential tail fitted to the
-    top of the reference keeps their order) or none (all tie at 1 / (n + 1))."""
+    fusion_tail: Tail = "none"
+    """P-values beyond every reference value: none (all 1 / (n + 1)) or exponential (an
+    exponential tail fitted to the top of the reference keeps their order; measured worse on
+    jailbreak wrapping, docs/ood.md)."""
     top_q: float = 0.1
     """Share of a text's tokens (most surprising first) that fallacious_surprisal_top averages."""
     tau_rate: float = 1e-4

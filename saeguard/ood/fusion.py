@@ -7,7 +7,8 @@ OOD example. The threshold on the fused score is then calibrated like any other 
 validation split.
 
 - **p-value** of a score ``s`` against its ``n`` reference values:
-  ``p = (1 + #{ref >= s}) / (1 + n)`` (the conformal p-value: uniform on ID texts up to ties).
+  ``p = (1 + #{ref >= s}) / (1 + n)`` (the conformal p-value: uniform on ID texts up to ties;
+  the default, ``tail="none"``, gives every score beyond the reference ``1 / (1 + n)``).
   With ``tail="exponential"``, a score above every reference value gets
   ``p = exp(-(s - max) / beta) / (1 + n)``, where ``beta`` is the mean excess of the top tenth
   of the reference over its smallest member (a peaks-over-threshold exponential tail), so that

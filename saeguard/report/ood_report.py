@@ -116,28 +116,37 @@ def fused_summary_lines(document: dict[str, Any]) -> list[str]:
     if not summary:
         return []
     lines = [
+        "AUROC [95% interval], three decimals (near 1 the intervals of two scores can be apart "
+        "by less than the two-decimal tables show).",
+        "",
         "| shift | best single score | fused | best baseline | fused vs best baseline |",
         "|---|---|---|---|---|",
     ]
+
+    def fine(value: float, interval: list[float]) -> str:
+        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
     for shift, e in summary["per_shift"].items():
-        fused = with_interval(e["fused_auroc"], e["fused_auroc_ci95"])
+        fused = fine(e["fused_auroc"], e["fused_auroc_ci95"])
         if not e["within_margin_of_best_single"]:
             fused += f" (below best - {summary['margin']})"
-        base = (
-            f"{e['best_baseline']} {with_interval(e['best_baseline_auroc'], e['best_baseline_auroc_ci95'])}"  # noqa: E501
-            if "best_baseline" in e
-            else "-"
-        )
+        base = "-"
+        if "best_baseline" in e:
+            best = fine(e["best_baseline_auroc"], e["best_baseline_auroc_ci95"])
+            base = f"{e['best_baseline']} {best}"
         lines.append(
             f"| {shift} | {e['best_single']} "
-            f"{with_interval(e['best_single_auroc'], e['best_single_auroc_ci95'])} | {fused} | "
+            f"{fine(e['best_single_auroc'], e['best_single_auroc_ci95'])} | {fused} | "
             f"{base} | {e.get('vs_best_baseline', '-')} |"
         )
     tally = summary["vs_best_baseline"]
     lines.append("")
+    within = sum(e["within_margin_of_best_single"] for e in summary["per_shift"].values())
     lines.append(
         f"Fused score against the best baseline of each shift (95% intervals; ties overlap): "
-        f"**{tally['win']} wins, {tally['tie']} ties, {tally['loss']} losses**."
+        f"**{tally['win']} wins, {tally['tie']} ties, {tally['loss']} losses**; within "
+        f"{summary['margin']} of the best single score on {within} of "
+        f"{len(summary['per_shift'])} shifts."
     )
     means = sorted(summary["mean_auroc"].items(), key=lambda kv: -kv[1])
     lines.append(

@@ -14,8 +14,10 @@ from saeguard.report.ood_report import summary_sentences
 
 STEP_NAMES = ("train", "eval", "monitor", "benchmark")
 HEADLINE_SCORES = (
+    "fused",
     "energy",
     "fallacious_count",
+    "fallacious_surprisal_top",
     "fallacious_mass",
     "recon_error",
     "mahalanobis",

@@ -225,3 +225,17 @@ def test_detection_summary_counts_wins_ties_and_losses() -> None:
     assert not summary["per_shift"]["b"]["within_margin_of_best_single"]
     assert summary["mean_auroc"]["fused"] == pytest.approx(0.75)
     assert not summary["fused_has_best_mean"]  # b's mean is 0.875
+
+
+def test_the_token_heat_map_escapes_tokens_and_shades_the_planted_one() -> None:
+    from saeguard.report.ood_report import token_heatmap_html
+
+    tokens = [
+        {"token": "<script>alert(1)</script>", "fallacious_surprisal": 0.0, "latents": []},
+        {"token": " x' onerror='y", "fallacious_surprisal": 9.0,
+         "latents": [{"latent": 7, "weight": 9.0, "value": 1.5}]},
+    ]  # fmt: skip
+    page = token_heatmap_html(tokens, "fallacious_surprisal")
+    assert "<script>" not in page and "onerror='y" not in page
+    assert "&lt;script&gt;" in page and "latent 7" in page
+    assert page.count("rgba(214,96,77,1.00)") == 1 and "rgba(214,96,77,0.00)" in page
