@@ -30,8 +30,10 @@ def test_quick_run_on_smollm2_benchmarks_every_score_and_explains_alarms(
     bench = json.loads((out / "ood" / "ood_benchmark.json").read_text())
     jsonschema.validate(bench, json.loads(SCHEMA.read_text()))
     assert set(bench["shifts"]) == set(DEFAULT_SHIFTS)
+    assert bench["calibration"]["flag_score"] == "fused"  # the default flag: the fused score
+    assert set(bench["summary"]["per_shift"]) == set(DEFAULT_SHIFTS)
     for row in bench["shifts"].values():
-        assert set(SAE_SCORES) | set(BASELINES) <= set(row["scores"])
+        assert set(SAE_SCORES) | set(BASELINES) | {"fused"} <= set(row["scores"])
         for cell in row["scores"].values():
             assert cell["auroc_ci95"][0] <= cell["auroc"] <= cell["auroc_ci95"][1]
     # Other languages and code are far from English Wikipedia for any reasonable detector.
@@ -47,6 +49,8 @@ def test_quick_run_on_smollm2_benchmarks_every_score_and_explains_alarms(
     assert any(la["id_contexts"] for e in flagged for la in e["explanation"])
     html = (out / "ood" / "examples.html").read_text()
     assert "<mark>" in html and "top in-distribution contexts" in html
+    assert "class='heat'" in html  # the per-token heat-maps of the explained texts
+    assert all(len(e["tokens"]) == e["n_tokens"] for e in examples)
     monitor = Monitor.load(out / "monitor")
     [scored] = monitor.score(["The Nile is a river in Africa."])
     assert scored.error is None and scored.flagged is not None
