@@ -61,9 +61,12 @@ def main() -> None:
         with torch.inference_mode():
             run_to_hooks(model, tokens, [reader.point])
 
-    def bare_full() -> None:
+    lm_batch = max(1, monitor.cfg.batch_size // 2)  # the reader's batches when it runs the LM
+
+    def bare_full() -> None:  # in the same batches as the monitor's full forwards
         with torch.inference_mode():
-            model(input_ids=tokens, use_cache=False)
+            for start in range(0, len(tokens), lm_batch):
+                model(input_ids=tokens[start : start + lm_batch], use_cache=False)
 
     def monitored(with_lm: bool, explain: bool = True) -> Callable[[], None]:
         def step() -> None:
