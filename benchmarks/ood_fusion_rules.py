@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from saeguard.jobs.ood import score_set_path
 from saeguard.ood.config import DEFAULT_FUSED_SCORES
 from saeguard.ood.fusion import FUSION_RULES, TAILS, Fusion
 from saeguard.ood.metrics import auroc
@@ -43,8 +44,7 @@ COMPONENT_SETS: dict[str, tuple[str, ...]] = {
 
 
 def _rows(bench: Path, name: str) -> list[dict[str, Any]]:
-    path = bench / "scores" / f"{name.replace(':', '_').replace('/', '_')}.json"
-    rows = json.loads(path.read_text())["results"]
+    rows = json.loads(score_set_path(bench, name).read_text())["results"]
     return [r for r in rows if r["error"] is None]
 
 

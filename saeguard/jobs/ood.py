@@ -50,7 +50,7 @@ from saeguard.ood.scores import (
     SCORE_VERSIONS,
     SINGLE_SCORES,
 )
-from saeguard.ood.storage import MONITOR_ENTRIES, MONITOR_FILE
+from saeguard.ood.storage import MONITOR_ENTRIES, MONITOR_FILE, fusion_document
 from saeguard.steps import Step
 
 if TYPE_CHECKING:
@@ -104,6 +104,11 @@ def _signature(monitor_dir: Path, cfg: OodBenchmarkConfig, name: str, texts: lis
     return digest.hexdigest()
 
 
+def score_set_path(out: Path, name: str) -> Path:
+    """Where a benchmark keeps the per-text scores of one text set (``OUT/scores/NAME.json``)."""
+    return out / "scores" / f"{name.replace(':', '_').replace('/', '_')}.json"
+
+
 def _score_set(
     monitor: Monitor,
     monitor_dir: Path,
@@ -116,7 +121,7 @@ def _score_set(
     with_lm: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Scores of one text set, from ``scores/NAME.json`` when an earlier run finished it."""
-    path = out / "scores" / f"{name.replace(':', '_').replace('/', '_')}.json"
+    path = score_set_path(out, name)
     signature = _signature(monitor_dir, cfg, f"{name}|{keep}|{max_windows}", texts)
     step = Step(path, signature)
     results = (step.saved() or {}).get("results")
@@ -231,7 +236,7 @@ def run_benchmark(
         "device": describe_device(monitor.device),  # of this run; no score set's signature
     }
     if FUSED in names:
-        document["fusion"] = monitor.document()["fusion"]
+        document["fusion"] = fusion_document(monitor)
         document["summary"] = detection_summary(
             table,
             FUSED,

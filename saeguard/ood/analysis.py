@@ -7,7 +7,7 @@ activations, with no model in the loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ class TextAnalysis:
     """[n, m] surprisal weight of each active latent (0 unless fallacious)."""
     token_scores: dict[str, torch.Tensor]
     """Per-token scores [n] (``TOKEN_SCORES``; ``lm_surprisal`` once the LM ran)."""
+    p_values: dict[str, float] = field(default_factory=dict)
+    """The fused score's components as ID p-values, once the fused score is computed."""
 
 
 @torch.no_grad()

@@ -131,25 +131,30 @@ class Fusion:
     def components(self) -> list[str]:
         return list(self.references)
 
-    def pvalues(self, scores: Mapping[str, float]) -> dict[str, float]:
-        """Each component's p-value for one text's scores."""
-        return {
-            name: float(ref.pvalues(np.array([scores[name]]), self.tail)[0])
-            for name, ref in self.references.items()
-        }
-
-    def score_many(self, rows: Sequence[Mapping[str, float]]) -> list[float | None]:
-        """The fused score of each text's scores; None for a text missing a component (e.g.
-        the LM baselines when the full model did not run)."""
-        out: list[float | None] = [None] * len(rows)
+    def assess(
+        self, rows: Sequence[Mapping[str, float]]
+    ) -> list[tuple[float, dict[str, float]] | None]:
+        """Each text's fused score and its components' p-values; None for a text missing a
+        component (e.g. the LM baselines when the full model did not run)."""
+        out: list[tuple[float, dict[str, float]] | None] = [None] * len(rows)
         complete = [i for i, r in enumerate(rows) if all(n in r for n in self.references)]
         if not complete or not self.references:
             return out
-        columns = [
-            ref.pvalues(np.array([rows[i][name] for i in complete]), self.tail)
-            for name, ref in self.references.items()
-        ]
-        fused = combine(np.stack(columns, axis=1), self.rule)
-        for i, value in zip(complete, fused, strict=True):
-            out[i] = float(value)
+        columns = np.stack(
+            [
+                ref.pvalues(np.array([rows[i][name] for i in complete]), self.tail)
+                for name, ref in self.references.items()
+            ],
+            axis=1,
+        )
+        fused = combine(columns, self.rule)
+        for row, i in enumerate(complete):
+            out[i] = (
+                float(fused[row]),
+                dict(zip(self.references, columns[row].tolist(), strict=True)),
+            )
         return out
+
+    def score_many(self, rows: Sequence[Mapping[str, float]]) -> list[float | None]:
+        """The fused score of each text's scores (None: see :meth:`assess`)."""
+        return [None if a is None else a[0] for a in self.assess(rows)]

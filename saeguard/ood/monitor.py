@@ -218,10 +218,11 @@ class Monitor:
         """Put the fused score first in each analysis whose scores hold every component."""
         if self.fusion is None:
             return
-        for analysis, value in zip(
-            analyses, self.fusion.score_many([a.scores for a in analyses]), strict=True
+        for analysis, assessed in zip(
+            analyses, self.fusion.assess([a.scores for a in analyses]), strict=True
         ):
-            if value is not None:
+            if assessed is not None:
+                value, analysis.p_values = assessed
                 rest = {k: v for k, v in analysis.scores.items() if k != FUSED}
                 analysis.scores = {FUSED: value, **rest}
 
@@ -288,10 +289,7 @@ class Monitor:
         tokens: bool = False,
     ) -> None:
         result.scores = analysis.scores
-        if self.fusion is not None and FUSED in analysis.scores:
-            result.p_values = {
-                k: round(v, 6) for k, v in self.fusion.pvalues(analysis.scores).items()
-            }
+        result.p_values = {k: round(v, 6) for k, v in analysis.p_values.items()}
         if tokens:
             result.tokens = token_rows(item, analysis, self.loaded.tokenizer.decode)
         result.n_tokens = len(item.acts)

@@ -97,19 +97,24 @@ def monitor_document(monitor: MonitorState) -> dict[str, Any]:
         "exclusions": monitor.rules.to_dict(),
         "stats": monitor.stats.scalars(),
         "reference": {k: list(v) for k, v in monitor.reference.items()},
-        "fusion": {
-            "components": monitor.cfg.fusion_components,
-            "rule": monitor.cfg.fusion_rule,
-            "tail": monitor.cfg.fusion_tail,
-            "reference_texts": len(next(iter(monitor.reference_scores.values()), [])),
-            "reference_source": "fit texts held back from the ID statistics",
-        }
-        if monitor.reference_scores
-        else None,
+        "fusion": fusion_document(monitor),
         "score_versions": SCORE_VERSIONS,
         "thresholds": monitor.thresholds,
         "calibration": monitor.calibration,
         "device": describe_device(monitor.device),
+    }
+
+
+def fusion_document(monitor: MonitorState) -> dict[str, Any] | None:
+    """The fused score as ``monitor.json`` records it (None without reference scores)."""
+    if not monitor.reference_scores:
+        return None
+    return {
+        "components": monitor.cfg.fusion_components,
+        "rule": monitor.cfg.fusion_rule,
+        "tail": monitor.cfg.fusion_tail,
+        "reference_texts": len(next(iter(monitor.reference_scores.values()))),
+        "reference_source": "fit texts held back from the ID statistics",
     }
 
 

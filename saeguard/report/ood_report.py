@@ -109,23 +109,27 @@ def summary_sentences(document: dict[str, Any]) -> list[str]:
     return out
 
 
-def fused_summary_lines(document: dict[str, Any]) -> list[str]:
-    """Per shift: the best single score, the fused score and its verdict against the best
-    baseline (intervals compared); then the tally and each score's mean AUROC (markdown)."""
+SUMMARY_HEADERS = ("shift", "best single score", "fused", "best baseline",
+                   "fused vs best baseline")  # fmt: skip
+SUMMARY_NOTE = (
+    "AUROC [95% interval], three decimals (near 1 the intervals of two scores can be apart by "
+    "less than the two-decimal tables show)."
+)
+
+
+def fused_summary(document: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """The fused score's summary as table rows (per shift: the best single score, the fused
+    score and its verdict against the best baseline, intervals compared) and the sentences
+    under it (the tally, each score's mean AUROC); empty without a summary. Bold is marked
+    ``**`` for markdown."""
     summary = document.get("summary")
     if not summary:
-        return []
-    lines = [
-        "AUROC [95% interval], three decimals (near 1 the intervals of two scores can be apart "
-        "by less than the two-decimal tables show).",
-        "",
-        "| shift | best single score | fused | best baseline | fused vs best baseline |",
-        "|---|---|---|---|---|",
-    ]
+        return [], []
 
     def fine(value: float, interval: list[float]) -> str:
         return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
+    rows = []
     for shift, e in summary["per_shift"].items():
         fused = fine(e["fused_auroc"], e["fused_auroc_ci95"])
         if not e["within_margin_of_best_single"]:
@@ -134,30 +138,23 @@ def fused_summary_lines(document: dict[str, Any]) -> list[str]:
         if "best_baseline" in e:
             best = fine(e["best_baseline_auroc"], e["best_baseline_auroc_ci95"])
             base = f"{e['best_baseline']} {best}"
-        lines.append(
-            f"| {shift} | {e['best_single']} "
-            f"{fine(e['best_single_auroc'], e['best_single_auroc_ci95'])} | {fused} | "
-            f"{base} | {e.get('vs_best_baseline', '-')} |"
-        )
+        single = f"{e['best_single']} {fine(e['best_single_auroc'], e['best_single_auroc_ci95'])}"
+        rows.append([shift, single, fused, base, e.get("vs_best_baseline", "-")])
     tally = summary["vs_best_baseline"]
-    lines.append("")
     within = sum(e["within_margin_of_best_single"] for e in summary["per_shift"].values())
-    lines.append(
+    means = sorted(summary["mean_auroc"].items(), key=lambda kv: -kv[1])
+    sentences = [
         f"Fused score against the best baseline of each shift (95% intervals; ties overlap): "
         f"**{tally['win']} wins, {tally['tie']} ties, {tally['loss']} losses**; within "
         f"{summary['margin']} of the best single score on {within} of "
-        f"{len(summary['per_shift'])} shifts."
-    )
-    means = sorted(summary["mean_auroc"].items(), key=lambda kv: -kv[1])
-    lines.append(
+        f"{len(summary['per_shift'])} shifts.",
         "Mean AUROC over the shifts: "
         + ", ".join(
             f"{'**' + k + '**' if k == summary['fused_score'] else k} {v:.3f}" for k, v in means
         )  # fmt: skip
-        + "."
-    )
-    lines.append("")
-    return lines
+        + ".",
+    ]
+    return rows, sentences
 
 
 def _token_colour(value: float | None, top: float) -> str:
@@ -278,9 +275,13 @@ def write_ood_report(
         f"Measured FPR on {cal['measured_on']}: {cal['measured_fpr']:.3f} "
         f"[{cal['measured_fpr_ci95'][0]:.3f}, {cal['measured_fpr_ci95'][1]:.3f}]."
     )
-    if document.get("summary"):
+    fused_rows, fused_sentences = fused_summary(document)
+    if fused_rows:
         page.heading("The fused score against the best single score and the best baseline")
-        page.raw(_markdown_table_html(fused_summary_lines(document)))
+        page.paragraph(SUMMARY_NOTE)
+        page.table(SUMMARY_HEADERS, fused_rows)
+        for sentence in fused_sentences:
+            page.paragraph(sentence.replace("**", ""))
     page.heading("Where the SAE scores beat Mahalanobis, and where not")
     page.raw(
         "<ul>"
@@ -343,25 +344,6 @@ def write_ood_report(
     return out / "ood_report.html"
 
 
-def _markdown_table_html(lines: list[str]) -> str:
-    """The summary's markdown lines as HTML: the table rows become a table, the rest paragraphs
-    (bold marks kept as <b>)."""
-
-    def inline(text: str) -> str:
-        parts = html.escape(text).split("**")
-        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-
-    rows = [ln for ln in lines if ln.startswith("|") and not ln.startswith("|---")]
-    out = ["<table>"]
-    for i, row in enumerate(rows):
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        tag = "th" if i == 0 else "td"
-        out.append("<tr>" + "".join(f"<{tag}>{inline(c)}</{tag}>" for c in cells) + "</tr>")
-    out.append("</table>")
-    out += [f"<p>{inline(ln)}</p>" for ln in lines if ln and not ln.startswith("|")]
-    return "\n".join(out)
-
-
 def markdown_tables(document: dict[str, Any]) -> str:
     """AUROC and FPR@95 tables (shift rows, score columns) with 95% intervals."""
     names = document["scores"]
@@ -373,9 +355,13 @@ def markdown_tables(document: dict[str, Any]) -> str:
         f"{cal['measured_fpr']:.3f} [{cal['measured_fpr_ci95'][0]:.3f}, "
         f"{cal['measured_fpr_ci95'][1]:.3f}] on {cal['measured_on']}.\n"
     )
-    if document.get("summary"):
+    fused_rows, fused_sentences = fused_summary(document)
+    if fused_rows:
         lines.append("### The fused score against the best single score and the best baseline\n")
-        lines += fused_summary_lines(document)
+        lines += [SUMMARY_NOTE, "", "| " + " | ".join(SUMMARY_HEADERS) + " |",
+                  "|---" * len(SUMMARY_HEADERS) + "|"]  # fmt: skip
+        lines += ["| " + " | ".join(row) + " |" for row in fused_rows]
+        lines += ["", *fused_sentences, ""]
     for metric, title in (
         ("auroc", "AUROC (higher is better)"),
         ("fpr95", "FPR at 95% TPR (lower is better)"),
