@@ -134,6 +134,7 @@ def load_monitor(
     directory = Path(directory)
     path = directory / MONITOR_FILE
     doc = read_monitor_document(directory)
+    reference_scores = _read_reference_scores(directory, doc.get("fusion"))
     try:
         tensors = load_file(str(directory / STATS_FILE))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -176,9 +177,36 @@ def load_monitor(
     )
     calib = directory / CALIBRATION_FILE
     stored["calibration_scores"] = _read_score_lists(calib) if calib.is_file() else {}
-    reference = directory / REFERENCE_FILE  # absent in monitors saved before the fused score
-    stored["reference_scores"] = _read_score_lists(reference) if reference.is_file() else {}
+    stored["reference_scores"] = reference_scores
     return stored
+
+
+def _read_reference_scores(directory: Path, fusion: Any) -> dict[str, list[float]]:
+    """``reference_scores.json``: absent in monitors saved before the fused score; a monitor
+    whose ``monitor.json`` records a fused score must have it whole (else its flag would never
+    fire)."""
+    path = directory / REFERENCE_FILE
+    if not isinstance(fusion, dict):
+        return _read_score_lists(path) if path.is_file() else {}
+    if not path.is_file():
+        raise CorruptFileError(
+            f"{path} is missing but {directory / MONITOR_FILE} records a fused score fitted on "
+            "it; restore the file or re-run `saeguard ood fit`"
+        )
+    scores = _read_score_lists(path)
+    expected = fusion.get("reference_texts")
+    missing = [c for c in fusion.get("components") or [] if c not in scores]
+    short = [c for c, v in scores.items() if len(v) != expected]
+    if missing or short:
+        problem = (
+            f"lacks {', '.join(missing)}"
+            if missing
+            else f"holds {len(scores[short[0]])} values of {short[0]}, not {expected}"
+        )
+        raise CorruptFileError(
+            f"{path} {problem} as {MONITOR_FILE} records; restore it or re-run `saeguard ood fit`"
+        )
+    return scores
 
 
 def read_monitor_document(directory: Path) -> dict[str, Any]:

@@ -239,3 +239,27 @@ def test_the_token_heat_map_escapes_tokens_and_shades_the_planted_one() -> None:
     assert "<script>" not in page and "onerror='y" not in page
     assert "&lt;script&gt;" in page and "latent 7" in page
     assert page.count("rgba(214,96,77,1.00)") == 1 and "rgba(214,96,77,0.00)" in page
+
+
+def test_a_fused_monitor_with_a_missing_or_torn_reference_file_is_refused_in_one_line(
+    tiny_monitor: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    from saeguard.errors import CorruptFileError
+
+    reference = json.loads((tiny_monitor / "reference_scores.json").read_text())
+    broken = tmp_path / "mon"
+    shutil.copytree(tiny_monitor, broken)
+    (broken / "reference_scores.json").unlink()
+    with pytest.raises(CorruptFileError, match="reference_scores.json is missing"):
+        Monitor.load(broken)
+    (broken / "reference_scores.json").write_text(
+        json.dumps({k: v[:5] for k, v in reference.items()})
+    )
+    with pytest.raises(CorruptFileError, match="holds 5 values"):
+        Monitor.load(broken)
+    (broken / "reference_scores.json").write_text(json.dumps({"knn": reference["knn"]}))
+    assert main(["-q", "ood", "score", "--monitor", str(broken), "the cat"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lacks" in err[0] and "re-run `saeguard ood fit`" in err[0]
