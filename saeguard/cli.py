@@ -143,6 +143,13 @@ def _ood_score(cfg: Any) -> int:
     return 0
 
 
+def _serve(cfg: Any) -> int:
+    from saeguard.jobs.serve import serve
+
+    serve(cfg)
+    return 0
+
+
 def _ood_benchmark(job: Any) -> int:
     from saeguard.jobs.ood import run_benchmark
     from saeguard.report.ood_report import summary_sentences
@@ -301,6 +308,7 @@ def commands() -> list[Command]:
     from saeguard.jobs.ood import OodBenchmarkJobConfig, OodFitConfig, OodScoreConfig
     from saeguard.jobs.robustify import RobustifyConfig
     from saeguard.jobs.run import RunConfig
+    from saeguard.jobs.serve import ServeConfig
     from saeguard.jobs.studies import MaskingStudyConfig
     from saeguard.jobs.train import TrainJobConfig
 
@@ -443,6 +451,23 @@ def commands() -> list[Command]:
             # torchrun's own parser takes --monitor for an abbreviation of its --monitor-interval
             aliases={"monitor": ["--monitor-dir"]},
             distributed=True,
+        ),
+        Command(
+            path=("serve",),
+            help="Serve a monitor over HTTP: score and explain texts, micro-batched, with "
+            "metrics.",
+            description=(
+                "Start a FastAPI service (uvicorn) around a monitor: POST /v1/score and "
+                "/v1/explain (JSON batches of texts; the rows `ood score` prints), GET /v1/info, "
+                "/healthz, /metrics (Prometheus) and OpenAPI docs at /docs. Concurrent requests "
+                "are micro-batched into one forward pass (--max-batch-texts, --max-wait-ms); a "
+                "full queue answers 503 with Retry-After; oversize requests 413, malformed ones "
+                "422. Listens on 127.0.0.1 by default; any other address needs a bearer token "
+                "(--token-file or $SAEGUARD_API_TOKEN). Ctrl-C or SIGTERM lets requests in "
+                "flight finish. Clients: `saeguard ood score --url`, curl (docs/serve.md)."
+            ),
+            config=ServeConfig,
+            run=_serve,
         ),
         Command(
             path=("ood", "benchmark"),

@@ -351,8 +351,13 @@ class OodScoreConfig:
 
     texts: list[str] = field(default_factory=list)
     """Texts to score (default: read --file or stdin)."""
-    monitor: str
-    """Monitor directory from `saeguard ood fit`."""
+    monitor: str = ""
+    """Monitor directory from `saeguard ood fit` (or --url)."""
+    url: str = ""
+    """Score with a running `saeguard serve` at this URL (http://HOST:PORT) instead of loading
+    a monitor; the output lines are the same."""
+    token_file: str = ""
+    """With --url: file holding the service's bearer token (else $SAEGUARD_API_TOKEN)."""
     file: str = ""
     """Read texts from this file ('-' or empty: stdin)."""
     input_format: Literal["lines", "jsonl", "whole"] = "lines"
@@ -379,6 +384,16 @@ class OodScoreConfig:
     def __post_init__(self) -> None:
         validate_literals(self)
         check_device_name(self.device)
+        if bool(self.monitor) == bool(self.url):
+            raise ConfigError(
+                "give the monitor directory (--monitor DIR) or a running service (--url URL), "
+                "one of the two"
+            )
+        if self.url and (self.model or self.adapter):
+            raise ConfigError(
+                "--model and --adapter choose what a local monitor loads; a service (--url) "
+                "scores with the model it was started with"
+            )
 
 
 def score_texts(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str, Any]]:
@@ -392,9 +407,11 @@ def score_texts(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str,
     processes have as many threads (torchrun gives each one thread unless OMP_NUM_THREADS says
     otherwise; other thread counts or other company change a text's numbers by float rounding).
     """
-    device = resolve_device(cfg.device)  # a missing GPU fails before anything is loaded
     if not texts:
         raise ConfigError("no text to score: pass texts as arguments, --file PATH, or stdin")
+    if cfg.url:
+        return _score_remotely(cfg, texts)
+    device = resolve_device(cfg.device)  # a missing GPU fails before anything is loaded
     world = join_world(device)
     monitor = Monitor.load(cfg.monitor, model=cfg.model, adapter=cfg.adapter, device=device)
     mine = [i for i in range(len(texts)) if world.owns(i // SCORE_CHUNK)]
@@ -411,6 +428,24 @@ def score_texts(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str,
     if not world.is_main:
         return []
     return sorted((row for part in gathered for row in part), key=lambda row: row["index"])
+
+
+def _score_remotely(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str, Any]]:
+    """`ood score --url`: the same rows, from a running `saeguard serve`."""
+    from saeguard.distributed import launched_world_size
+    from saeguard.jobs.serve import read_token
+    from saeguard.serve.client import ServiceClient
+
+    if launched_world_size() > 1:
+        raise ConfigError("`ood score --url` sends texts to a service: start it without torchrun")
+    client = ServiceClient(cfg.url, read_token(cfg.token_file))
+    return client.score(
+        texts,
+        explain=cfg.explain,
+        explain_all=cfg.explain_all,
+        tokens=cfg.tokens,
+        with_lm=True if cfg.with_lm else None,
+    )
 
 
 @dataclass(kw_only=True)
