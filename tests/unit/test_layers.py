@@ -2,7 +2,8 @@
 
 Three layers and the command line: the library (models, data, activations, sae, train, evals,
 ood, robustify and the shared top-level modules) < report (renders documents it is handed) <
-jobs (the commands' orchestration) < cli. A module imports only its own layer or lower ones; no
+service (the HTTP app around a monitor, and its client) < jobs (the commands' orchestration) <
+cli. A module imports only its own layer or lower ones; no
 two modules import each other, directly or through others; the sibling packages evals and ood
 never import each other at all.
 """
@@ -23,6 +24,7 @@ LAYERS = (
                  "saeguard.steps",
                  "saeguard.packages")),
     ("report", ("saeguard.report",)),
+    ("service", ("saeguard.serve",)),
     ("jobs", ("saeguard.jobs",)),
     ("cli", ("saeguard.cli", "saeguard.__main__")),
 )  # fmt: skip
