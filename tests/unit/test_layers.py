@@ -20,7 +20,7 @@ LAYERS = (
                  "saeguard.train", "saeguard.evals", "saeguard.ood", "saeguard.robustify",
                  "saeguard.configs", "saeguard.defaults", "saeguard.devices",
                  "saeguard.distributed", "saeguard.errors", "saeguard.fileio",
-                 "saeguard.steps",
+                 "saeguard.steps", "saeguard.guard",
                  "saeguard.packages")),
     ("report", ("saeguard.report",)),
     ("jobs", ("saeguard.jobs",)),
