@@ -21,7 +21,7 @@ LAYERS = (
                  "saeguard.train", "saeguard.evals", "saeguard.ood", "saeguard.robustify",
                  "saeguard.configs", "saeguard.defaults", "saeguard.devices",
                  "saeguard.distributed", "saeguard.errors", "saeguard.fileio",
-                 "saeguard.steps",
+                 "saeguard.steps", "saeguard.guard",
                  "saeguard.packages")),
     ("report", ("saeguard.report",)),
     ("service", ("saeguard.serve",)),
