@@ -454,8 +454,7 @@ def commands() -> list[Command]:
         ),
         Command(
             path=("serve",),
-            help="Serve a monitor over HTTP: score and explain texts, micro-batched, with "
-            "metrics.",
+            help="Serve a monitor over HTTP: score and explain texts, micro-batched, with metrics.",
             description=(
                 "Start a FastAPI service (uvicorn) around a monitor: POST /v1/score and "
                 "/v1/explain (JSON batches of texts; the rows `ood score` prints), GET /v1/info, "

@@ -45,7 +45,8 @@ class ServeConfig:
     workers: int = 1
     """Worker processes (each loads the model once and micro-batches its own requests)."""
     device: str = "auto"
-    """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps."""
+    """Torch device: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under
+    torchrun each process takes the GPU of its local rank. Every worker loads onto it."""
     graceful_timeout_s: float = 30.0
     """On shutdown (Ctrl-C, SIGTERM), how long requests in flight may take to finish."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -148,9 +149,12 @@ def serve(cfg: ServeConfig) -> None:
         uvicorn.run(create_app(monitor, cfg.limits, token), **common)  # type: ignore[arg-type]
         return
     del monitor  # each worker loads its own
+    # N workers on one machine share its cores: each gets its share of torch threads unless
+    # OMP_NUM_THREADS says otherwise.
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // cfg.workers))
     os.environ[SPEC_ENV] = json.dumps(
         {"monitor": str(Path(cfg.monitor).resolve()), "device": cfg.device,
-         "limits": asdict(cfg.limits)}
+         "limits": asdict(cfg.limits), "threads": threads}
     )  # fmt: skip
     if token:
         os.environ[TOKEN_ENV] = token

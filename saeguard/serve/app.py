@@ -408,10 +408,14 @@ def _replay(messages: list[dict[str, Any]], then: Any = None) -> Any:
 def app_from_environment() -> Any:
     """The app of one worker of `saeguard serve --workers N` (uvicorn imports this factory in
     each worker process; each loads the monitor once at start-up)."""
+    import torch
+
     from saeguard.devices import resolve_device
 
     spec = json.loads(os.environ[SPEC_ENV])
     limits = ServiceLimits(**spec["limits"])
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
 
     def load() -> Monitor:
         return Monitor.load(spec["monitor"], device=resolve_device(spec["device"]))

@@ -327,3 +327,44 @@ def test_start_up_refuses_what_cannot_work_in_one_line(
     assert "--url must be" in capsys.readouterr().err
     assert main(["ood", "score", "the cat"]) == 2  # neither a monitor nor a URL
     assert "one of the two" in capsys.readouterr().err
+
+
+def test_the_serve_command_with_two_workers_serves_and_stops_on_sigterm(
+    monitor_dir: Path, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    command = [sys.executable, "-m", "saeguard", "-q", "serve", "--monitor", str(monitor_dir),
+               "--port", str(port), "--workers", "2", "--token-file", str(token_file),
+               "--log-level", "warning", "--device", "cpu"]  # fmt: skip
+    service = subprocess.Popen(
+        command, env={**os.environ, "TQDM_DISABLE": "1"}, stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while call(url + "/healthz")[0] != 200 if _listening(port) else True:
+            assert service.poll() is None and time.monotonic() < deadline, "did not start"
+            time.sleep(0.2)
+        status, _, answer = call(url + "/v1/score", "POST", {"texts": [OUTLIER]}, TOKEN)
+        assert status == 200 and answer["results"][0]["scores"]
+        assert call(url + "/v1/score", "POST", {"texts": ["a"]})[0] == 401
+    finally:
+        service.send_signal(signal.SIGTERM)
+        _, err = service.communicate(timeout=60)
+    assert service.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
