@@ -120,8 +120,7 @@ def test_score_and_explain_round_trip_equals_monitor_score(
     status, _, explained = call(server.url + "/v1/explain", "POST", {"texts": texts}, TOKEN)
     assert status == 200
     local = [
-        {**r.to_json(), "index": i}
-        for i, r in enumerate(monitor.score(texts, explain_all=True))
+        {**r.to_json(), "index": i} for i, r in enumerate(monitor.score(texts, explain_all=True))
     ]
     _same_rows(explained["results"], local)
     assert explained["results"][2]["explanation"]  # the outlier's latents, flagged or not
@@ -182,8 +181,9 @@ def test_metrics_parse_as_prometheus_text(server: Server) -> None:
     status, head, text = call(server.url + "/metrics", token=TOKEN)
     assert status == 200 and head["content-type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert {"saeguard_requests", "saeguard_request_seconds", "saeguard_batch_texts",
-            "saeguard_queue_texts", "saeguard_flags", "saeguard_texts"} <= set(families)  # fmt: skip
+    expected = {"saeguard_requests", "saeguard_request_seconds", "saeguard_batch_texts",
+                "saeguard_queue_texts", "saeguard_flags", "saeguard_texts"}  # fmt: skip
+    assert expected <= set(families)
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for f in families.values()
