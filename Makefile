@@ -19,6 +19,7 @@ robustify: install
 		--monitor $(RUN_DIR)/monitor --shift typos:0.2 --out runs/robustify
 
 test: install
+	bash scripts/install_browser.sh
 	$(PYTHON) -m ruff check saeguard tests benchmarks
 	$(PYTHON) -m mypy saeguard
 	$(PYTHON) -m pytest -q tests

@@ -154,7 +154,7 @@ def _ood_benchmark(job: Any) -> int:
     from saeguard.jobs.ood import run_benchmark
     from saeguard.report.ood_report import summary_sentences
 
-    document = run_benchmark(job.monitor, job.out, job.benchmark, job.device)
+    document = run_benchmark(job.monitor, job.out, job.benchmark, job.device, job.site)
     print(f"{job.out}/ood_benchmark.json, ood_benchmark.md, ood_report.html, examples.html")
     cal = document["calibration"]
     print(f"measured FPR {cal['measured_fpr']:.3f} (target {cal['target_fpr']})")

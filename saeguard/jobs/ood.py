@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -146,13 +147,17 @@ def run_benchmark(
     out: str | Path,
     cfg: OodBenchmarkConfig,
     device: str | torch.device = "cpu",
+    site: str = "",
 ) -> dict[str, Any]:
     """Score every shift and the ID negatives on ``device`` (a ``--device`` word or a resolved
-    device); write the JSON, markdown table and HTML report."""
+    device); write the JSON, markdown table and HTML report (with ``site``, a `saeguard browse`
+    site, each explained latent links to its page)."""
     device = resolve_device(device) if isinstance(device, str) else device
     from saeguard.report.ood_report import markdown_tables, write_ood_report
+    from saeguard.report.site_links import add_latent_pages
 
     monitor_dir, out = Path(monitor_dir), Path(out)
+    pages = site_prefix(site, relative_to=out) if site else ""  # a bad site fails first
     monitor = Monitor.load(monitor_dir, adapter=cfg.adapter, device=device)  # a bad monitor
     # creates no --out
     claim_output_directory(out, "ood benchmark", index=(RESULT_FILE, "scores"))
@@ -247,10 +252,29 @@ def run_benchmark(
     atomic_write_json(out / RESULT_FILE, document)
     atomic_write_text(out / "ood_benchmark.md", markdown_tables(document))
     examples = _explained_examples(monitor, cfg, scored, id_texts, id_rows, deployed)
+    if pages:
+        add_latent_pages(examples, pages)
     atomic_write_json(out / "examples.json", examples)
     raw = {name: (rows, negs) for name, (_, rows, negs) in scored.items()}
     write_ood_report(out, document, raw, examples, n_id_tokens=monitor.stats.n_tokens)
     return document
+
+
+def site_prefix(site: str, relative_to: Path | None = None) -> str:
+    """The address (ending in /) of a `saeguard browse` site's folder: a URL as given; a local
+    folder, checked to be such a site, relative to ``relative_to`` (the folder of the page that
+    links to it) or else as a file:// URL."""
+    if site.startswith(("http://", "https://")):
+        return site.rstrip("/") + "/"
+    path = Path(site)
+    if not (path / "index.html").is_file() or not (path / "latent.html").is_file():
+        raise ConfigError(
+            f"--site {site} is not a site written by `saeguard browse` (no index.html and "
+            "latent.html there); build one with `saeguard browse SAE_DIR --out SITE`"
+        )
+    if relative_to is None:
+        return path.resolve().as_uri() + "/"
+    return Path(os.path.relpath(path.resolve(), relative_to.resolve())).as_posix() + "/"
 
 
 def _sae_summary(monitor: Monitor) -> dict[str, Any]:
@@ -358,6 +382,9 @@ class OodScoreConfig:
     a monitor; the output lines are the same."""
     token_file: str = ""
     """With --url: file holding the service's bearer token (else $SAEGUARD_API_TOKEN)."""
+    site: str = ""
+    """A feature-browser site from `saeguard browse` (its folder or URL): each explained latent
+    gets a 'page' field, the address of its page there."""
     file: str = ""
     """Read texts from this file ('-' or empty: stdin)."""
     input_format: Literal["lines", "jsonl", "whole"] = "lines"
@@ -409,6 +436,13 @@ def score_texts(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str,
     """
     if not texts:
         raise ConfigError("no text to score: pass texts as arguments, --file PATH, or stdin")
+    if cfg.site:
+        from saeguard.report.site_links import add_latent_pages
+
+        pages = site_prefix(cfg.site)  # a bad site fails before any work
+        rows = score_texts(replace(cfg, site=""), texts)
+        add_latent_pages(rows, pages)
+        return rows
     if cfg.url:
         return _score_remotely(cfg, texts)
     device = resolve_device(cfg.device)  # a missing GPU fails before anything is loaded
@@ -461,6 +495,9 @@ class OodBenchmarkJobConfig:
     torchrun each process takes the GPU of its local rank."""
     benchmark: OodBenchmarkConfig = field(default_factory=OodBenchmarkConfig)
     """What is scored, on how much text."""
+    site: str = ""
+    """A feature-browser site from `saeguard browse` (its folder, or its URL when served):
+    each explained latent in examples.html links to its page there."""
 
     def __post_init__(self) -> None:
         check_device_name(self.device)

@@ -228,8 +228,11 @@ def explanation_html(
         parts.append("<p class='note'>No fallacious latent: the alarm comes from the other scores "
                      "(reconstruction error, L0 shift).</p>")  # fmt: skip
     for latent in example.get("explanation", []):
+        name = f"latent {latent['latent']}"
+        if latent.get("page"):  # its page in a `saeguard browse` site
+            name = f"<a href='{html.escape(latent['page'], quote=True)}'>{name}</a>"
         parts.append(
-            f"<h4 id='latent-{latent['latent']}'>latent {latent['latent']}: "
+            f"<h4 id='latent-{latent['latent']}'>{name}: "
             f"{html.escape(latent['reason'])}</h4><p class='note'>"
             f"active on {latent['id_firings']} of {n_id_tokens:,} ID tokens (rate "
             f"{latent['id_rate']:.2g}); ID range p50 / p99 / p99.9 "

@@ -368,3 +368,29 @@ def test_the_serve_command_with_two_workers_serves_and_stops_on_sigterm(
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_explained_latents_link_to_their_pages_in_a_browse_site(
+    monitor_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from saeguard.report.ood_report import explanation_html
+
+    site = tmp_path / "site"
+    site.mkdir()
+    for page in ("index.html", "latent.html"):
+        (site / page).write_text("<html></html>")
+    argv = ["-q", "ood", "score", "--monitor", str(monitor_dir), "--explain-all"]
+    assert main([*argv, "--site", str(site), OUTLIER]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["explanation"]
+    for latent in row["explanation"]:
+        assert latent["page"] == f"{site.resolve().as_uri()}/latent.html?i={latent['latent']}"
+    # In the benchmark's examples page the latent's name is a link (escaped).
+    example = {"shift": "s", "text": OUTLIER, "scores": row["scores"], "flagged": True,
+               "explanation": [{**row["explanation"][0], "page": "../site/latent.html?i=1&'x"}]}  # fmt: skip
+    rendered = explanation_html(example, "fused", 1.0, 1000)
+    assert "<a href='../site/latent.html?i=1&amp;&#x27;x'>latent " in rendered
+    # A folder that is not a site: one line, before any work.
+    assert main([*argv, "--site", str(tmp_path), OUTLIER]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saeguard browse" in err[0]
