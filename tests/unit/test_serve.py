@@ -386,8 +386,9 @@ def test_explained_latents_link_to_their_pages_in_a_browse_site(
     for latent in row["explanation"]:
         assert latent["page"] == f"{site.resolve().as_uri()}/latent.html?i={latent['latent']}"
     # In the benchmark's examples page the latent's name is a link (escaped).
+    linked = {**row["explanation"][0], "page": "../site/latent.html?i=1&'x"}
     example = {"shift": "s", "text": OUTLIER, "scores": row["scores"], "flagged": True,
-               "explanation": [{**row["explanation"][0], "page": "../site/latent.html?i=1&'x"}]}  # fmt: skip
+               "explanation": [linked]}  # fmt: skip
     rendered = explanation_html(example, "fused", 1.0, 1000)
     assert "<a href='../site/latent.html?i=1&amp;&#x27;x'>latent " in rendered
     # A folder that is not a site: one line, before any work.
