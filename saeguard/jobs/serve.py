@@ -51,6 +51,10 @@ class ServeConfig:
     """On shutdown (Ctrl-C, SIGTERM), how long requests in flight may take to finish."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """uvicorn's log level (info logs every request)."""
+    site: str = ""
+    """A feature-browser site from `saeguard browse`, served under /browse/ (no token needed
+    for its static pages: anyone who reaches the port can read them); explained latents then
+    link to their pages there, and /live links to them too."""
     limits: ServiceLimits = field(default_factory=ServiceLimits)
     """Request limits and micro-batching."""
 
@@ -134,6 +138,14 @@ def serve(cfg: ServeConfig) -> None:
             f"--token-file FILE or ${TOKEN_ENV}, or listen on 127.0.0.1"
         )
     check_port(cfg.host, cfg.port)
+    site = None
+    if cfg.site:
+        from saeguard.jobs.ood import site_prefix
+
+        if cfg.site.startswith(("http://", "https://")):
+            raise ConfigError("--site of `saeguard serve` is a folder from `saeguard browse`")
+        site_prefix(cfg.site)  # checks that it is such a site
+        site = str(Path(cfg.site).resolve())
     monitor = Monitor.load(cfg.monitor, device=device)  # a bad directory fails here, in one line
     common = dict(
         host=cfg.host,
@@ -146,7 +158,7 @@ def serve(cfg: ServeConfig) -> None:
         cfg.monitor, cfg.host, cfg.port, "" if token else " without a token",
     )  # fmt: skip
     if cfg.workers == 1:
-        uvicorn.run(create_app(monitor, cfg.limits, token), **common)  # type: ignore[arg-type]
+        uvicorn.run(create_app(monitor, cfg.limits, token, site), **common)  # type: ignore[arg-type]
         return
     del monitor  # each worker loads its own
     # N workers on one machine share its cores: each gets its share of torch threads unless
@@ -154,7 +166,7 @@ def serve(cfg: ServeConfig) -> None:
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // cfg.workers))
     os.environ[SPEC_ENV] = json.dumps(
         {"monitor": str(Path(cfg.monitor).resolve()), "device": cfg.device,
-         "limits": asdict(cfg.limits), "threads": threads}
+         "limits": asdict(cfg.limits), "threads": threads, "site": site}
     )  # fmt: skip
     if token:
         os.environ[TOKEN_ENV] = token

@@ -16,17 +16,20 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from saeguard import __version__
 from saeguard.ood.monitor import Monitor
+from saeguard.report.site_links import add_latent_pages
 from saeguard.serve.batching import MicroBatcher, QueueFullError, ScoreOptions
+from saeguard.serve.live import live_page
 from saeguard.serve.metrics import ServiceMetrics
 from saeguard.serve.settings import ServiceLimits
 
@@ -40,7 +43,9 @@ TOKEN_ENV = "SAEGUARD_API_TOKEN"
 BEARER = HTTPBearer(auto_error=False)
 """Reads ``Authorization: Bearer ...`` (module-level: FastAPI resolves the string annotations
 of the endpoints against the module's names)."""
-ROUTES = ("/v1/score", "/v1/explain", "/v1/info", "/healthz", "/metrics")
+SITE_ROUTE = "/browse"
+"""Where a served browse site's pages live."""
+ROUTES = ("/v1/score", "/v1/explain", "/v1/info", "/healthz", "/metrics", "/live")
 """The paths metrics are labelled with (anything else counts as ``other``)."""
 
 
@@ -114,13 +119,17 @@ def create_app(
     monitor: Monitor | Callable[[], Monitor],
     limits: ServiceLimits | None = None,
     token: str | None = None,
+    site: str | Path | None = None,
 ) -> FastAPI:
     """The service around ``monitor`` (or a function that loads it at start-up: each worker
-    process then loads its own). With ``token`` every endpoint but ``/healthz`` and the docs
-    needs ``Authorization: Bearer <token>``."""
+    process then loads its own). With ``token`` every endpoint but ``/healthz``, the docs and
+    the static pages needs ``Authorization: Bearer <token>``. With ``site`` (a `saeguard
+    browse` folder) its pages are served under ``/browse/`` and explained latents link there."""
     limits = limits or ServiceLimits()
     metrics = ServiceMetrics()
     state: dict[str, Any] = {}
+    site_files = site_listing(Path(site)) if site else {}
+    pages = SITE_ROUTE + "/" if site_files else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -207,6 +216,8 @@ def create_app(
         monitor_now: Monitor = state["monitor"]
         rows = [{**r.to_json(), "index": i} for i, r in enumerate(results)]
         metrics.record_results(rows)
+        if pages:
+            add_latent_pages(rows, pages)
         name = monitor_now.cfg.flag_score
         return JSONResponse(
             {
@@ -271,7 +282,34 @@ def create_app(
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
+    @app.get("/live", response_class=HTMLResponse, summary="Paste a text, see its latents.")
+    async def live() -> HTMLResponse:
+        return HTMLResponse(live_page(pages))
+
+    if site_files:
+
+        @app.get(SITE_ROUTE + "/{name:path}", summary="The browse site's static pages.")
+        async def browse(name: str) -> Response:
+            path = site_files.get(name or "index.html")  # only files listed at start-up
+            if path is None:
+                raise HTTPException(404, f"no page {name!r} in the site")
+            return FileResponse(path)
+
     return app
+
+
+def site_listing(site: Path) -> dict[str, Path]:
+    """Every regular file of a `saeguard browse` site by its relative path (symbolic links and
+    anything outside the folder left out): the only files ``/browse/`` ever reads, so a
+    request's path is a key to look up, never a path to open."""
+    root = site.resolve()
+    files: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        relative = path.relative_to(root).as_posix()
+        files[relative] = path
+    return files
 
 
 def describe(monitor: Monitor, limits: ServiceLimits) -> dict[str, Any]:
@@ -420,4 +458,4 @@ def app_from_environment() -> Any:
     def load() -> Monitor:
         return Monitor.load(spec["monitor"], device=resolve_device(spec["device"]))
 
-    return create_app(load, limits, os.environ.get(TOKEN_ENV) or None)
+    return create_app(load, limits, os.environ.get(TOKEN_ENV) or None, spec.get("site") or None)

@@ -395,3 +395,31 @@ def test_explained_latents_link_to_their_pages_in_a_browse_site(
     assert main([*argv, "--site", str(tmp_path), OUTLIER]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "saeguard browse" in err[0]
+
+
+def test_a_served_site_is_read_only_from_its_listing_and_alarms_link_into_it(
+    monitor: Monitor, tmp_path: Path
+) -> None:
+    site = tmp_path / "site"
+    (site / "data").mkdir(parents=True)
+    (site / "index.html").write_text("<html>index</html>")
+    (site / "latent.html").write_text("<html>latent</html>")
+    (site / "data" / "latents_000.js").write_text("window.x = 1;")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not serve")
+    (site / "leak.txt").symlink_to(secret)
+    server = Server(create_app(monitor, ServiceLimits(), TOKEN, site))
+    try:
+        assert call(server.url + "/browse/")[2] == "<html>index</html>"  # no token: static
+        assert call(server.url + "/browse/data/latents_000.js")[2] == "window.x = 1;"
+        for name in ("leak.txt", "../secret.txt", "%2e%2e/secret.txt", "nothing.html"):
+            status, _, answer = call(server.url + "/browse/" + name)
+            assert status == 404 and "do not serve" not in json.dumps(answer)
+        status, _, answer = call(server.url + "/v1/explain", "POST", {"texts": [OUTLIER]}, TOKEN)
+        latents = answer["results"][0]["explanation"]
+        assert status == 200 and latents
+        assert all(e["page"] == f"/browse/latent.html?i={e['latent']}" for e in latents)
+        status, _, live = call(server.url + "/live")
+        assert status == 200 and '"/browse/"' in live and "textContent" in live
+    finally:
+        server.stop()
