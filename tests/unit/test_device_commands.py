@@ -35,6 +35,7 @@ COMMANDS: dict[str, list[str]] = {
     "ood benchmark": ["ood", "benchmark", "--monitor", "{missing}", "--out", "{out}"],
     "robustify": ["robustify", "--out", "{out}", "--sae", "{missing}", "--model", "{missing}"],
     "hooks": ["hooks", "{missing}"],
+    "browse": ["browse", "{missing}", "--out", "{out}"],
 }
 
 
