@@ -182,6 +182,23 @@ def _run(cfg: Any) -> int:
     return 0
 
 
+def _browse(cfg: Any) -> int:
+    from saeguard.jobs.browse import run_browse
+
+    summary = run_browse(cfg)
+    print(json.dumps({
+        "site": f"{cfg.out}/index.html",
+        "latents": summary["d_sae"],
+        "tokens_read": summary["tokens_read"],
+        "dead": summary["dead"],
+        "dense": summary["dense"],
+        "index_bytes": summary["index_bytes"],
+        "site_bytes": summary["site_bytes"],
+        "seconds": summary["timings_s"]["wall"],
+    }, indent=2))  # fmt: skip
+    return 0
+
+
 def _cache(cfg: Any) -> int:
     from saeguard.activations import ActivationCache
 
@@ -301,6 +318,7 @@ GROUPS: dict[tuple[str, ...], tuple[str, str]] = {
 
 def commands() -> list[Command]:
     """Every sub-command, in ``--help`` order."""
+    from saeguard.jobs.browse import BrowseConfig
     from saeguard.jobs.compare import CompareConfig
     from saeguard.jobs.eval import EvalConfig, EvalJobConfig
     from saeguard.jobs.harvest import HarvestConfig
@@ -502,6 +520,25 @@ def commands() -> list[Command]:
             config=RobustifyConfig,
             run=_robustify,
             exclude=RobustifyConfig.FOLLOWED,
+        ),
+        Command(
+            path=("browse",),
+            help="Write a static feature browser for an SAE: every latent's contexts, "
+            "histogram, logit effects.",
+            description=(
+                "One pass over held-out text (the test split of the SAE's corpus, or --corpus) "
+                "collects, per latent, its firing rate, activation histogram, top activating "
+                "contexts and samples from several activation quantiles; the decoder gives each "
+                "latent's logit effects (through the final norm) and nearest latents. Writes a "
+                "static site to --out that opens from disk with no server and nothing fetched "
+                "from the network: OUT/index.html (all latents, sortable, filterable, "
+                "searchable), OUT/latent.html?i=N (one latent), OUT/texts.html (text -> "
+                "latents), and OUT/browse.json (docs/browse.md). --monitor adds the monitor's "
+                "ID rate and p99.9 per latent."
+            ),
+            config=BrowseConfig,
+            run=_browse,
+            positional=("sae_dir",),
         ),
         Command(
             path=("cache",),

@@ -36,6 +36,7 @@ COMMANDS: dict[str, list[str]] = {
     "robustify": ["robustify", "--out", "{out}", "--sae", "{missing}", "--model", "{missing}"],
     "hooks": ["hooks", "{missing}"],
     "serve": ["serve", "--monitor", "{missing}"],
+    "browse": ["browse", "{missing}", "--out", "{out}"],
 }
 
 

@@ -1,11 +1,11 @@
 """The one-way data flow, checked on the import graph (issue 14).
 
 Three layers and the command line: the library (models, data, activations, sae, train, evals,
-ood, robustify and the shared top-level modules) < report (renders documents it is handed) <
-service (the HTTP app around a monitor, and its client) < jobs (the commands' orchestration) <
-cli. A module imports only its own layer or lower ones; no
-two modules import each other, directly or through others; the sibling packages evals and ood
-never import each other at all.
+ood, robustify, guard, browse and the shared top-level modules) < report (renders documents it
+is handed) < service (the HTTP app around a monitor, and its client) < jobs (the commands'
+orchestration) < cli. A module imports only its own layer or lower ones; no two modules import
+each other, directly or through others; the sibling packages evals and ood never import each
+other at all.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ LAYERS = (
                  "saeguard.train", "saeguard.evals", "saeguard.ood", "saeguard.robustify",
                  "saeguard.configs", "saeguard.defaults", "saeguard.devices",
                  "saeguard.distributed", "saeguard.errors", "saeguard.fileio",
-                 "saeguard.steps", "saeguard.guard",
+                 "saeguard.steps", "saeguard.guard", "saeguard.browse",
                  "saeguard.packages")),
     ("report", ("saeguard.report",)),
     ("service", ("saeguard.serve",)),
