@@ -467,8 +467,8 @@ def score_texts(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str,
 def _score_remotely(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str, Any]]:
     """`ood score --url`: the same rows, from a running `saeguard serve`."""
     from saeguard.distributed import launched_world_size
-    from saeguard.jobs.serve import read_token
     from saeguard.serve.client import ServiceClient
+    from saeguard.serve.settings import read_token
 
     if launched_world_size() > 1:
         raise ConfigError("`ood score --url` sends texts to a service: start it without torchrun")

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import socket
-import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,12 +20,9 @@ from typing import Literal
 from saeguard.configs import validate_literals
 from saeguard.devices import check_device_name, resolve_device
 from saeguard.errors import ConfigError, SaeguardError
-from saeguard.serve.settings import ServiceLimits
+from saeguard.serve.settings import ServiceLimits, read_token
 
 log = logging.getLogger(__name__)
-
-MIN_TOKEN_CHARS = 16
-"""A bearer token shorter than this is refused: too easy to guess."""
 
 
 @dataclass(kw_only=True)
@@ -79,36 +75,6 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to a public address
 
 
-def read_token(token_file: str) -> str | None:
-    """The bearer token from ``token_file``, else from $SAEGUARD_API_TOKEN, else None."""
-    from saeguard.serve.app import TOKEN_ENV
-
-    if token_file:
-        path = Path(token_file)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise SaeguardError(f"cannot read --token-file {token_file}: {exc.strerror}") from exc
-        try:
-            token = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"--token-file {token_file} is not UTF-8 text") from exc
-        if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("%s can be read by other users; chmod 600 it", token_file)
-        source = f"--token-file {token_file}"
-    else:
-        token = os.environ.get(TOKEN_ENV, "").strip()
-        source = f"${TOKEN_ENV}"
-        if not token:
-            return None
-    if not token or len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
-        raise ConfigError(
-            f"the token in {source} must be one word of at least {MIN_TOKEN_CHARS} characters "
-            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
-        )
-    return token
-
-
 def check_port(host: str, port: int) -> None:
     """Fail in one line when ``host:port`` cannot be listened on (in use, no such address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -128,7 +94,8 @@ def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
     from saeguard.ood.monitor import Monitor
-    from saeguard.serve.app import SPEC_ENV, TOKEN_ENV, create_app
+    from saeguard.serve.app import SPEC_ENV, create_app
+    from saeguard.serve.settings import TOKEN_ENV
 
     device = resolve_device(cfg.device)
     token = read_token(cfg.token_file)

@@ -31,15 +31,13 @@ from saeguard.report.site_links import add_latent_pages
 from saeguard.serve.batching import MicroBatcher, QueueFullError, ScoreOptions
 from saeguard.serve.live import live_page
 from saeguard.serve.metrics import ServiceMetrics
-from saeguard.serve.settings import ServiceLimits
+from saeguard.serve.settings import TOKEN_ENV, ServiceLimits
 
 log = logging.getLogger(__name__)
 
 SPEC_ENV = "SAEGUARD_SERVE_SPEC"
 """Environment variable through which `saeguard serve --workers N` hands each worker process
 its settings (JSON: monitor, device, limits)."""
-TOKEN_ENV = "SAEGUARD_API_TOKEN"
-"""Environment variable holding the bearer token (when no --token-file is given)."""
 BEARER = HTTPBearer(auto_error=False)
 """Reads ``Authorization: Bearer ...`` (module-level: FastAPI resolves the string annotations
 of the endpoints against the module's names)."""

@@ -1,10 +1,22 @@
-"""What one service process accepts and how it batches: the limits a client can hit."""
+"""What one service process accepts and how it batches (the limits a client can hit), and the
+bearer token it and its clients read."""
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 
-from saeguard.errors import ConfigError
+from saeguard.errors import ConfigError, SaeguardError
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "SAEGUARD_API_TOKEN"
+"""Environment variable holding the bearer token (when no --token-file is given)."""
+MIN_TOKEN_CHARS = 16
+"""A bearer token shorter than this is refused: too easy to guess."""
 
 
 @dataclass(kw_only=True)
@@ -51,3 +63,31 @@ class ServiceLimits:
                 f"--max-queue-texts ({self.max_queue_texts}): such a request could never be "
                 "queued; raise the queue or lower the request limit"
             )
+
+
+def read_token(token_file: str) -> str | None:
+    """The bearer token from ``token_file``, else from $SAEGUARD_API_TOKEN, else None."""
+    if token_file:
+        path = Path(token_file)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise SaeguardError(f"cannot read --token-file {token_file}: {exc.strerror}") from exc
+        try:
+            token = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--token-file {token_file} is not UTF-8 text") from exc
+        if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("%s can be read by other users; chmod 600 it", token_file)
+        source = f"--token-file {token_file}"
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        source = f"${TOKEN_ENV}"
+        if not token:
+            return None
+    if not token or len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise ConfigError(
+            f"the token in {source} must be one word of at least {MIN_TOKEN_CHARS} characters "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    return token
