@@ -37,10 +37,10 @@ th[data-order=asc]::after{content:" \\25B2"}th[data-order=desc]::after{content:"
 .tok.peak{outline:1px solid #c60}
 .tok.skipped{color:#aaa}
 .tok.selected{outline:2px solid #06c}
-.texts .tok{cursor:pointer}
+.texts .tok{cursor:pointer;white-space:pre-wrap}
 .texts .tok.excluded{color:#aaa;cursor:default}
 .layout{display:flex;gap:1.5em;align-items:flex-start}
-.layout>.texts{flex:3}
+.layout>.texts{flex:3;min-width:0}
 #token-panel{flex:1;position:sticky;top:0;border:1px solid #ddd;padding:.5em;min-width:16em}
 .cols{display:flex;flex-wrap:wrap;gap:2em}
 ul.plain{list-style:none;padding:0;margin:0}
