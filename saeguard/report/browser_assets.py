@@ -503,7 +503,8 @@ INDEX_HTML = _page(
 <p id="summary" class="note"></p>
 <div class="controls">
 <label>Search <input type="search" id="search" placeholder="token, substring or #N"></label>
-<label>rate from <input type="number" id="min-rate" step="any" min="0" placeholder="0.0001"></label>
+<label>rate (fraction) from <input type="number" id="min-rate" step="any" min="0"
+placeholder="0.0001"></label>
 <label>to <input type="number" id="max-rate" step="any" min="0" placeholder="0.01"></label>
 <label>Show <select id="kind"><option value="all">all</option><option value="alive">alive</option>
 <option value="dead">dead</option><option value="dense">dense</option></select></label>
