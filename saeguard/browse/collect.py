@@ -3,8 +3,9 @@
 The texts are read through the one reader (:class:`~saeguard.activations.reader.ActivationReader`:
 the SAE's own windows, start token and exclusion rules) until ``tokens`` kept positions are read.
 Each position's active latents (the SAE's sparse codes, never a dense ``[n, d_sae]`` matrix) are
-kept as (row, latent, value) triples, 12 bytes per active latent per token (a TopK SAE with
-k = 32: 384 bytes a token; the budget bounds it), with each row's text, window and position.
+kept as (row, latent, value) triples, with each row's window and position: at most about 40
+bytes per active latent with the sorted copies made at the end (a TopK SAE with k = 32: about
+1.3 KB a token; the token budget bounds it).
 Everything else is computed from them at the end, exactly, with a few vectorised sorts:
 
 - firing count and rate (tokens where the latent is non-zero / tokens read), max |activation|;
@@ -15,8 +16,8 @@ Everything else is computed from them at the end, exactly, with a few vectorised
   the second, ...), and ``per_bucket`` samples are taken at evenly spaced ranks inside each band,
   so a page shows typical firings and not only the top;
 - for every shown firing, its snippet: ``left`` tokens before and ``right`` after it within its
-  window (the context the model saw), each with the value of *that* latent there (null where the
-  position was excluded or not read).
+  window (the context the model saw), each with the value of *that* latent there (positions
+  excluded by the reading rules, or not read, are listed as skipped).
 """
 
 from __future__ import annotations
@@ -187,7 +188,10 @@ def read_held_out(
     flush()
     bar.close()
     if n_rows == 0:
-        raise CorpusError("no held-out text could be read: the corpus's test split is empty")
+        raise CorpusError(
+            "no held-out text could be read: the test split of the corpus is empty or blank; "
+            "choose a larger --corpus"
+        )
     lengths = torch.tensor([len(w) for w in where.windows], dtype=torch.long)
     return Collection(
         d_sae=sae.cfg.d_sae,

@@ -74,13 +74,12 @@ class BrowseConfig:
             raise ConfigError("give the SAE directory to browse (saeguard browse SAE_DIR --out D)")
 
 
-def site_entries(neuronpedia: bool) -> tuple[str, ...]:
-    """Everything a browse output folder holds."""
+def site_entries() -> tuple[str, ...]:
+    """Everything a browse output folder may hold (an earlier run's ``neuronpedia/`` included:
+    it is this command's to replace)."""
     from saeguard.report.browser_site import NEURONPEDIA_DIR, SITE_ENTRIES
 
-    return (*SITE_ENTRIES, SUMMARY_FILE, OUTPUT_MARKER) + (
-        (NEURONPEDIA_DIR,) if neuronpedia else ()
-    )
+    return (*SITE_ENTRIES, SUMMARY_FILE, OUTPUT_MARKER, NEURONPEDIA_DIR)
 
 
 def run_browse(cfg: BrowseConfig) -> dict[str, Any]:
@@ -97,7 +96,7 @@ def run_browse(cfg: BrowseConfig) -> dict[str, Any]:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
-    own = site_entries(True)  # an earlier run's neuronpedia/ is ours to replace
+    own = site_entries()
     check_output_directory(out, own)  # a foreign --out is refused before any work
     sae, meta = load_sae(cfg.sae_dir)  # a bad SAE directory fails in one line, nothing written
     hook = str(meta.get("hook") or "")

@@ -37,10 +37,10 @@ th[data-order=asc]::after{content:" \\25B2"}th[data-order=desc]::after{content:"
 .tok.peak{outline:1px solid #c60}
 .tok.skipped{color:#aaa}
 .tok.selected{outline:2px solid #06c}
-.texts .tok{cursor:pointer}
+.texts .tok{cursor:pointer;white-space:pre-wrap}
 .texts .tok.excluded{color:#aaa;cursor:default}
 .layout{display:flex;gap:1.5em;align-items:flex-start}
-.layout>.texts{flex:3}
+.layout>.texts{flex:3;min-width:0}
 #token-panel{flex:1;position:sticky;top:0;border:1px solid #ddd;padding:.5em;min-width:16em}
 .cols{display:flex;flex-wrap:wrap;gap:2em}
 ul.plain{list-style:none;padding:0;margin:0}
@@ -503,7 +503,8 @@ INDEX_HTML = _page(
 <p id="summary" class="note"></p>
 <div class="controls">
 <label>Search <input type="search" id="search" placeholder="token, substring or #N"></label>
-<label>rate from <input type="number" id="min-rate" step="any" min="0" placeholder="0.0001"></label>
+<label>rate (fraction) from <input type="number" id="min-rate" step="any" min="0"
+placeholder="0.0001"></label>
 <label>to <input type="number" id="max-rate" step="any" min="0" placeholder="0.01"></label>
 <label>Show <select id="kind"><option value="all">all</option><option value="alive">alive</option>
 <option value="dead">dead</option><option value="dense">dense</option></select></label>
