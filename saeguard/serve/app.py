@@ -280,6 +280,10 @@ def create_app(
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)  # browsers ask; an empty answer, not a 404
+
     @app.get("/live", response_class=HTMLResponse, summary="Paste a text, see its latents.")
     async def live() -> HTMLResponse:
         return HTMLResponse(live_page(pages))

@@ -191,3 +191,39 @@ def test_hostile_corpus_text_is_shown_as_text_and_never_runs(
     shown = browser.execute_script("return document.getElementById('texts').textContent")
     assert any(h in shown for h in HOSTILE)
     _shoot(browser, "texts")
+
+
+def test_the_live_view_of_a_served_site_shows_token_latents_linked_to_their_pages(
+    built: dict[str, Path], browser: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    from saeguard.ood import Monitor
+    from saeguard.serve.app import create_app
+    from tests.unit.test_serve import Server
+
+    server = Server(create_app(Monitor.load(built["root"] / "mon"), site=built["site"]))
+    try:
+        browser.get(server.url + "/live")
+        box = browser.find_element(By.ID, "text")
+        box.send_keys("zebra quilt xylophone river " * 4 + HOSTILE[0])
+        browser.find_element(By.ID, "go").click()
+        tokens = _wait(browser, "#tokens .tok", 8)
+        assert HOSTILE[0] in browser.find_element(By.ID, "tokens").text  # shown as text
+        assert browser.find_element(By.ID, "flag").text.split(":")[0] in ("FLAGGED", "not flagged")
+        links = []
+        for token in tokens:  # the first token with fallacious latents lists them, linked
+            token.click()
+            links = browser.find_elements(By.CSS_SELECTOR, "#latents table a")
+            if links:
+                break
+        assert links, "no token of an out-of-distribution text had a fallacious latent"
+        latent = int(links[0].get_attribute("href").rsplit("=", 1)[1])
+        links[0].click()
+        _wait(browser, "#contexts")
+        assert browser.find_element(By.ID, "title").text == f"Latent {latent}"
+        assert "/browse/latent.html" in browser.current_url
+        _shoot(browser, "live-to-latent")
+        _no_console_errors(browser)
+    finally:
+        server.stop()
