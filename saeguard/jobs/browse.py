@@ -22,7 +22,7 @@ from saeguard.activations.source import DType
 from saeguard.browse.collect import CollectConfig
 from saeguard.configs import validate_literals
 from saeguard.devices import check_device_name, describe_device, resolve_device
-from saeguard.errors import ConfigError, CorruptFileError
+from saeguard.errors import ConfigError
 from saeguard.fileio import (
     OUTPUT_MARKER,
     atomic_directory,
@@ -163,22 +163,13 @@ def run_browse(cfg: BrowseConfig) -> dict[str, Any]:
 def _monitor_columns(directory: Path, sae: Any, hook: str) -> Any:
     """The ID statistics of a monitor fitted on this very SAE (refused in one line otherwise)."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from saeguard.browse import MonitorColumns
-    from saeguard.ood.stats import IDStats
-    from saeguard.ood.storage import SAE_SUBDIR, STATS_FILE, read_monitor_document
+    from saeguard.ood.storage import SAE_SUBDIR, read_id_stats, read_monitor_document
     from saeguard.sae.io import load_sae
 
     doc = read_monitor_document(directory)
-    try:
-        tensors = load_file(str(directory / STATS_FILE))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptFileError(
-            f"{directory / STATS_FILE} is missing or corrupt ({exc}); re-run `saeguard ood fit`"
-        ) from exc
-    stats = IDStats.from_parts(doc["stats"], tensors)
+    stats = read_id_stats(directory, doc)
     monitor_sae, _ = load_sae(directory / SAE_SUBDIR)
     ours = sae.W_dec.detach().float().cpu()
     same = (

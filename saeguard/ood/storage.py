@@ -135,12 +135,7 @@ def load_monitor(
     path = directory / MONITOR_FILE
     doc = read_monitor_document(directory)
     reference_scores = _read_reference_scores(directory, doc.get("fusion"))
-    try:
-        tensors = load_file(str(directory / STATS_FILE))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptFileError(
-            f"{directory / STATS_FILE} is missing or corrupt ({exc}); re-run `saeguard ood fit`"
-        ) from exc
+    stats = read_id_stats(directory, doc)
     sae, meta = load_sae(directory / SAE_SUBDIR)
     info = doc["model"]
     if loaded is None:
@@ -155,7 +150,6 @@ def load_monitor(
         cfg = MonitorConfig(**{k: v for k, v in doc["config"].items() if k in known})
     except ConfigError as exc:
         raise CorruptFileError(f"{path}: its config cannot work ({exc})") from exc
-    stats = IDStats.from_parts(doc["stats"], tensors)
     if stats.firing_count.shape[0] != sae.cfg.d_sae:
         raise CorruptFileError(
             f"{directory}: the statistics cover {stats.firing_count.shape[0]} latents but the "
@@ -207,6 +201,18 @@ def _read_reference_scores(directory: Path, fusion: Any) -> dict[str, list[float
             f"{path} {problem} as {MONITOR_FILE} records; restore it or re-run `saeguard ood fit`"
         )
     return scores
+
+
+def read_id_stats(directory: Path, doc: dict[str, Any]) -> IDStats:
+    """The monitor's ID statistics, on the CPU (one clear line for a missing or torn file);
+    ``doc`` is its ``monitor.json``."""
+    try:
+        tensors = load_file(str(directory / STATS_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(
+            f"{directory / STATS_FILE} is missing or corrupt ({exc}); re-run `saeguard ood fit`"
+        ) from exc
+    return IDStats.from_parts(doc["stats"], tensors)
 
 
 def read_monitor_document(directory: Path) -> dict[str, Any]:
