@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -436,15 +436,17 @@ def score_texts(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str,
     """
     if not texts:
         raise ConfigError("no text to score: pass texts as arguments, --file PATH, or stdin")
-    if cfg.site:
+    pages = site_prefix(cfg.site) if cfg.site else ""  # a bad site fails before any work
+    rows = _score_remotely(cfg, texts) if cfg.url else _score_locally(cfg, texts)
+    if pages:
         from saeguard.report.site_links import add_latent_pages
 
-        pages = site_prefix(cfg.site)  # a bad site fails before any work
-        rows = score_texts(replace(cfg, site=""), texts)
         add_latent_pages(rows, pages)
-        return rows
-    if cfg.url:
-        return _score_remotely(cfg, texts)
+    return rows
+
+
+def _score_locally(cfg: OodScoreConfig, texts: list[str | bytes]) -> list[dict[str, Any]]:
+    """`ood score --monitor`: load the monitor here (on every rank under torchrun)."""
     device = resolve_device(cfg.device)  # a missing GPU fails before anything is loaded
     world = join_world(device)
     monitor = Monitor.load(cfg.monitor, model=cfg.model, adapter=cfg.adapter, device=device)
