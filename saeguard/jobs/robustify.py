@@ -51,6 +51,9 @@ from saeguard.ood.config import MonitorConfig
 from saeguard.ood.monitor import Monitor
 from saeguard.robustify.lora import LoraRobustifier, LoraSettings, add_adapters
 from saeguard.robustify.measure import (
+    CONTINUATION_WORDS,
+    MEASUREMENT_VERSION,
+    PREFIX_WORDS,
     HeldOutPairs,
     compare,
     fit_topic_probe,
@@ -215,7 +218,7 @@ class _Run:
         self.measure_signature = _digest(
             self.monitor_sha, cfg.shift, cfg.eval_per_class, cfg.probe_per_class,
             cfg.eval_windows, cfg.seed, self.base_identity, __version__,
-            cfg.capability_corpus, cfg.capability_texts,
+            cfg.capability_corpus, cfg.capability_texts, MEASUREMENT_VERSION,
         )  # fmt: skip
 
     @cached_property
@@ -391,6 +394,7 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
     before = job.measured("before", lambda: job.base)
     timings["before"] = time.perf_counter() - t
     arms: dict[str, Any] = {}
+    afters: dict[str, dict[str, Any]] = {}
     names = [("robust", cfg.lora())]
     if cfg.control:
         names.append(("control", cfg.lora(consistency_weight=0.0)))
@@ -405,6 +409,7 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
             sha256_file(adapter_dir / PEFT_WEIGHTS),
         )
         timings[f"after_{name}"] = time.perf_counter() - t
+        afters[name] = after
         arms[name] = {
             "adapter": str(adapter_dir),
             "settings": asdict(settings),
@@ -412,6 +417,7 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
             "comparison": compare(before, after, cfg.resamples, cfg.seed),
         }
     result = arms["robust"]["comparison"]
+    continuations = job.pairs.continuations
     loss = result["nll_clean"]
     count = result["fallacious_count_perturbed"]
     document: dict[str, Any] = {
@@ -434,10 +440,19 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
             "windows_per_text": cfg.eval_windows,
             "capability_corpus": cfg.capability_corpus if job.pairs.other else "",
             "capability_texts": len(job.pairs.other),
+            "continuation_texts": len(continuations.continuation) if continuations else 0,
+            "prefix_words": PREFIX_WORDS,
+            "continuation_words": CONTINUATION_WORDS,
         },
         "flag_score": job.monitor.cfg.flag_score,
         "threshold": job.monitor.thresholds[job.monitor.cfg.flag_score],
         "arms": arms,
+        **(
+            {"robust_vs_control": compare(afters["control"], afters["robust"],
+                                          cfg.resamples, cfg.seed)}
+            if "control" in afters
+            else {}
+        ),  # fmt: skip
         "checks": {
             "clean_loss_relative_change": loss.get("relative_change", 0.0),
             "clean_loss_within_tolerance": loss.get("relative_change", 0.0) <= cfg.loss_tolerance,

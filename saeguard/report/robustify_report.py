@@ -18,6 +18,7 @@ PLOTTED = (
     "auroc_energy",
     "nll_clean",
     "probe_accuracy_perturbed",
+    "continuation_accuracy_perturbed",
 )
 
 
@@ -156,6 +157,27 @@ def write_robustify_report(document: dict[str, Any], path: str | Path) -> Path:
                 e["better"],
             ])  # fmt: skip
         page.table(["quantity", "before", "after", "after - before", "relative", "aim"], rows)
+    versus = document.get("robust_vs_control")
+    if versus:
+        page.heading("robust against control (after each; same texts, paired)")
+        page.paragraph(
+            "Each adapter's after-measurement side by side: the control trained on the LM loss "
+            "alone with the same data and steps, so robust - control is what the consistency loss "
+            "adds. Intervals: paired bootstrap 95% over the same held-out texts."
+        )
+        page.table(
+            ["quantity", "control", "robust", "robust - control", "aim"],
+            [
+                [
+                    e["label"],
+                    with_interval(e["before"], e["before_ci95"], 4),
+                    with_interval(e["after"], e["after_ci95"], 4),
+                    with_interval(e["difference"], e["difference_ci95"], 4),
+                    e["better"],
+                ]
+                for e in versus.values()
+            ],
+        )
     page.figure(_figure(document), "Before (grey) and after each adapter, with 95% intervals.")
     page.figure(_loss_figure(document), "Training losses per step.")
     page.paragraph(

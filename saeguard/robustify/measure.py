@@ -10,6 +10,12 @@ model (base or adapted) once, with the full forward pass, and keeps per text:
   the hook) names the text's topic. It measures whether the downstream representation survives
   the shift; the probe never changes between before and after.
 
+A harder downstream check than the topic probe (which typos barely hurt): each held-out text is
+cut into a prefix of :data:`PREFIX_WORDS` words and the :data:`CONTINUATION_WORDS` words that
+follow; the model predicts the **clean** continuation after the **perturbed** prefix, and after
+the clean prefix as a control (the same continuation tokens, so the two are paired exactly).
+A model whose reading of typo'd text is damaged predicts what follows it worse.
+
 :func:`compare` turns two such snapshots into before/after/difference with paired bootstrap
 intervals (the same texts are resampled for both sides, and a clean text with its perturbed copy).
 """
@@ -23,11 +29,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from saeguard.activations.reader import ReadFailure
 from saeguard.data.corpora import load_corpus
 from saeguard.data.perturb import add_typos, parse_shift
 from saeguard.data.splits import Document, select_split
+from saeguard.data.tokenize import tokenize_documents
 from saeguard.errors import ConfigError, CorpusError
 from saeguard.evals.datasets import sample_per_class
 from saeguard.ood.metrics import BOOTSTRAP_RESAMPLES, rank_auroc
@@ -37,6 +45,24 @@ if TYPE_CHECKING:  # scikit-learn loads lazily: the CLI starts without it
     from sklearn.pipeline import Pipeline
 
 MONITOR_SCORES: tuple[str, ...] = ("fallacious_count", "fallacious_mass", "recon_error", "energy")
+MEASUREMENT_VERSION = 2
+"""Bumped when :func:`measure` keeps new quantities (2: the continuation check), so measurements
+saved by an older version are taken again rather than compared with new ones."""
+PREFIX_WORDS = 48
+"""Words of a held-out text read before the continuation (perturbed, or clean as the control)."""
+CONTINUATION_WORDS = 24
+"""Clean words whose tokens the model predicts after the prefix."""
+CONTINUATION_BATCH = 8
+"""Prefix + continuation sequences per forward pass."""
+
+
+@dataclass
+class Continuations:
+    """Held-out texts cut into a prefix (clean, and perturbed) and the clean words after it."""
+
+    clean_prefix: list[str]
+    perturbed_prefix: list[str]
+    continuation: list[str]
 
 
 @dataclass
@@ -48,6 +74,8 @@ class HeldOutPairs:
     labels: list[str]
     other: list[str] = field(default_factory=list)
     """Clean texts of another corpus: capability beyond the corpus the adapter is tuned on."""
+    continuations: Continuations | None = None
+    """The texts long enough to cut into prefix + continuation (the harder downstream check)."""
 
 
 def perturb(texts: Sequence[str], shift: str, seed: int) -> list[str]:
@@ -59,6 +87,60 @@ def perturb(texts: Sequence[str], shift: str, seed: int) -> list[str]:
             "supports typos:RATE (e.g. typos:0.2)"
         )
     return [add_typos(t, rate, seed=hash_seed(seed, i)) for i, t in enumerate(texts)]
+
+
+def cut_continuations(texts: Sequence[str], shift: str, seed: int) -> Continuations:
+    """Prefix / continuation pairs of every text with at least ``PREFIX_WORDS +
+    CONTINUATION_WORDS`` words; the prefix gets its own typo seed (not the whole text's)."""
+    kind, rate = parse_shift(shift)
+    if kind != "typos":
+        raise ConfigError(f"--shift {shift!r}: continuations are cut only for typos:RATE")
+    clean, perturbed, continuation = [], [], []
+    for i, text in enumerate(texts):
+        words = text.split()
+        if len(words) < PREFIX_WORDS + CONTINUATION_WORDS:
+            continue
+        prefix = " ".join(words[:PREFIX_WORDS])
+        clean.append(prefix)
+        perturbed.append(add_typos(prefix, rate, seed=hash_seed(seed + 1, i)))
+        continuation.append(" ".join(words[PREFIX_WORDS : PREFIX_WORDS + CONTINUATION_WORDS]))
+    return Continuations(clean, perturbed, continuation)
+
+
+def continuation_scores(
+    monitor: Monitor, prefixes: Sequence[str], continuations: Sequence[str]
+) -> tuple[list[float], list[float]]:
+    """Per text: top-1 next-token accuracy and mean loss (nats) of the model on the
+    continuation's tokens after its prefix. The continuation is tokenised on its own, so the
+    targets are the same tokens whatever the prefix; a prefix too long for the context loses its
+    start (the words next to the continuation stay)."""
+    loaded = monitor.loaded
+    start = [monitor.reader.spec.start_id] if monitor.reader.spec.start_id is not None else []
+    room = monitor.ctx_len - len(start)
+    pad = monitor.rules.special_ids[0] if monitor.rules.special_ids else 0
+    sequences: list[tuple[list[int], int]] = []  # (ids, index of the first continuation token)
+    pre_ids = tokenize_documents(loaded.tokenizer, prefixes)
+    cont_ids = tokenize_documents(loaded.tokenizer, [" " + c for c in continuations])
+    for pre, cont in zip(pre_ids, cont_ids, strict=True):
+        cont = cont[: room // 2]
+        pre = pre[max(0, len(pre) - (room - len(cont))) :]
+        sequences.append((start + pre + cont, len(start) + len(pre)))
+    accuracy: list[float] = []
+    loss: list[float] = []
+    with torch.inference_mode():
+        for b in range(0, len(sequences), CONTINUATION_BATCH):
+            batch = sequences[b : b + CONTINUATION_BATCH]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            for r, (seq, _) in enumerate(batch):  # right padding: a causal model ignores it
+                ids[r, : len(seq)] = torch.tensor(seq)
+            logits = loaded.model(input_ids=ids.to(loaded.device), use_cache=False).logits
+            for r, (seq, first) in enumerate(batch):
+                targets = ids[r, first : len(seq)].to(logits.device)
+                logp = torch.log_softmax(logits[r, first - 1 : len(seq) - 1].float(), dim=-1)
+                accuracy.append(float((logp.argmax(-1) == targets).float().mean()))
+                loss.append(float(-logp.gather(-1, targets[:, None]).mean()))
+    return accuracy, loss
 
 
 def hash_seed(seed: int, index: int) -> int:
@@ -91,7 +173,10 @@ def held_out_pairs(
         pool = [d.text for d in load_corpus(other_corpus).documents if d.text.strip()]
         random.Random(f"{seed}:{other_corpus}").shuffle(pool)
         other = pool[:other_n]
-    return HeldOutPairs(clean, perturb(clean, shift, seed), [str(d.label) for d in docs], other)
+    return HeldOutPairs(
+        clean, perturb(clean, shift, seed), [str(d.label) for d in docs], other,
+        cut_continuations(clean, shift, seed),
+    )  # fmt: skip
 
 
 def pooled_activations(
@@ -155,6 +240,18 @@ def measure(
                 float(p == y) for p, y in zip(predicted, pairs.labels, strict=True)
             ]
         out[side] = values
+    cut = pairs.continuations
+    if cut is not None and cut.continuation:
+        accuracy, loss = continuation_scores(monitor, cut.perturbed_prefix, cut.continuation)
+        accuracy_clean, loss_clean = continuation_scores(
+            monitor, cut.clean_prefix, cut.continuation
+        )
+        out["continuation"] = {
+            "nll": loss,
+            "accuracy": accuracy,
+            "nll_clean_prefix": loss_clean,
+            "accuracy_clean_prefix": accuracy_clean,
+        }
     return out
 
 
@@ -200,6 +297,14 @@ QUANTITIES: tuple[Quantity, ...] = (
              "topic-probe accuracy on perturbed text", "higher"),
     Quantity("probe_accuracy_clean", "clean", "correct", "topic-probe accuracy on clean text",
              "higher"),
+    Quantity("continuation_accuracy_perturbed", "continuation", "accuracy",
+             "next-token accuracy on a clean continuation after a perturbed prefix", "higher"),
+    Quantity("continuation_accuracy_clean", "continuation", "accuracy_clean_prefix",
+             "next-token accuracy on the same continuation after the clean prefix", "higher"),
+    Quantity("continuation_nll_perturbed", "continuation", "nll",
+             "next-token loss on a clean continuation after a perturbed prefix (nats)", "lower"),
+    Quantity("continuation_nll_clean", "continuation", "nll_clean_prefix",
+             "next-token loss on the same continuation after the clean prefix (nats)", "lower"),
 )  # fmt: skip
 
 

@@ -147,6 +147,15 @@ def test_robustify_job_writes_a_valid_report_with_both_arms(tiny_job) -> None:
         for entry in comparison.values():
             low, high = entry["difference_ci95"]
             assert low <= entry["difference"] + 1e-9 and entry["difference"] <= high + 1e-9
+    # Robust against control: the two arms' after values, paired on the same texts.
+    versus = document["robust_vs_control"]
+    for key in ("fallacious_count_perturbed", "continuation_accuracy_perturbed"):
+        robust, control = (document["arms"][a]["comparison"][key]["after"]
+                           for a in ("robust", "control"))  # fmt: skip
+        assert versus[key]["after"] == pytest.approx(robust)
+        assert versus[key]["before"] == pytest.approx(control)
+        assert versus[key]["difference"] == pytest.approx(robust - control)
+    assert document["held_out"]["continuation_texts"] >= 2
     # The control never trains the consistency term: its losses report it as 0.
     assert all(r["consistency"] == 0.0 for r in document["arms"]["control"]["losses"])
     assert document["held_out"]["texts"] == 3 * len(document["held_out"]["topics"])
@@ -155,6 +164,37 @@ def test_robustify_job_writes_a_valid_report_with_both_arms(tiny_job) -> None:
     saved = json.loads((out / "robustify.json").read_text())
     assert saved["checks"] == document["checks"] and saved["device"] == "cpu"
     assert not list(out.rglob("*.pkl")) and not list(out.rglob("*.bin"))
+
+
+def test_the_continuation_check_scores_the_clean_continuation_after_the_prefix(tiny_job) -> None:
+    from saeguard.ood.monitor import Monitor
+    from saeguard.robustify.measure import (
+        CONTINUATION_WORDS,
+        PREFIX_WORDS,
+        continuation_scores,
+        cut_continuations,
+    )
+
+    cfg, _ = tiny_job
+    words = [f"word{i}" for i in range(PREFIX_WORDS + CONTINUATION_WORDS + 5)]
+    cut = cut_continuations([" ".join(words), "too short"], "typos:0.5", seed=0)
+    assert cut.clean_prefix == [" ".join(words[:PREFIX_WORDS])]  # the short text is left out
+    assert cut.continuation == [" ".join(words[PREFIX_WORDS : PREFIX_WORDS + CONTINUATION_WORDS])]
+    assert cut.perturbed_prefix[0] != cut.clean_prefix[0]
+    monitor = Monitor.load(Path(cfg.out) / "monitor")
+    prefixes, continuations = ["The river runs", "Teh rivr rnus"], ["to the sea"] * 2
+    accuracy, loss = continuation_scores(monitor, prefixes, continuations)
+    tokenizer = monitor.loaded.tokenizer
+    for i, prefix in enumerate(prefixes):  # by hand: one sequence, no padding
+        pre = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        cont = tokenizer(" to the sea", add_special_tokens=False)["input_ids"]
+        ids = [monitor.reader.spec.start_id, *pre, *cont]
+        with torch.inference_mode():
+            logits = monitor.loaded.model(input_ids=torch.tensor([ids])).logits[0]
+        logp = torch.log_softmax(logits[len(ids) - len(cont) - 1 : -1].float(), -1)
+        target = torch.tensor(cont)
+        assert accuracy[i] == pytest.approx(float((logp.argmax(-1) == target).float().mean()))
+        assert loss[i] == pytest.approx(float(-logp.gather(-1, target[:, None]).mean()), rel=1e-4)
 
 
 def test_rerun_keeps_finished_work_and_more_steps_resume(
