@@ -418,6 +418,11 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
         }
     result = arms["robust"]["comparison"]
     continuations = job.pairs.continuations
+    versus = (  # after - after: what the consistency loss adds over plain fine-tuning
+        compare(afters["control"], afters["robust"], cfg.resamples, cfg.seed)
+        if "control" in afters
+        else None
+    )
     loss = result["nll_clean"]
     count = result["fallacious_count_perturbed"]
     document: dict[str, Any] = {
@@ -447,12 +452,7 @@ def run_robustify(cfg: RobustifyConfig) -> dict[str, Any]:
         "flag_score": job.monitor.cfg.flag_score,
         "threshold": job.monitor.thresholds[job.monitor.cfg.flag_score],
         "arms": arms,
-        **(
-            {"robust_vs_control": compare(afters["control"], afters["robust"],
-                                          cfg.resamples, cfg.seed)}
-            if "control" in afters
-            else {}
-        ),  # fmt: skip
+        **({"robust_vs_control": versus} if versus is not None else {}),
         "checks": {
             "clean_loss_relative_change": loss.get("relative_change", 0.0),
             "clean_loss_within_tolerance": loss.get("relative_change", 0.0) <= cfg.loss_tolerance,
