@@ -418,9 +418,10 @@ def commands() -> list[Command]:
         ),
         Command(
             path=("study", "masking"),
-            help="Baseline vs masked TopK SAEs: absorption, probing, OOD gap, fidelity.",
+            help="Baseline vs masked SAEs: absorption, probing, OOD gap, fidelity.",
             description=(
-                "Train TopK SAEs with masked regularization (each --mask-probs value; 0 is the "
+                "Train SAEs of each --archs architecture (TopK by default; matryoshka is the "
+                "paper's) with masked regularization (each --mask-probs value; 0 is the "
                 "baseline) at each --ks sparsity with --seeds seeds on the same activation budget, "
                 "evaluate them on the same held-out text and write study.md, study.html and "
                 "study.json: mean full absorption, absorption fraction, sparse probing (k=1, 5), "

@@ -17,6 +17,12 @@ non-main latents with cosine ≥ 0.1 and positive share are the absorbers; if th
 40% of P, or the main latents already carry P, the word scores 0; if the main latents carry
 nothing it scores 1; otherwise absorbed / (absorbed + main). Averaged the same way. (These are
 the SAEBench definitions; the numbers are comparable in kind, not bit for bit.)
+
+Each letter's details also say how far its true positives get through the definition:
+``main_off`` (every main latent off and P > 0), ``main_off_aligned`` (and the top latent's
+cosine reaches ``cos_threshold``), ``aligned_top_shares`` (those words' top-latent shares of P;
+full absorption needs ``proj_threshold``) and ``main_density`` (the share of all test words on
+which a main latent fires). docs/masking_study.md reads them to say why absorption is rare.
 """
 
 from __future__ import annotations
@@ -195,6 +201,7 @@ def measure_absorption(
         true_pos = np.flatnonzero(is_test & (predicted == letter))
         full = 0
         word_fractions = []
+        main_off, aligned, top_shares = 0, 0, []  # how far words get through the definition
         for row in true_pos:
             f = f_test[row].astype(np.float64)
             total = float(x_test_np[row] @ direction)  # probe projection of the activation
@@ -204,6 +211,12 @@ def measure_absorption(
             word_fractions.append(absorption_fraction_of(proj, cos, main, total, cfg))
             if is_full_absorption(f, proj, cos, main, total, cfg):
                 full += 1
+            if main and not np.any(f[main] != 0) and total > 0:
+                main_off += 1
+                top = int(np.argmax(proj))
+                if cos[top] >= cfg.cos_threshold:
+                    aligned += 1
+                    top_shares.append(round(float(proj[top] / total), 4))
         rate = full / len(true_pos) if len(true_pos) else 0.0
         fraction = float(np.mean(word_fractions)) if word_fractions else 0.0
         entry = {
@@ -212,6 +225,10 @@ def measure_absorption(
             "main_latents": main,
             "main_f1": main_f1,
             "true_positives": int(len(true_pos)),
+            "main_off": main_off,
+            "main_off_aligned": aligned,
+            "aligned_top_shares": top_shares,
+            "main_density": float(np.mean(np.any(f_test[:, main] != 0, axis=1))) if main else 0.0,
             "full_absorption": rate,
             "absorption_fraction": fraction,
             "counted": probe_f1 > cfg.min_probe_f1,
@@ -265,6 +282,24 @@ def run_absorption(
     subject: Any, cfg: AbsorptionConfig
 ) -> tuple[list[MetricResult], dict[str, Any]]:
     """Absorption of the subject's SAE, words drawn from its model's vocabulary."""
+    words, acts = word_activations(subject, cfg)
+    letters = np.array([letter_of(w) for w, _ in words])
+    test = held_out_words(len(words), cfg)
+    return measure_absorption(
+        subject.sae, acts[~test], letters[~test], acts[test], letters[test], cfg
+    )
+
+
+def held_out_words(count: int, cfg: AbsorptionConfig) -> np.ndarray:
+    """Which of ``count`` words are held out to score the probes (seeded)."""
+    return np.random.default_rng(cfg.seed).random(count) < cfg.test_fraction
+
+
+def word_activations(
+    subject: Any, cfg: AbsorptionConfig
+) -> tuple[list[tuple[str, int]], torch.Tensor]:
+    """(word, token id) pairs and the activation at each word's token (computed once per
+    subject's model; SAE-independent)."""
     from saeguard.activations.reader import run_contexts
 
     key = ("absorption", cfg.words, cfg.icl_examples, cfg.seed)
@@ -279,9 +314,4 @@ def run_absorption(
             acts[result.index] = result.acts[-1]  # the word's last token
         subject.memo[key] = (words, acts)
     words, acts = subject.memo[key]
-    letters = np.array([letter_of(w) for w, _ in words])
-    rng = np.random.default_rng(cfg.seed)
-    test = rng.random(len(words)) < cfg.test_fraction
-    return measure_absorption(
-        subject.sae, acts[~test], letters[~test], acts[test], letters[test], cfg
-    )
+    return words, acts

@@ -2,17 +2,20 @@
 
 The claim: training an SAE on activations of text whose tokens were randomly replaced by a mask
 token lowers feature absorption, keeps sparse-probing quality and narrows the OOD probing gap.
-The study trains TopK SAEs at each mask probability (baseline p = 0 included) and each k, with
+The study trains SAEs of each architecture (an arm: TopK by default; the paper trained
+Matryoshka BatchTopK) at each mask probability (baseline p = 0 included) and each k, with
 several seeds, on the same number of training activations (counted after masked positions are
-dropped, SPEC §3). All SAEs of one mask probability are trained from one activation stream in
-one pass; seeds differ in their initial weights. Every SAE is then evaluated on the same
-held-out text (the model runs once for all of them) and the table reports, per (p, k), the mean
-over seeds with a bootstrap 95% interval over evaluation units and the difference from the
-baseline with a paired bootstrap interval.
+dropped, SPEC §3). All SAEs of one mask probability, every architecture included, are trained
+from one activation stream in one pass; seeds differ in their initial weights. Every SAE is
+then evaluated on the same held-out text (the model runs once for all of them) and the table
+reports, per (architecture, p, k), the mean over seeds with a bootstrap 95% interval over
+evaluation units and the difference from the baseline (p = 0, same architecture and k) with a
+paired bootstrap interval.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +25,7 @@ import numpy as np
 
 from saeguard.activations.subject import EvalSubject, load_subject
 from saeguard.configs import config_to_dict
-from saeguard.defaults import DEFAULT_EXPANSION
+from saeguard.defaults import DEFAULT_EXPANSION, MIDDLE_HOOKS
 from saeguard.devices import describe_device, resolve_device
 from saeguard.errors import ConfigError
 from saeguard.evals.ce import CEConfig
@@ -59,12 +62,18 @@ class MaskingStudyConfig(TargetConfig):
 
     out: str = "runs/study_masking"
     """Directory for the SAEs, their evaluations, study.md, study.html and study.json."""
+    hook: str = ""
+    """Hook point the SAEs read (empty: the model's middle residual stream, resid_post.15 for
+    smollm2-135m, resid_post.9 for gemma3-270m; other models need --hook)."""
+    archs: list[str] = field(default_factory=lambda: ["topk"])
+    """SAE architectures, each an arm of the study (e.g. topk matryoshka: the paper trained
+    Matryoshka BatchTopK); k is the mean active latents for the batch-wide ones."""
     mask_probs: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2])
     """Mask probabilities; 0 (the baseline) must be among them."""
     ks: list[int] = field(default_factory=lambda: [16, 64])
-    """TopK sparsities."""
+    """Sparsities (active latents per token)."""
     seeds: int = 2
-    """SAEs per (p, k), differing in initial weights."""
+    """SAEs per (architecture, p, k), differing in initial weights."""
     expansion: int = DEFAULT_EXPANSION
     """d_sae / d_in."""
     tokens: int = 600_000
@@ -89,7 +98,22 @@ class MaskingStudyConfig(TargetConfig):
     """Evaluation settings the study decides itself (not options of `saeguard study masking`)."""
 
     def __post_init__(self) -> None:
+        from saeguard.sae.registry import ARCHITECTURES
+
         super().__post_init__()
+        if not self.hook:
+            self.hook = MIDDLE_HOOKS.get(self.model, "")
+            if not self.hook:
+                raise ConfigError(
+                    f"no default hook for model {self.model!r}: pass --hook (e.g. resid_post.N "
+                    "at the middle of its layers)"
+                )
+        unknown = [a for a in self.archs if a not in ARCHITECTURES]
+        if unknown or not self.archs or len(set(self.archs)) != len(self.archs):
+            raise ConfigError(
+                f"--archs must name distinct SAE architectures from {', '.join(ARCHITECTURES)}; "
+                f"got {self.archs}"
+            )
         if 0.0 not in self.mask_probs:
             raise ConfigError(
                 "--mask-probs must include 0 (the baseline the others are compared to)"
@@ -108,29 +132,48 @@ class MaskingStudyConfig(TargetConfig):
 
 
 def _training_job(cfg: MaskingStudyConfig, p: float, device: str = "cpu") -> Any:
-    """The training run of one mask probability: every (k, seed) SAE from one stream."""
+    """The training run of one mask probability: every (architecture, k, seed) SAE from one
+    stream."""
     from saeguard.jobs.train import TrainJobConfig
 
     return TrainJobConfig(
         model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, split="train", device=device,
-        ctx_len=cfg.ctx_len, mask_prob=p, architectures=["topk"], k=list(cfg.ks),
+        ctx_len=cfg.ctx_len, mask_prob=p, architectures=list(cfg.archs), k=list(cfg.ks),
         expansion=[cfg.expansion], replicas=cfg.seeds, tokens=cfg.tokens,
         batch_tokens=cfg.batch_tokens, buffer_tokens=max(8 * cfg.batch_tokens, 32_768),
         eval_tokens=0, out=str(Path(cfg.out) / f"p{p:g}"), threads=cfg.threads,
     )  # fmt: skip
 
 
-def _sae_dirs(cfg: MaskingStudyConfig) -> list[tuple[float, int, int, Path]]:
-    """(mask prob, k, seed, directory) of every SAE, with the trainer's own names and layout."""
+@dataclass(frozen=True)
+class StudySAE:
+    """One SAE of the study: its arm, cell, seed and directory."""
+
+    arch: str
+    p: float
+    k: int
+    seed: int
+    directory: Path
+
+    @property
+    def cell(self) -> str:
+        """The table row it belongs to."""
+        return f"{self.arch}, p={self.p:g}, k={self.k}"
+
+
+def _sae_dirs(cfg: MaskingStudyConfig) -> list[StudySAE]:
+    """Every SAE of the study, with the trainer's own names and layout."""
     from saeguard.train.trainer import sae_directory
 
     out = []
     for p in cfg.mask_probs:
         job = _training_job(cfg, p)
-        names = job.sae_names()  # k-major, then seed: the order of the grid
-        for i, name in enumerate(names):
-            k, seed = cfg.ks[i // cfg.seeds], i % cfg.seeds
-            out.append((p, k, seed, sae_directory(job.out, name, len(names))))
+        names = job.sae_names()
+        for arch, k, seed in itertools.product(cfg.archs, cfg.ks, range(cfg.seeds)):
+            name = f"{arch}_k{k}_x{cfg.expansion}" + (f"_s{seed}" if cfg.seeds > 1 else "")
+            if name not in names:  # the trainer's naming changed: fail loudly, never mix SAEs
+                raise RuntimeError(f"study SAE {name} is not among the training job's {names}")
+            out.append(StudySAE(arch, p, k, seed, sae_directory(job.out, name, len(names))))
     return out
 
 
@@ -141,7 +184,8 @@ def train_all(cfg: MaskingStudyConfig, device: str = "cpu") -> None:
 
     for p in cfg.mask_probs:
         job = _training_job(cfg, p, device)
-        log.info("masking study: training p=%g (%d SAEs)", p, len(cfg.ks) * cfg.seeds)
+        count = len(cfg.archs) * len(cfg.ks) * cfg.seeds
+        log.info("masking study: training p=%g (%d SAEs: %s)", p, count, ", ".join(cfg.archs))
         run_training(job)
 
 
@@ -150,7 +194,8 @@ def evaluate_all(cfg: MaskingStudyConfig, device: str = "cpu") -> dict[Path, dic
     eval_cfg = cfg.eval
     shared: EvalSubject | None = None
     results = {}
-    for _, _, _, directory in _sae_dirs(cfg):
+    for entry in _sae_dirs(cfg):
+        directory = entry.directory
         if shared is None:
             shared = load_subject(directory, device=device)
             subject = shared
@@ -213,26 +258,39 @@ def seed_mean(
 
 
 def summarise(cfg: MaskingStudyConfig) -> dict[str, Any]:
-    dirs = _sae_dirs(cfg)
+    """One row per (architecture, p, k), keyed ``"arch, p=P, k=K"``; masked rows carry their
+    difference from p = 0 of the same architecture and k."""
+    saes = _sae_dirs(cfg)
     table: dict[str, Any] = {}
-    for k in cfg.ks:
-        baseline = [d for p, kk, _, d in dirs if p == 0 and kk == k]
+    for arch, k in itertools.product(cfg.archs, cfg.ks):
+        baseline = [s.directory for s in saes if s.arch == arch and s.p == 0 and s.k == k]
         for p in cfg.mask_probs:
-            group = [d for pp, kk, _, d in dirs if pp == p and kk == k]
-            row: dict[str, Any] = {}
+            group = [s for s in saes if s.arch == arch and s.p == p and s.k == k]
+            dirs = [s.directory for s in group]
+            row: dict[str, Any] = {"arch": arch, "mask_prob": p, "k": k}
             for metric, _, _ in STUDY_METRICS:
-                row[metric] = seed_mean(group, metric, baseline if p > 0 else None)
+                row[metric] = seed_mean(dirs, metric, baseline if p > 0 else None)
             masked = []
-            for d in group:
+            for d in dirs:
                 _, meta = load_sae(d)
                 masked.append((meta.get("masking") or {}).get("masked_fraction"))
             row["masked_fraction"] = masked
-            table[f"p={p:g}, k={k}"] = row
+            table[group[0].cell] = row
     return table
 
 
 def describe_finding(table: dict[str, Any], cfg: MaskingStudyConfig) -> str:
-    """One plain sentence per claim, from the Δ intervals (no claim without an interval)."""
+    """One plain sentence per claim, from the Δ intervals (no claim without an interval); one
+    group of sentences per architecture when the study has several."""
+    groups = []
+    for arch in cfg.archs:
+        rows = {n: r for n, r in table.items() if r.get("arch", arch) == arch}
+        text = _verdicts(rows)
+        groups.append(f"{arch}: {text}" if len(cfg.archs) > 1 else text)
+    return " ".join(groups)
+
+
+def _verdicts(table: dict[str, Any]) -> str:
     verdicts = []
     for metric, label, better in STUDY_METRICS[:6]:
         signs = []

@@ -18,7 +18,8 @@ def write_study_report(
 ) -> Path:
     page = HtmlPage("Masking study: masked regularization vs baseline")
     page.paragraph(
-        f"{cfg.model} {cfg.hook}, corpus {cfg.corpus}; TopK x{cfg.expansion}; {cfg.tokens:,} "
+        f"{cfg.model} {cfg.hook}, corpus {cfg.corpus}; {', '.join(_archs(cfg))}, "
+        f"x{cfg.expansion}; {cfg.tokens:,} "
         f"training activations per SAE; {cfg.seeds} seed(s)."
         + (" QUICK MODE: smoke test." if cfg.quick else "")
     )
@@ -32,10 +33,10 @@ def write_study_report(
     fig = Figure(figsize=(12, 6))
     for i, (metric, label, better) in enumerate(metrics):
         ax = fig.add_subplot(2, 4, i + 1)
-        for k in cfg.ks:
+        for arch, k in ((a, k) for a in _archs(cfg) for k in cfg.ks):
             xs, ys, errs = [], [], []
             for p in cfg.mask_probs:
-                entry = table[f"p={p:g}, k={k}"].get(metric)
+                entry = _row(table, arch, p, k).get(metric)
                 if entry is None:
                     continue
                 xs.append(p)
@@ -49,7 +50,7 @@ def write_study_report(
                     yerr=list(zip(*errs, strict=True)),
                     marker="o",
                     capsize=3,
-                    label=f"k={k}",
+                    label=f"{arch} k={k}" if len(_archs(cfg)) > 1 else f"k={k}",
                 )
         ax.set_title(f"{label} ({better} better)", fontsize=9)
         ax.set_xlabel("mask probability", fontsize=8)
@@ -68,7 +69,8 @@ def render_markdown(cfg: Any, table: dict[str, Any], finding: str, metrics: Metr
         cells = [study_cell(row[m], True) for m, _, _ in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     settings = (
-        f"{cfg.model} `{cfg.hook}`, corpus {cfg.corpus}; TopK, expansion {cfg.expansion}, "
+        f"{cfg.model} `{cfg.hook}`, corpus {cfg.corpus}; {', '.join(_archs(cfg))}, "
+        f"expansion {cfg.expansion}, "
         f"{cfg.tokens:,} training activations per SAE, {cfg.seeds} seed(s) per cell"
         + (" (**--quick**: smoke-test scale, not evidence)" if cfg.quick else "")
     )
@@ -76,12 +78,22 @@ def render_markdown(cfg: Any, table: dict[str, Any], finding: str, metrics: Metr
         "# Masking study: masked regularization vs baseline\n\n"
         f"{settings}.\n\n"
         "Each cell: mean over seeds [bootstrap 95% interval over evaluation units]; "
-        "Δ: difference from p=0 at the same k, paired bootstrap 95% interval "
+        "Δ: difference from p=0 at the same architecture and k, paired bootstrap 95% interval "
         "(* : excludes 0). Seeds differ only in initialisation, so the intervals cover "
         "evaluation noise, not training noise.\n\n"
         + "\n".join(lines)
         + f"\n\n**Finding.** {finding}\n"
     )
+
+
+def _archs(cfg: Any) -> list[str]:
+    return list(getattr(cfg, "archs", None) or ["topk"])
+
+
+def _row(table: dict[str, Any], arch: str, p: float, k: int) -> dict[str, Any]:
+    """The table row of one cell (rows of studies before architectures were arms lack the
+    architecture in their name)."""
+    return table.get(f"{arch}, p={p:g}, k={k}") or table.get(f"p={p:g}, k={k}") or {}
 
 
 def study_cell(entry: dict[str, Any] | None, show_delta: bool) -> str:

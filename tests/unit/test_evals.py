@@ -159,6 +159,35 @@ def test_planted_absorbed_latent_is_measured_and_absent_one_is_not() -> None:
     assert letters["s"]["counted"] and letters["s"]["full_absorption"] == 0
 
 
+def test_planted_absorption_scores_above_its_controls() -> None:
+    # plant_absorption (the check benchmarks/absorption_check.py runs on a real SAE) on the
+    # letter SAE: token latents on a third of every letter's words either absorb the letter
+    # (main latent off, decoder along the letter) or do not. The metric must tell them apart.
+    from saeguard.evals.absorption import fit_letter_probe
+    from saeguard.evals.planted import plant_absorption
+
+    d, cfg = 32, AbsorptionConfig(words=60, seed=0)
+    x_train, y_train = _letter_words(30, 0, d, seed=0)
+    x_test, y_test = _letter_words(30, 0, d, seed=1)
+    x, y = torch.cat([x_train, x_test]), np.concatenate([y_train, y_test])
+    base = _letter_sae(d, planted=False)
+    scale = float(x_train.norm(dim=-1).median())
+    probe = fit_letter_probe((x_train / scale).numpy(), y_train, cfg.seed, cfg.probe_c)
+    directions = {c: probe.coef_[i] for i, c in enumerate(probe.classes_)}
+    mains = {c: [c] for c in range(26)}
+    chosen = np.flatnonzero(np.arange(len(y)) % 3 == 0)
+    rates = {}
+    for mode in ("absorb", "takeover", "control", "suppress"):
+        sae = plant_absorption(base, x, directions, mains, y, chosen, mode)
+        metrics, details = measure_absorption(sae, x_train, y_train, x_test, y_test, cfg)
+        rates[mode] = _by_name(metrics)["mean_full_absorption"].value
+        assert all(e["main_latents"] == [string.ascii_lowercase.index(e["letter"])]
+                   for e in details["letters"])  # fmt: skip
+    # A third of each letter's words are planted: the absorbing plants score about 1/3.
+    assert 0.25 < rates["absorb"] < 0.42 and 0.25 < rates["takeover"] < 0.42
+    assert rates["control"] == 0 and rates["suppress"] == 0
+
+
 def test_sparse_probe_finds_the_separating_latent() -> None:
     rng = np.random.default_rng(0)
     n, width = 200, 50
