@@ -20,13 +20,13 @@ validate on, so every method takes its default settings. The chosen settings are
 the whole training set and scored by test ROC AUC, with a stratified bootstrap 95% interval over
 the test texts. The test set is never used to choose anything.
 
-Methods: five baselines on mean-pooled raw activations (L2 logistic with C on validation, the
-ridge-tuned RAPTOR probe; PCA + logistic; k-NN; an MLP; gradient-boosted trees) and the SAE
-probe (each latent divided by its mean non-zero magnitude on the training set, the top-k latents
-by |mean difference| between the classes, L1 logistic; k and C on validation). The *quiver* of
-arrows picks, per point, the method with the highest validation AUC: once among the baselines,
-once among the baselines and the SAE probe (ties go to the earlier method in ``METHODS``; where
-nothing was validated it takes the L2 logistic probe).
+Methods: baselines on mean-pooled raw activations (L2 logistic with C on validation, the
+ridge-tuned RAPTOR probe; PCA + logistic; k-NN; an MLP; gradient-boosted trees, off by default
+for their cost) and the SAE probe (each latent divided by its mean non-zero magnitude on the
+training set, the top-k latents by |mean difference| between the classes, L1 logistic; k and C
+on validation). The *quiver* of arrows picks, per point, the method with the highest validation
+AUC: once among the baselines, once among the baselines and the SAE probe (ties go to the
+earlier method in ``METHODS``; where nothing was validated it takes the L2 logistic probe).
 
 Each point also says whether the SAE probe beat the *best baseline* (the baseline with the
 highest test AUC at that point, a deliberately strong bar): a win or loss when the paired
@@ -93,7 +93,7 @@ class RegimeConfig:
     """Training texts of the imbalance, noise and shift regimes (less where a task has fewer)."""
     methods: list[str] = field(default_factory=lambda: [m for m in METHODS if m != "hgb"])
     """Probes to compare: logreg, pca, knn, mlp, hgb (baselines) and sae (the SAE probe); hgb,
-    gradient-boosted trees, is off by default (about 1 s a fit on a 2-core CPU, 13 fits a
+    gradient-boosted trees, is off by default (0.5-1 s a fit on a 2-core CPU, up to 13 fits a
     point)."""
     sae_ks: list[int] = field(default_factory=lambda: [1, 4, 16, 64, 256])
     """Numbers of latents the SAE probe may keep (chosen on validation)."""

@@ -2,9 +2,10 @@
 
 After Kantamneni et al. 2025: binary probing tasks (wiki-en and BBC topics, language ID, plain
 vs jailbreak-wrapped harmful questions, and any labelled file the user passes) in four regimes
-(data scarcity, class imbalance, label noise, covariate shift), five baselines on mean-pooled
-raw activations at the SAE's hook, the SAE probe on its latents, and the quiver that picks per
-point by validation AUC, with and without the SAE probe (:mod:`saeguard.evals.probing_regimes`).
+(data scarcity, class imbalance, label noise, covariate shift), baselines on mean-pooled raw
+activations at the SAE's hook (four by default, gradient-boosted trees on request), the SAE
+probe on its latents, and the quiver that picks per point by validation AUC, with and without the
+SAE probe (:mod:`saeguard.evals.probing_regimes`).
 
 The model runs once per text: every distinct text of every set and shifted test set is read
 through the activation reader and its pooled raw activations and SAE latents are cached in
@@ -333,7 +334,7 @@ def run_probing_study(cfg: ProbingStudyConfig) -> dict[str, Any]:
     skipped: list[str] = []
     tasks = make_tasks(sources, table, cfg.seed, on_skip=skipped.append)
     for why in skipped:
-        log.warning("%s; task skipped", why)
+        log.warning("%s", why)
     if not tasks:
         raise ConfigError(
             "no task has enough texts for a training pool and a test side; raise --per-class"
