@@ -142,7 +142,7 @@ def main() -> None:
         s.name: s.value
         for f in text_string_to_metric_families(metrics)
         for s in f.samples
-        if s.name.startswith("saeguard_batch_texts")
+        if s.name.startswith(("saeguard_batch_texts", "saeguard_batch_seconds"))
     }
     texts_done = [t for batch in sent for t in batch]
     errors = sum(1 for s in statuses if s != 200)
@@ -187,6 +187,12 @@ def main() -> None:
         "in_process_at_batch_size": size,
         "in_process_at_batch_size_texts_per_s": round(batch_rate, 2),
         "ratio_to_same_batch_size": round(service_rate / batch_rate, 3),
+        "scoring_busy_share": round(batches.get("saeguard_batch_seconds_sum", 0) / elapsed, 3),
+        "in_service_texts_per_scoring_s": round(
+            batches.get("saeguard_batch_texts_sum", 0)
+            / max(batches.get("saeguard_batch_seconds_sum", 0), 1e-9),
+            2,
+        ),
     }
     print(json.dumps(result, indent=2))
     print(
