@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from saeguard.activations.source import DType
 from saeguard.activations.subject import EvalSubject, load_subject
 from saeguard.configs import config_to_dict
 from saeguard.defaults import DEFAULT_EXPANSION, MIDDLE_HOOKS
@@ -82,6 +83,9 @@ class MaskingStudyConfig(TargetConfig):
     """Activations per optimiser step."""
     ctx_len: int = 128
     """Tokens per training context."""
+    dtype: DType = "float32"
+    """Model dtype of the training forward passes (bfloat16 about doubles CPU throughput where
+    the CPU supports it; every arm gets the same; evaluation runs the model in float32)."""
     quick: bool = False
     """Smoke-test scale: 40k training activations, 4x expansion, quick evals."""
     threads: int = 0
@@ -138,8 +142,8 @@ def _training_job(cfg: MaskingStudyConfig, p: float, device: str = "cpu") -> Any
 
     return TrainJobConfig(
         model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, split="train", device=device,
-        ctx_len=cfg.ctx_len, mask_prob=p, architectures=list(cfg.archs), k=list(cfg.ks),
-        expansion=[cfg.expansion], replicas=cfg.seeds, tokens=cfg.tokens,
+        ctx_len=cfg.ctx_len, dtype=cfg.dtype, mask_prob=p, architectures=list(cfg.archs),
+        k=list(cfg.ks), expansion=[cfg.expansion], replicas=cfg.seeds, tokens=cfg.tokens,
         batch_tokens=cfg.batch_tokens, buffer_tokens=max(8 * cfg.batch_tokens, 32_768),
         eval_tokens=0, out=str(Path(cfg.out) / f"p{p:g}"), threads=cfg.threads,
     )  # fmt: skip
