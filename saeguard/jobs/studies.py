@@ -57,6 +57,10 @@ STUDY_METRICS = (
 )
 
 
+STUDY_EVALS = ("core", "ce", "absorption", "probing", "ood_probing")
+"""The evaluations behind STUDY_METRICS."""
+
+
 @dataclass(kw_only=True)
 class MaskingStudyConfig(TargetConfig):
     """The masking study: which SAEs to train, on how much data, and how to evaluate them."""
@@ -90,8 +94,11 @@ class MaskingStudyConfig(TargetConfig):
     """Smoke-test scale: 40k training activations, 4x expansion, quick evals."""
     threads: int = 0
     """Torch CPU threads (0: library default)."""
+    evals: list[str] = field(default_factory=lambda: list(STUDY_EVALS))
+    """Evaluations to run (a subset, e.g. core,absorption, cuts the time; the table shows — for
+    the metrics of the others)."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(
-        evals=["core", "ce", "absorption", "probing", "ood_probing"],
+        evals=list(STUDY_EVALS),
         core=CoreConfig(contexts=128), ce=CEConfig(contexts=32), probing=ProbingConfig(ks=[1, 5]),
     ))  # fmt: skip
     """How every SAE is evaluated (the study's text budget: fewer contexts than `saeguard eval`
@@ -130,7 +137,13 @@ class MaskingStudyConfig(TargetConfig):
             self.tokens = min(self.tokens, 40_960)
             self.expansion = min(self.expansion, 4)
             self.batch_tokens = min(self.batch_tokens, 1024)
-        self.eval = replace(self.eval, quick=self.quick, threads=self.threads, device=self.device)
+        unknown = [e for e in self.evals if e not in STUDY_EVALS]
+        if not self.evals or unknown:
+            raise ConfigError(
+                f"--evals must be a subset of {', '.join(STUDY_EVALS)}; got {self.evals}"
+            )
+        self.eval = replace(self.eval, evals=list(self.evals), quick=self.quick,
+                            threads=self.threads, device=self.device)  # fmt: skip
         if self.tokens < self.batch_tokens:
             raise ConfigError("--tokens must be at least one batch (--batch-tokens)")
 
