@@ -41,16 +41,19 @@ from saeguard.sae.io import load_sae
 
 
 def word_activations(sae_dir: str, cfg: AbsorptionConfig, cache: str) -> tuple[list, torch.Tensor]:
+    """The words and their activations, from ``cache`` when it holds the same model, hook and
+    word settings (SAE-independent: one cache serves every SAE of a model and hook)."""
+    _, meta = load_sae(sae_dir)
+    settings = [cfg.words, cfg.icl_examples, cfg.seed, meta.get("model"), meta.get("hook")]
     if cache and Path(cache).exists():
         saved = torch.load(cache)
-        if saved["settings"] == [cfg.words, cfg.icl_examples, cfg.seed, sae_dir]:
+        if saved["settings"] == settings:
             return saved["words"], saved["acts"]
     from saeguard.activations.subject import load_subject
     from saeguard.evals.absorption import word_activations as run_words
 
     words, acts = run_words(load_subject(sae_dir), cfg)
     if cache:
-        settings = [cfg.words, cfg.icl_examples, cfg.seed, sae_dir]
         torch.save({"settings": settings, "words": words, "acts": acts}, cache)
     return words, acts
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from saeguard.activations.source import DType
 from saeguard.activations.subject import EvalSubject, load_subject
 from saeguard.configs import config_to_dict
 from saeguard.defaults import DEFAULT_EXPANSION, MIDDLE_HOOKS
@@ -56,6 +57,10 @@ STUDY_METRICS = (
 )
 
 
+STUDY_EVALS = ("core", "ce", "absorption", "probing", "ood_probing")
+"""The evaluations behind STUDY_METRICS."""
+
+
 @dataclass(kw_only=True)
 class MaskingStudyConfig(TargetConfig):
     """The masking study: which SAEs to train, on how much data, and how to evaluate them."""
@@ -82,12 +87,18 @@ class MaskingStudyConfig(TargetConfig):
     """Activations per optimiser step."""
     ctx_len: int = 128
     """Tokens per training context."""
+    dtype: DType = "float32"
+    """Model dtype of the training forward passes (bfloat16 about doubles CPU throughput where
+    the CPU supports it; every arm gets the same; evaluation runs the model in float32)."""
     quick: bool = False
     """Smoke-test scale: 40k training activations, 4x expansion, quick evals."""
     threads: int = 0
     """Torch CPU threads (0: library default)."""
+    evals: list[str] = field(default_factory=lambda: list(STUDY_EVALS))
+    """Evaluations to run (a subset, e.g. core,absorption, cuts the time; the table shows — for
+    the metrics of the others)."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(
-        evals=["core", "ce", "absorption", "probing", "ood_probing"],
+        evals=list(STUDY_EVALS),
         core=CoreConfig(contexts=128), ce=CEConfig(contexts=32), probing=ProbingConfig(ks=[1, 5]),
     ))  # fmt: skip
     """How every SAE is evaluated (the study's text budget: fewer contexts than `saeguard eval`
@@ -126,7 +137,13 @@ class MaskingStudyConfig(TargetConfig):
             self.tokens = min(self.tokens, 40_960)
             self.expansion = min(self.expansion, 4)
             self.batch_tokens = min(self.batch_tokens, 1024)
-        self.eval = replace(self.eval, quick=self.quick, threads=self.threads, device=self.device)
+        unknown = [e for e in self.evals if e not in STUDY_EVALS]
+        if not self.evals or unknown:
+            raise ConfigError(
+                f"--evals must be a subset of {', '.join(STUDY_EVALS)}; got {self.evals}"
+            )
+        self.eval = replace(self.eval, evals=list(self.evals), quick=self.quick,
+                            threads=self.threads, device=self.device)  # fmt: skip
         if self.tokens < self.batch_tokens:
             raise ConfigError("--tokens must be at least one batch (--batch-tokens)")
 
@@ -138,8 +155,8 @@ def _training_job(cfg: MaskingStudyConfig, p: float, device: str = "cpu") -> Any
 
     return TrainJobConfig(
         model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus, split="train", device=device,
-        ctx_len=cfg.ctx_len, mask_prob=p, architectures=list(cfg.archs), k=list(cfg.ks),
-        expansion=[cfg.expansion], replicas=cfg.seeds, tokens=cfg.tokens,
+        ctx_len=cfg.ctx_len, dtype=cfg.dtype, mask_prob=p, architectures=list(cfg.archs),
+        k=list(cfg.ks), expansion=[cfg.expansion], replicas=cfg.seeds, tokens=cfg.tokens,
         batch_tokens=cfg.batch_tokens, buffer_tokens=max(8 * cfg.batch_tokens, 32_768),
         eval_tokens=0, out=str(Path(cfg.out) / f"p{p:g}"), threads=cfg.threads,
     )  # fmt: skip

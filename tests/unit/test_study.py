@@ -34,6 +34,9 @@ def test_study_hook_follows_the_model_and_archs_are_checked() -> None:
         MaskingStudyConfig(archs=["topk", "nope"])
     with pytest.raises(ConfigError, match="--archs"):
         MaskingStudyConfig(archs=["topk", "topk"])
+    assert MaskingStudyConfig(evals=["core", "absorption"]).eval.evals == ["core", "absorption"]
+    with pytest.raises(ConfigError, match="--evals"):
+        MaskingStudyConfig(evals=["effective"])
 
 
 def test_quick_masking_study_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
