@@ -8,9 +8,10 @@ start token (at most ``max_windows``, the rest dropped and marked truncated); wi
 batches of similar length, right-padded (with a causal model padding never changes earlier
 positions; padded positions are dropped): each forward holds at most ``batch_size`` times the
 longest context's tokens, so many short contexts share one, and at most :data:`PAD_WASTE` of
-its token slots are padding, so a text's short last window is never padded to a full one. Positions the SAE never saw in training (special
-tokens, attention-sink outliers) are excluded, as in training; a text whose every position is
-excluded falls back to its real positions after the start token, so it still has rows.
+its token slots are padding, so a text's short last window is never padded to a full one.
+Positions the SAE never saw in training (special tokens, attention-sink outliers) are excluded,
+as in training; a text whose every position is excluded falls back to its real positions after
+the start token, so it still has rows.
 
 With ``with_lm`` the full model runs once and the LM baselines (max-softmax, predictive entropy,
 perplexity of the text's own next tokens) are read from the same pass as the hook activations.
