@@ -1,10 +1,13 @@
 """Train every registered SAE architecture on one activation cache and write the comparison table.
 
     python benchmarks/architectures.py --acts CACHE_DIR [--tokens 2000000] [--out runs/archs]
+        [--archs topk,vsae,gated --append "measured 2026-12-04"]
 
 Each architecture is trained on its own (so tokens/s is its own) with the same budget, k and
 expansion, then scored on held-out validation-split activations. The table is printed and
-written to docs/architectures.md.
+written to docs/architectures.md; with ``--append LABEL`` the rows already there are kept and
+the new ones added below them, each architecture marked with the label (a run on another day,
+beside a re-run of a reference architecture).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def main() -> None:
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
     parser.add_argument("--out", default="runs/archs")
     parser.add_argument("--doc", default="docs/architectures.md")
+    parser.add_argument("--append", default="", metavar="LABEL",
+                        help="keep the table's rows, add these as 'arch (LABEL)'")  # fmt: skip
     args = parser.parse_args()
 
     rows = []
@@ -48,18 +53,24 @@ def main() -> None:
                      result["tokens_per_s"]))  # fmt: skip
         print(json.dumps({"arch": arch, "training_tokens": tokens, "held_out": held,
                           "tokens_per_s": result["tokens_per_s"]}))  # fmt: skip
-    lines = [
+    columns = [
         "| architecture | training tokens | held-out FVU | L0 | dead % | train tok/s |",
         "|---|---|---|---|---|---|",
     ]
-    for arch, tokens, fvu, l0, dead, rate in rows:
-        lines.append(f"| {arch} | {tokens:,} | {fvu:.3f} | {l0:.1f} | {100 * dead:.1f} | "
-                     f"{rate:,.0f} |")  # fmt: skip
-    table = "\n".join(lines)
-    print(table)
     doc = Path(args.doc)
     begin, end = "<!-- table: written by benchmarks/architectures.py -->", "<!-- /table -->"
     text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    kept = []
+    if args.append and begin in text and end in text:
+        old_table = text.split(begin, 1)[1].split(end, 1)[0]
+        kept = [line for line in old_table.strip().splitlines() if line not in columns]
+    label = f" ({args.append})" if args.append else ""
+    lines = [*columns, *kept]
+    for arch, tokens, fvu, l0, dead, rate in rows:
+        lines.append(f"| {arch}{label} | {tokens:,} | {fvu:.3f} | {l0:.1f} | {100 * dead:.1f} | "
+                     f"{rate:,.0f} |")  # fmt: skip
+    table = "\n".join(lines)
+    print(table)
     if begin in text and end in text:  # keep the hand-written commentary around the table
         before, rest = text.split(begin, 1)
         after = rest.split(end, 1)[1]

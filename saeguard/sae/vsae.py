@@ -2,11 +2,12 @@
 Autoencoders"): the latents are a sample of a Gaussian posterior, kept close to N(0, I).
 
 Encoder: ``mu = W_enc (x - b_dec) + b_enc`` (TopK's pre-activation) and ``log sigma^2 =
-W_logvar (x - b_dec) + b_logvar``, a second encoder matrix and bias as in the paper, so the
-posterior width depends on the input (the cheaper per-latent or shared-weight forms would fix or
-tie it; the price is one more dense product forward and one backward, and the KL term makes the
-encoder gradients dense anyway). ``W_logvar`` starts at 0 and ``b_logvar`` at -2 (sigma ~ 0.37),
-so the first top-k choices follow ``mu`` rather than the noise.
+W_logvar (x - b_dec) + b_logvar``: a second encoder matrix and bias, so the posterior width is
+learned and depends on the input, as "learned Gaussian posteriors" says (the authors' write-up
+also describes a variant with sigma fixed at 1; a per-latent or shared-weight sigma would be
+cheaper but fix or tie it). The price is one more dense product forward and one backward; the KL
+term makes the encoder's gradients dense anyway. ``W_logvar`` starts at 0 and ``b_logvar`` at
+-2 (sigma ~ 0.37), so the first top-k choices follow ``mu`` rather than the noise.
 
 Training: ``z = mu + sigma * eps`` (reparameterisation, ``eps ~ N(0, I)``), then TopK's
 selection on the sample: ``f = TopK_k(ReLU(z))``, ``x_hat = f W_dec + b_dec``. Loss:

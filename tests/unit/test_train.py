@@ -65,7 +65,7 @@ def test_topk_beats_pca_with_k_components(tmp_path: Path) -> None:
 
 
 def test_resume_gives_bit_identical_weights(tmp_path: Path) -> None:
-    archs = ("topk", "batchtopk")
+    archs = ("topk", "batchtopk", "vsae", "gated")  # vsae: its noise continues where it was
     reference = _trainer(tmp_path / "ref", archs)
     reference.fit(_batches(40))
 
