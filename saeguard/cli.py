@@ -84,6 +84,15 @@ def _study_masking(cfg: Any) -> int:
     return 0
 
 
+def _study_probing(cfg: Any) -> int:
+    from saeguard.jobs.probing_study import run_probing_study
+
+    document = run_probing_study(cfg)
+    print(f"{cfg.out}/probing_study.md, {cfg.out}/probing_study.html, {cfg.out}/probing_study.json")
+    print("finding:", document["finding"])
+    return 0
+
+
 def _ood_fit(cfg: Any) -> int:
     from saeguard.devices import describe_device
     from saeguard.jobs.ood import fit_monitor
@@ -305,8 +314,9 @@ class Command:
 
 
 GROUPS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("study",): ("Reproducible studies; `study masking` tests the masked-regularization claim.",
-                 "Studies that train and evaluate several SAEs and write a report."),
+    ("study",): ("Reproducible studies: `study masking` (masked regularization), `study probing` "
+                 "(SAE probes vs baselines in four regimes).",
+                 "Studies that train or evaluate SAEs and write a report."),
     ("ood",): ("Detect out-of-distribution inputs: fit a monitor, score texts, benchmark it.",
                "The OOD monitor of SPEC section 5: fallacious SAE latents (rare or out of range "
                "on in-distribution text, weighted by their surprisal), reconstruction error, L0 "
@@ -324,6 +334,7 @@ def commands() -> list[Command]:
     from saeguard.jobs.harvest import HarvestConfig
     from saeguard.jobs.info import CacheInfoConfig, CorporaConfig, HooksConfig
     from saeguard.jobs.ood import OodBenchmarkJobConfig, OodFitConfig, OodScoreConfig
+    from saeguard.jobs.probing_study import ProbingStudyConfig
     from saeguard.jobs.robustify import RobustifyConfig
     from saeguard.jobs.run import RunConfig
     from saeguard.jobs.serve import ServeConfig
@@ -433,6 +444,29 @@ def commands() -> list[Command]:
             run=_study_masking,
             aliases=eval_aliases,
             exclude=(*MaskingStudyConfig.EVAL_OWN, *eval_followed),
+        ),
+        Command(
+            path=("study", "probing"),
+            help="SAE probes vs strong baselines in four regimes (scarcity, imbalance, noise, "
+            "shift).",
+            description=(
+                "After Kantamneni et al. 2025 (SPEC section 7): binary tasks (wiki-en and BBC "
+                "topics, language ID, plain vs jailbreak-wrapped questions, and your --data "
+                "files) probed in four regimes: data scarcity, class imbalance, label noise and "
+                "covariate shift (typos, another language, unseen jailbreak templates). "
+                "Baselines on mean-pooled raw activations at the SAE's hook (L2 logistic with C "
+                "on validation, PCA + logistic, k-NN, MLP; boosted trees with --methods hgb), "
+                "the SAE probe on its "
+                "latents, and the quiver that picks per point by validation AUC with and without "
+                "it; hyper-parameters on validation folds of the training set only; test AUC "
+                "with bootstrap intervals. The model reads each text once; features and "
+                "finished task x regime results are cached in --out, so re-running resumes. "
+                "Writes probing_study.json (validated against its schema), probing_study.md and "
+                "probing_study.html."
+            ),
+            config=ProbingStudyConfig,
+            run=_study_probing,
+            positional=("sae_dir",),
         ),
         Command(
             path=("ood", "fit"),

@@ -6,9 +6,12 @@ than the context is cut into consecutive windows of ``ctx_len - 1`` tokens, each
 start token (at most ``max_windows``, the rest dropped and marked truncated); with
 ``max_windows=1`` this is "one context per document", its head or its tail. Contexts are run in
 batches of similar length, right-padded (with a causal model padding never changes earlier
-positions; padded positions are dropped). Positions the SAE never saw in training (special
-tokens, attention-sink outliers) are excluded, as in training; a text whose every position is
-excluded falls back to its real positions after the start token, so it still has rows.
+positions; padded positions are dropped): each forward holds at most ``batch_size`` times the
+longest context's tokens, so many short contexts share one, and at most :data:`PAD_WASTE` of
+its token slots are padding, so a text's short last window is never padded to a full one.
+Positions the SAE never saw in training (special tokens, attention-sink outliers) are excluded,
+as in training; a text whose every position is excluded falls back to its real positions after
+the start token, so it still has rows.
 
 With ``with_lm`` the full model runs once and the LM baselines (max-softmax, predictive entropy,
 perplexity of the text's own next tokens) are read from the same pass as the hook activations.
@@ -91,6 +94,43 @@ class ContextResult:
     """[n, vocab] next-token logits when the full model ran (on the model's device)."""
 
 
+PAD_WASTE = 0.25
+"""Largest share of a forward's token slots that may be padding (beyond one longest context's
+worth of slots, which short contexts may always pad)."""
+MAX_ROWS_FACTOR = 4
+"""A forward holds at most this many times ``batch_size`` contexts (however short)."""
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into forward passes, in ascending length: at most
+    ``batch_size`` x the longest length tokens (padding included) and ``MAX_ROWS_FACTOR`` x
+    ``batch_size`` rows per forward, and at most ``PAD_WASTE`` of its slots (or one longest
+    context's worth of slots) padding. Contexts of
+    one length go ``batch_size`` to a forward, as a plain cut would; a batch of texts whose last
+    windows are short runs those together instead of padding each to a full window."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    longest = max(lengths, default=0)
+    budget = batch_size * longest
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        slots = (len(batch) + 1) * n  # n is the longest so far: ascending order
+        if batch and (
+            len(batch) + 1 > MAX_ROWS_FACTOR * batch_size
+            or slots > budget
+            or slots - real - n > max(PAD_WASTE * slots, longest)
+        ):
+            batches.append(batch)
+            batch, real = [], 0
+        batch.append(i)
+        real += n
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 def run_contexts(
     loaded: LoadedModel,
     hook: str,
@@ -100,14 +140,13 @@ def run_contexts(
     with_lm: bool = False,
     progress: str | None = None,
 ) -> Iterator[ContextResult]:
-    """Run the model to ``hook`` on token contexts, in batches of similar length (little
-    padding wasted); yields each context's result (not in input order)."""
+    """Run the model to ``hook`` on token contexts, in batches of similar length
+    (:func:`length_batches`: little padding wasted); yields each context's result (not in input
+    order)."""
     point = loaded.hook_point(hook)
     pad = rules.special_ids[0] if rules.special_ids else 0
-    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     bar = tqdm(total=len(contexts), desc=progress, unit="doc", disable=progress is None)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in length_batches([len(c) for c in contexts], batch_size):
         tokens, real = pad_contexts([contexts[i] for i in rows], pad)
         acts, logits = _forward(loaded, point, tokens.to(loaded.device), with_lm)
         keep = rules.keep_mask(tokens, acts, hook) & real

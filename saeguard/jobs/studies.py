@@ -112,13 +112,8 @@ class MaskingStudyConfig(TargetConfig):
         from saeguard.sae.registry import ARCHITECTURES
 
         super().__post_init__()
-        if not self.hook:
+        if not self.hook:  # another model without --hook fails in run_study, after the device
             self.hook = MIDDLE_HOOKS.get(self.model, "")
-            if not self.hook:
-                raise ConfigError(
-                    f"no default hook for model {self.model!r}: pass --hook (e.g. resid_post.N "
-                    "at the middle of its layers)"
-                )
         unknown = [a for a in self.archs if a not in ARCHITECTURES]
         if unknown or not self.archs or len(set(self.archs)) != len(self.archs):
             raise ConfigError(
@@ -342,6 +337,11 @@ def run_study(cfg: MaskingStudyConfig) -> dict[str, Any]:
     from saeguard.report.study_report import render_markdown, write_study_report
 
     device = resolve_device(cfg.device)  # a missing GPU fails before anything is written
+    if not cfg.hook:
+        raise ConfigError(
+            f"no default hook for model {cfg.model!r}: pass --hook (e.g. resid_post.N at the "
+            "middle of its layers)"
+        )
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)

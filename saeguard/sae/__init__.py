@@ -1,7 +1,8 @@
 """SAE architectures, their registry, and saving / loading (SAELens-compatible).
 
 Importing this package imports every module in it, so each architecture registers itself
-(``relu``, ``topk``, ``batchtopk``, ``jumprelu``, ``abstopk``, ``matryoshka``, ``mp`` today):
+(``relu``, ``topk``, ``batchtopk``, ``jumprelu``, ``abstopk``, ``matryoshka``, ``mp``, ``vsae``,
+``gated`` today):
 adding one is adding a module with its class and its ``@register``.
 """
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from saeguard.errors import SaeguardError
+from saeguard.errors import CorruptFileError, SaeguardError
 from saeguard.sae.config import SAEConfig
 
 
@@ -69,6 +69,9 @@ class SparseAutoencoder(nn.Module):
     """Whether k counts active latents, so that it may not exceed d_sae."""
     unit_norm_decoder: ClassVar[bool] = True
     """Whether decoder rows are kept at unit norm during training."""
+    file_names: ClassVar[dict[str, str]] = {}
+    """Names under which standard parameters are saved when SAELens calls them otherwise (the
+    Gated SAE's encoder bias is SAELens's ``b_gate``); the others keep their own names."""
     cfg: SAEConfig
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -194,26 +197,68 @@ class SparseAutoencoder(nn.Module):
     def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`extra_tensors`."""
 
+    @classmethod
+    def file_name(cls, parameter: str) -> str:
+        """The name a standard parameter (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``) is saved
+        under (see :attr:`file_names`)."""
+        return cls.file_names.get(parameter, parameter)
+
+    @torch.no_grad()
+    def centre_encoder_input_(self) -> None:
+        """Make an encoder that read raw ``x`` read ``x - b_dec`` instead, as saeguard's always
+        does (SAELens's ``apply_b_dec_to_input: false``): ``x W + c = (x - b_dec) W + (c +
+        b_dec W)``. Architectures with more encoder biases shift them too."""
+        self.b_enc.add_(self.b_dec @ self.W_enc)
+
+
+def saved_tensor(
+    tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Tensor ``name`` of a loaded SAE file, checked for presence, ``shape`` and finite values
+    (one line naming what is wrong)."""
+    if name not in tensors:
+        raise CorruptFileError(f"SAE weights lack the tensor {name!r}")
+    tensor = tensors[name]
+    if tuple(tensor.shape) != shape:
+        raise CorruptFileError(
+            f"SAE tensor {name} has shape {tuple(tensor.shape)}, expected {shape} from cfg.json"
+        )
+    if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+        raise CorruptFileError(f"SAE tensor {name} holds NaN, inf or non-float values")
+    return tensor
+
 
 _RANK_SUM: ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = ContextVar(
     "saeguard_rank_sum", default=None
 )
+_FIRST_ROW: ContextVar[int] = ContextVar("saeguard_first_row", default=0)
 
 
 @contextmanager
-def batch_share(sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Within this block a training step sees one rank's share of a global batch.
+def batch_share(
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor], first_row: int = 0
+) -> Iterator[None]:
+    """Within this block a training step sees one rank's share of a global batch, starting at
+    row ``first_row`` of it.
 
     The losses' batch statistics (token count, mean, variance) are then those of the global
     batch, summed over the ranks by ``sum_over_ranks``, so that each rank's loss is its exact
     share of the global loss and the sum of the ranks' gradients is the single-process
-    gradient of the whole batch.
+    gradient of the whole batch. Random draws per token (vsae's noise) are indexed by the
+    global row (:func:`share_first_row`), so they too are those of one process.
     """
     token = _RANK_SUM.set(sum_over_ranks)
+    row_token = _FIRST_ROW.set(first_row)
     try:
         yield
     finally:
+        _FIRST_ROW.reset(row_token)
         _RANK_SUM.reset(token)
+
+
+def share_first_row() -> int:
+    """Row of the global batch where this rank's share starts (0 in one process)."""
+    return _FIRST_ROW.get()
 
 
 def token_mean(per_token: torch.Tensor) -> torch.Tensor:
@@ -226,6 +271,18 @@ def token_mean(per_token: torch.Tensor) -> torch.Tensor:
     return per_token.sum() / n[0]
 
 
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """``sum_t |x_t - mean(x)|^2`` over the (global) batch, without a gradient: the denominator
+    of :func:`normalized_mse`, for other loss terms put on the same scale."""
+    target = x.detach().float()
+    rank_sum = _RANK_SUM.get()
+    if rank_sum is None:
+        return (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    n = rank_sum(torch.tensor([float(target.shape[0])], device=target.device))
+    mean = rank_sum(target.sum(0)) / n
+    return rank_sum((target - mean).pow(2).sum().reshape(1))[0].clamp_min(1e-12)
+
+
 def mse_sum(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the squared reconstruction error."""
     return token_mean((x_hat - x).pow(2).sum(-1))
@@ -233,14 +290,9 @@ def mse_sum(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 def normalized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Squared error over the batch variance (FVU of the batch): scale-free."""
-    rank_sum = _RANK_SUM.get()
-    if rank_sum is None:
+    if _RANK_SUM.get() is None:
         return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    target = x.detach().float()
-    n = rank_sum(torch.tensor([float(target.shape[0])], device=target.device))
-    mean = rank_sum(target.sum(0)) / n
-    variance = rank_sum((target - mean).pow(2).sum().reshape(1))
-    return (x_hat - x).pow(2).sum() / variance[0].clamp_min(1e-12)
+    return (x_hat - x).pow(2).sum() / batch_variance(x)
 
 
 def aux_latents(

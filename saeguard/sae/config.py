@@ -7,6 +7,7 @@ names it in its ``@register``; :func:`saeguard.sae.registry.make_sae_config` bui
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,11 +30,15 @@ class SAELossSettings:
     dead_tokens: int = 65_536
     """A latent that has not fired for this many training tokens counts as dead."""
     l1_coef: float | None = None
-    """Sparsity coefficient lambda of relu (L1) and jumprelu (L0); None: 5 and 1 respectively."""
+    """Sparsity coefficient lambda of relu (L1), gated (L1 of the gate) and jumprelu (L0); None:
+    5, 5 and 1 respectively."""
 
     def __post_init__(self) -> None:
-        if self.k_aux < 0 or self.aux_coef < 0 or (self.l1_coef or 0) < 0:
-            raise ConfigError("k_aux, aux_coef and l1_coef must be non-negative")
+        if self.k_aux < 0:
+            raise ConfigError(f"--k-aux must be >= 0, got {self.k_aux}")
+        for name, value in (("aux-coef", self.aux_coef), ("l1-coef", self.l1_coef)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
 
 
 @dataclass(kw_only=True)

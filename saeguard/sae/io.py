@@ -20,16 +20,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saeguard import __version__
-from saeguard.errors import CorruptFileError, SaeguardError
+from saeguard.errors import ConfigError, CorruptFileError, SaeguardError
 from saeguard.fileio import atomic_path, atomic_write_json, read_json
-from saeguard.sae.base import SparseAutoencoder
+from saeguard.sae.base import SparseAutoencoder, saved_tensor
 from saeguard.sae.config import SAEConfig
 from saeguard.sae.hub import resolve_sae_dir
-from saeguard.sae.registry import ARCHITECTURES, create_sae, sae_config_from_dict
+from saeguard.sae.registry import ARCHITECTURES, create_sae, sae_class, sae_config_from_dict
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
+
+STANDARD_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+"""The parameters every SAE has (saved under :meth:`SparseAutoencoder.file_name`)."""
 
 _SAELENS_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
 
@@ -76,10 +79,7 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, metadata: dict[str, 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {
-        "W_enc": sae.W_enc.detach(),
-        "b_enc": sae.b_enc.detach(),
-        "W_dec": sae.W_dec.detach(),
-        "b_dec": sae.b_dec.detach(),
+        **{sae.file_name(name): getattr(sae, name).detach() for name in STANDARD_TENSORS},
         **sae.extra_tensors(),
     }
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
@@ -139,6 +139,8 @@ def load_sae(directory: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
             sae, metadata = _load_sparsify(document, _load_tensors(directory / SPARSIFY_WEIGHTS))
             # sparsify names each SAE's folder after its hookpoint.
             return sae, {**metadata, "hook": from_sparsify_hookpoint(directory.name)}
+    except ConfigError as exc:  # a setting out of its range: the file was edited or is foreign
+        raise CorruptFileError(f"{cfg_path}: {exc}; re-save or re-train the SAE") from exc
     except SaeguardError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
@@ -170,27 +172,21 @@ def _config_from(values: dict[str, Any]) -> SAEConfig:
 def _fill(cfg: SAEConfig, tensors: dict[str, torch.Tensor]) -> SparseAutoencoder:
     """The SAE of ``cfg`` holding ``tensors``, whose names, shapes and values are checked before
     anything is allocated (a cfg.json claiming a huge width cannot exhaust memory)."""
-    expected = {
+    cls = sae_class(cfg.architecture)
+    shapes = {
         "W_enc": (cfg.d_in, cfg.d_sae),
         "b_enc": (cfg.d_sae,),
         "W_dec": (cfg.d_sae, cfg.d_in),
         "b_dec": (cfg.d_in,),
     }
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise CorruptFileError(f"SAE weights lack the tensor {name!r}")
-        if tuple(tensors[name].shape) != shape:
-            raise CorruptFileError(
-                f"SAE tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
-                "from cfg.json"
-            )
-        if not tensors[name].is_floating_point() or not torch.isfinite(tensors[name]).all():
-            raise CorruptFileError(f"SAE tensor {name} holds NaN, inf or non-float values")
+    standard = {name: saved_tensor(tensors, cls.file_name(name), shape)
+                for name, shape in shapes.items()}  # fmt: skip
     sae = create_sae(cfg)
     with torch.no_grad():
-        for name in expected:
-            getattr(sae, name).copy_(tensors[name].float())
-    sae.load_extra_tensors({k: v.float() for k, v in tensors.items() if k not in expected})
+        for name, tensor in standard.items():
+            getattr(sae, name).copy_(tensor.float())
+    files = {cls.file_name(name) for name in shapes}
+    sae.load_extra_tensors({k: v.float() for k, v in tensors.items() if k not in files})
     sae.eval()
     return sae
 
@@ -223,17 +219,16 @@ def _load_saelens(
     cfg = _config_from(
         {"architecture": arch, "d_in": document["d_in"], "d_sae": document["d_sae"], "k": int(k)}
     )
-    tensors = dict(tensors)
+    sae = _fill(cfg, tensors)
     if not document.get("apply_b_dec_to_input", True):
-        # x W + b = (x - b_dec) W + (b + b_dec W): move b_dec into the encoder bias.
-        tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
+        sae.centre_encoder_input_()  # its encoder read raw x; ours reads x - b_dec
     meta = document.get("metadata") or document
     metadata = {
         "format": "saelens",
         "model": meta.get("model_name", ""),
         "hook": from_saelens_hook(meta.get("hook_name", "")),
     }
-    return _fill(cfg, tensors), metadata
+    return sae, metadata
 
 
 def _load_sparsify(

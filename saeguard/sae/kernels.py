@@ -239,6 +239,99 @@ def scatter_dense(values: torch.Tensor, indices: torch.Tensor, n_latents: int) -
     return dense.scatter(-1, indices, values)
 
 
+class _VariationalTopKEncode(torch.autograd.Function):
+    """vsae's training encoder in one pass: the posterior ``mu = (x - b_dec) W_enc + b_enc``,
+    ``log sigma^2 = (x - b_dec) W_logvar + b_logvar``, the sample ``z = mu + sigma * eps``, its
+    top-k (ReLU'd) values and indices, AuxK's top ``k_aux`` among the ``dead`` latents, and the
+    summed KL(N(mu, sigma^2) || N(0, 1)) over every token and latent.
+
+    The backward pass builds the two dense latent gradients once each (the KL term's,
+    ``dKL/dmu = mu`` and ``dKL/dlog sigma^2 = (sigma^2 - 1) / 2``, plus the sampled values'
+    gradients scattered at their k + k_aux places) and spends one product per matrix on them;
+    ``b_dec``'s gradient is a matrix-vector product, not a dense gradient of ``x - b_dec``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        acts: torch.Tensor,
+        b_dec: torch.Tensor,
+        w_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        w_logvar: torch.Tensor,
+        b_logvar: torch.Tensor,
+        eps: torch.Tensor,
+        k: int,
+        dead: torch.Tensor | None,
+        k_aux: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = acts - b_dec
+        # In x's dtype (float32) also under bf16 autocast: exp and the KL sum need the range.
+        mu = torch.addmm(b_enc, x, w_enc).to(x.dtype)
+        std = torch.addmm(b_logvar, x, w_logvar).to(x.dtype)  # log sigma^2 for now
+        eps = eps.to(x.dtype)
+        kl_terms = std.neg()  # -log sigma^2
+        std.mul_(0.5).exp_()
+        kl_terms.addcmul_(std, std).sub_(1).addcmul_(mu, mu)
+        kl = 0.5 * kl_terms.sum()
+        del kl_terms
+        z = torch.addcmul(mu, std, eps)
+        vals, idx = z.topk(k, dim=-1, sorted=False)
+        live = vals > 0
+        if dead is None or k_aux == 0:
+            aux_vals, aux_idx = vals[:, :0], idx[:, :0]
+            aux_saved: tuple[torch.Tensor, ...] = ()
+        else:
+            aux_vals, aux_idx, aux_live = _aux_select(z, dead, k_aux)
+            aux_cols = dead[aux_idx]
+            aux_saved = (aux_cols, aux_live, eps.gather(1, aux_cols))
+        ctx.save_for_backward(x, mu, std, w_enc, w_logvar, idx, live, eps.gather(1, idx),
+                              *aux_saved)  # fmt: skip
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals.clamp_min(0), idx, aux_vals, aux_idx, kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_vals: torch.Tensor, _gi: Any, grad_aux: torch.Tensor,
+                 _ga: Any, grad_kl: torch.Tensor) -> Any:  # type: ignore[override]  # fmt: skip
+        x, mu, std, w_enc, w_logvar, idx, live, eps_kept, *aux_saved = ctx.saved_tensors
+        grad_mu = mu * grad_kl
+        grad_logvar = std.square().sub_(1).mul_(0.5 * grad_kl)
+        places = [(idx, (grad_vals * live).to(mu.dtype), eps_kept)]
+        if aux_saved:
+            aux_cols, aux_live, eps_aux = aux_saved
+            places.append((aux_cols, (grad_aux * aux_live).to(mu.dtype), eps_aux))
+        for cols, grad_z, eps_at in places:  # dz/dmu = 1, dz/dlog sigma^2 = sigma eps / 2
+            grad_mu.scatter_add_(1, cols, grad_z)
+            grad_logvar.scatter_add_(1, cols, grad_z * std.gather(1, cols) * eps_at * 0.5)
+        grad_w_enc, grad_b_enc = x.t() @ grad_mu, grad_mu.sum(0)
+        grad_w_logvar, grad_b_logvar = x.t() @ grad_logvar, grad_logvar.sum(0)
+        grad_b_dec = -(w_enc @ grad_b_enc + w_logvar @ grad_b_logvar)
+        grad_acts = None
+        if ctx.needs_input_grad[0]:
+            grad_acts = grad_mu @ w_enc.t() + grad_logvar @ w_logvar.t()
+        return (grad_acts, grad_b_dec, grad_w_enc, grad_b_enc, grad_w_logvar, grad_b_logvar,
+                None, None, None, None)  # fmt: skip
+
+
+def variational_topk_encode(
+    acts: torch.Tensor,
+    b_dec: torch.Tensor,
+    w_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    w_logvar: torch.Tensor,
+    b_logvar: torch.Tensor,
+    eps: torch.Tensor,
+    k: int,
+    dead: torch.Tensor | None,
+    k_aux: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vsae's sampled top-k latents (values [N, k], indices), AuxK's (values [N, k_aux],
+    positions into ``dead``; empty without dead latents) and the KL summed over tokens and
+    latents, differentiable in every parameter (see ``_VariationalTopKEncode``)."""
+    return _VariationalTopKEncode.apply(acts, b_dec, w_enc, b_enc, w_logvar, b_logvar, eps, k,  # type: ignore[no-any-return]
+                                        dead, k_aux)  # fmt: skip
+
+
 def batch_topk_select(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, cols, values) of the ``k * N`` largest positive entries of ``pre`` [N, n] (ReLU
     applied), sorted by row then column: BatchTopK's selection, without a gradient.
@@ -333,3 +426,23 @@ def sparse_decode_csr(
     out = F.embedding_bag(cols, w_dec, crow, mode="sum", per_sample_weights=values,
                           include_last_offset=True)  # fmt: skip
     return out + b_dec
+
+
+SPARSE_DECODE_FRACTION = 1 / 32
+"""A dense latent matrix decodes through ``embedding_bag`` over its non-zeros while at most this
+fraction of its entries is non-zero (288 a token at 9,216 latents), else as one dense product:
+the gather costs ~d memory-bound operations per non-zero against the product's ~d
+multiply-adds per entry at full speed."""
+
+
+def decode_latents(f: torch.Tensor, w_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """``f @ w_dec + b_dec`` of dense latents [N, n] that are mostly zero (gated's), paying, in
+    the decode and both its gradients, for the non-zeros only while they are few (see
+    ``SPARSE_DECODE_FRACTION``); the count is read on the host, like BatchTopK's."""
+    active = f != 0
+    if int(active.sum()) > SPARSE_DECODE_FRACTION * f.numel():
+        return f @ w_dec + b_dec
+    rows, cols = active.nonzero(as_tuple=True)  # sorted by row, then column
+    crow = torch.zeros(f.shape[0] + 1, dtype=torch.long, device=f.device)
+    crow[1:] = torch.bincount(rows, minlength=f.shape[0]).cumsum(0)
+    return sparse_decode_csr(f[rows, cols], cols, crow, w_dec, b_dec)

@@ -66,11 +66,16 @@ def register(
     return wrap
 
 
-def config_class(name: str) -> type[SAEConfig]:
-    """The configuration class of architecture ``name``; unknown names list the registered ones."""
+def sae_class(name: str) -> type[SparseAutoencoder]:
+    """The SAE class of architecture ``name``; unknown names list the registered ones."""
     if name not in ARCHITECTURES:
         raise UnknownChoiceError("SAE architecture", name, ARCHITECTURES)
-    return ARCHITECTURES[name].config_class
+    return ARCHITECTURES[name]
+
+
+def config_class(name: str) -> type[SAEConfig]:
+    """The configuration class of architecture ``name``; unknown names list the registered ones."""
+    return sae_class(name).config_class
 
 
 def make_sae_config(architecture: str, *, strict: bool = True, **values: Any) -> SAEConfig:
@@ -100,9 +105,7 @@ def create_sae(cfg: SAEConfig) -> SparseAutoencoder:
     """Build an SAE of ``cfg.architecture``; unknown names list the registered ones. A config of
     another class (e.g. a plain ``SAEConfig``) is converted to the architecture's own, whose
     settings then take their defaults."""
-    cls = ARCHITECTURES.get(cfg.architecture)
-    if cls is None:
-        raise UnknownChoiceError("SAE architecture", cfg.architecture, ARCHITECTURES)
+    cls = sae_class(cfg.architecture)
     if not isinstance(cfg, cls.config_class):
         cfg = make_sae_config(strict=False, **cfg.to_dict())
     return cls(cfg)

@@ -464,10 +464,11 @@ class Trainer:
         """One optimisation step of every SAE on the global batch ``x`` (this rank's share of
         it under torchrun); returns each SAE's numbers, still on the device."""
         world = self.world
-        share = x
+        share, first_row = x, 0
         if world.distributed:
             size = len(x) // world.size
-            share = x[world.rank * size : (world.rank + 1) * size]
+            first_row = world.rank * size
+            share = x[first_row : first_row + size]
         stats: dict[str, dict[str, torch.Tensor | float]] = {}
         decay = 0.0 if self.cfg.schedule_free else self.cfg.lr_decay_fraction
         factor = lr_factor(self.step, self.cfg.steps, self.cfg.lr_warmup_steps, decay)
@@ -478,7 +479,7 @@ class Trainer:
             dead = self.since_fired[name] >= sae.cfg.dead_tokens
             with (
                 torch.autocast(autocast, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16),
-                _rank_share(world),
+                _rank_share(world, first_row),
             ):
                 out = sae.training_step(share, dead, sparsity)
             opt.zero_grad()
@@ -495,7 +496,7 @@ class Trainer:
             sae.after_step_()
             self.since_fired[name] += len(x)
             self.since_fired[name][fired] = 0
-            with torch.no_grad(), _rank_share(world):
+            with torch.no_grad(), _rank_share(world, first_row):
                 fvu = normalized_mse(share, out.x_hat.float())
             stats[name] = {
                 "loss": out.loss.detach(),
@@ -597,11 +598,12 @@ def _check_data_parallel(
             )
 
 
-def _rank_share(world: World) -> contextlib.AbstractContextManager[None]:
-    """Global batch statistics in the losses when the batch is split over ranks."""
+def _rank_share(world: World, first_row: int) -> contextlib.AbstractContextManager[None]:
+    """Global batch statistics in the losses when the batch is split over ranks (this rank's
+    share starting at row ``first_row`` of the global batch)."""
     if not world.distributed:
         return contextlib.nullcontext()
-    return batch_share(world.sum_)
+    return batch_share(world.sum_, first_row)
 
 
 def _sum_gradients(sae: SparseAutoencoder, world: World) -> None:

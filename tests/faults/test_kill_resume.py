@@ -30,7 +30,9 @@ import pytest
 
 from saeguard.fileio import FAULT_COUNT_ENV, FAULT_DISK_FULL_ENV, FAULT_KILL_ENV
 
-KILLS_PER_COMMAND = 5
+KILLS_PER_COMMAND = 4
+"""Seeded kill moments per command (each a killed run and a resumed one): four keep the suite
+inside CI's 25-minute budget (five did before issue 19's tests were added)."""
 TIMING_KEY = re.compile(
     r"(^|_)(seconds|secs|time|times|timings?|elapsed|duration|date|created|started|finished|tok_s|"
     r"tokens_per_s|per_s|rate|wall|hours|minutes|throughput)($|_)|_s$"

@@ -30,6 +30,7 @@ COMMANDS: dict[str, list[str]] = {
     "train": ["train", "--out", "{out}", "--model", "{missing}"],
     "eval": ["eval", "{missing}", "--out", "{out}"],
     "study masking": ["study", "masking", "--out", "{out}", "--model", "{missing}"],
+    "study probing": ["study", "probing", "{missing}", "--out", "{out}"],
     "ood fit": ["ood", "fit", "{missing}", "--out", "{out}"],
     "ood score": ["ood", "score", "--monitor", "{missing}", "a text to score"],
     "ood benchmark": ["ood", "benchmark", "--monitor", "{missing}", "--out", "{out}"],

@@ -282,6 +282,29 @@ def test_reader_windows_cover_the_text_from_either_end(tiny_monitor: Path) -> No
     assert cut and last[0][1:] == ids[-15:]
 
 
+def test_length_batches_keep_short_windows_out_of_full_forwards() -> None:
+    from saeguard.activations.reader import MAX_ROWS_FACTOR, PAD_WASTE, length_batches
+
+    # One length: batch_size per forward, as a plain cut would.
+    assert length_batches([128] * 20, 8) == [list(range(8)), list(range(8, 16)), [16, 17, 18, 19]]
+    # Eight texts of which four have a short last window: the short ones share one forward
+    # instead of being padded into one with the full windows.
+    lengths = [128] * 8 + [9, 14, 20, 25]
+    batches = length_batches(lengths, 8)
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    assert [sorted(lengths[i] for i in b) for b in batches] == [[9, 14, 20, 25], [128] * 8]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = [int(n) for n in rng.integers(1, 129, rng.integers(1, 200))]
+        batches = length_batches(lengths, 8)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b in batches:
+            longest = max(lengths[i] for i in b)
+            assert len(b) * longest <= 8 * max(lengths) and len(b) <= MAX_ROWS_FACTOR * 8
+            padding = len(b) * longest - sum(lengths[i] for i in b)
+            assert padding <= max(PAD_WASTE * len(b) * longest, max(lengths))
+
+
 def test_run_end_to_end_on_a_tiny_model_resumes_without_redoing_work(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:

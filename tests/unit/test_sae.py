@@ -28,7 +28,10 @@ from saeguard.sae.base import dense_step_stats, normalized_mse
 from saeguard.sae.io import load_sae, save_sae
 from saeguard.sae.kernels import batch_topk_select, sparse_decode, sparse_topk_encode
 
-REQUIRED = {"relu", "topk", "batchtopk", "jumprelu", "abstopk", "matryoshka", "mp"}
+REQUIRED = {"relu", "topk", "batchtopk", "jumprelu", "abstopk", "matryoshka", "mp", "vsae",
+            "gated"}  # fmt: skip
+EXTRA_PARAMETERS = ("r_mag", "b_mag", "W_logvar", "b_logvar")
+"""Parameters beyond the four standard ones that start at constants: randomised in the tests."""
 
 
 def _sae(arch: str, d: int = 8, n: int = 32, k: int = 3):
@@ -37,6 +40,9 @@ def _sae(arch: str, d: int = 8, n: int = 32, k: int = 3):
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
+        for name, parameter in sae.named_parameters():
+            if name in EXTRA_PARAMETERS:
+                parameter.normal_(0, 0.1)
     return sae
 
 
@@ -55,7 +61,7 @@ def test_any_batch_shape_and_sparsity(arch: str) -> None:
         assert f.shape == (2, 5, 32) and sae(x).shape == (2, 5, 8)
         assert sae.encode(x[0, 0]).shape == (32,)
         torch.testing.assert_close(sae.decode(f), sae(x))
-    if arch in ("topk", "abstopk", "mp"):
+    if arch in ("topk", "abstopk", "mp", "vsae"):
         assert ((f != 0).sum(-1) <= 3).all()
     if arch == "abstopk":
         assert (f < 0).any()  # signs are kept
@@ -432,7 +438,7 @@ def test_configs_are_built_per_architecture() -> None:
     assert {n: o.architectures for n, o in options.items()} == {
         "jumprelu_bandwidth": ["jumprelu"], "jumprelu_init_threshold": ["jumprelu"],
         "l0_target": ["jumprelu"], "matryoshka_prefixes": ["matryoshka"],
-        "threshold_momentum": ["batchtopk", "matryoshka"],
+        "threshold_momentum": ["batchtopk", "matryoshka"], "kl_weight": ["vsae"],
     }  # fmt: skip
     assert options["matryoshka_prefixes"].hint == list[int]
     assert options["threshold_momentum"].field.default == 0.9
@@ -446,7 +452,8 @@ def test_saelens_names_written_and_read_back(arch: str, tmp_path: Path) -> None:
         "relu": ("standard", "relu", {}), "topk": ("topk", "topk", {"k": 3}),
         "abstopk": ("abstopk", "abstopk", {"k": 3}), "batchtopk": ("jumprelu", "relu", {}),
         "matryoshka": ("jumprelu", "relu", {}), "jumprelu": ("jumprelu", "relu", {}),
-        "mp": ("mp", "relu", {}),
+        "mp": ("mp", "relu", {}), "vsae": ("vsae", "topk", {"k": 3}),
+        "gated": ("gated", "relu", {}),
     }  # fmt: skip
     save_sae(_sae(arch), tmp_path, {})
     document = json.loads((tmp_path / "cfg.json").read_text())
@@ -476,7 +483,8 @@ def test_sparse_codes_equal_the_dense_latents(arch: str) -> None:
         sae.b_enc.copy_(-sae.W_enc.norm(dim=0))
         dense = sae.encode(x)
         codes = sparse_codes(sae, x)
-        l0 = (sae.pre_acts(x) > 0).sum(-1) if arch == "topk" else (dense != 0).sum(-1)
+        topk_like = arch in ("topk", "vsae")
+        l0 = (sae.pre_acts(x) > 0).sum(-1) if topk_like else (dense != 0).sum(-1)
     assert torch.equal(codes.l0, l0)
     for row in range(len(x)):
         kept = codes.values[row] != 0

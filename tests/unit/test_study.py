@@ -24,12 +24,13 @@ def test_study_config_needs_a_baseline() -> None:
         MaskingStudyConfig(mask_probs=[0.0, 1.0])
 
 
-def test_study_hook_follows_the_model_and_archs_are_checked() -> None:
+def test_study_hook_follows_the_model_and_archs_are_checked(tmp_path: Path) -> None:
     assert MaskingStudyConfig().hook == "resid_post.15"
     assert MaskingStudyConfig(model="gemma3-270m").hook == "resid_post.9"
     assert MaskingStudyConfig(model="gemma3-270m", hook="resid_post.5").hook == "resid_post.5"
-    with pytest.raises(ConfigError, match="--hook"):
-        MaskingStudyConfig(model="some/other-model")
+    with pytest.raises(ConfigError, match="no default hook"):  # after the device check
+        run_study(MaskingStudyConfig(model="some/other-model", out=str(tmp_path / "never")))
+    assert not (tmp_path / "never").exists()
     with pytest.raises(ConfigError, match="--archs"):
         MaskingStudyConfig(archs=["topk", "nope"])
     with pytest.raises(ConfigError, match="--archs"):
