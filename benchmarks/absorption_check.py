@@ -116,11 +116,14 @@ def main() -> None:
     split = (acts[~test], letters[~test], acts[test], letters[test])
     metrics, details = measure_absorption(sae, *split, cfg)
     values = {m.name: m.value for m in metrics}
+    cis = {m.name: m.ci for m in metrics}
     print(f"{args.sae}: {meta.get('model')} {meta.get('hook')}, {sae.cfg.architecture} "
           f"k={sae.cfg.k}, d_sae={sae.cfg.d_sae}; {len(words)} words, "
           f"{int(test.sum())} held out")  # fmt: skip
-    print(f"mean_full_absorption {values['mean_full_absorption']:.4f}, "
-          f"absorption_fraction {values['absorption_fraction']:.4f}\n")  # fmt: skip
+    for name in ("mean_full_absorption", "absorption_fraction"):
+        low, high = cis[name] or (float("nan"), float("nan"))
+        print(f"{name} {values[name]:.4f} [{low:.4f}, {high:.4f}] (bootstrap 95% over letters)")
+    print()
     diagnose(details, cfg)
     if not args.no_plant:
         plant(sae, acts, letters, test, details, cfg, args.plant_fraction, values)

@@ -167,8 +167,8 @@ def test_planted_absorption_scores_above_its_controls() -> None:
     from saeguard.evals.planted import plant_absorption
 
     d, cfg = 32, AbsorptionConfig(words=60, seed=0)
-    x_train, y_train = _letter_words(30, 0, d, seed=0)
-    x_test, y_test = _letter_words(30, 0, d, seed=1)
+    x_train, y_train = _letter_words(21, 0, d, seed=0)
+    x_test, y_test = _letter_words(21, 0, d, seed=1)
     x, y = torch.cat([x_train, x_test]), np.concatenate([y_train, y_test])
     base = _letter_sae(d, planted=False)
     scale = float(x_train.norm(dim=-1).median())
@@ -183,7 +183,7 @@ def test_planted_absorption_scores_above_its_controls() -> None:
         rates[mode] = _by_name(metrics)["mean_full_absorption"].value
         assert all(e["main_latents"] == [string.ascii_lowercase.index(e["letter"])]
                    for e in details["letters"])  # fmt: skip
-    # A third of each letter's words are planted: the absorbing plants score about 1/3.
+    # A third of each letter's words (7 of 21) are planted: the absorbing plants score about 1/3.
     assert 0.25 < rates["absorb"] < 0.42 and 0.25 < rates["takeover"] < 0.42
     assert rates["control"] == 0 and rates["suppress"] == 0
 
