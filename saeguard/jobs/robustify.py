@@ -63,6 +63,7 @@ from saeguard.robustify.measure import (
     measure,
     perturb,
     pooled_activations,
+    typo_rate,
 )
 from saeguard.sae.hub import resolve_sae_dir
 from saeguard.steps import Step
@@ -150,7 +151,7 @@ class RobustifyConfig(LoraSettings):
                 calibration_texts=min(self.monitor_fit.calibration_texts, 40),
             )
             self.resamples = min(self.resamples, 200)
-        perturb(["a check"], self.shift, self.seed)  # an unsupported shift fails now
+        typo_rate(self.shift)  # an unsupported shift fails now
         for name in ("steps", "batch_size", "checkpoint_every", "eval_per_class", "eval_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from saeguard.activations.reader import ReadFailure
+from saeguard.activations.reader import ReadFailure, run_contexts
 from saeguard.data.corpora import load_corpus
 from saeguard.data.perturb import add_typos, parse_shift
 from saeguard.data.splits import Document, select_split
@@ -78,23 +78,28 @@ class HeldOutPairs:
     """The texts long enough to cut into prefix + continuation (the harder downstream check)."""
 
 
-def perturb(texts: Sequence[str], shift: str, seed: int) -> list[str]:
-    """The perturbed copy of each text; only paired shifts (``typos:RATE``) have one."""
+def typo_rate(shift: str) -> float:
+    """The rate of a ``typos:RATE`` shift, the only paired shift (a clean counterpart to stay
+    consistent with)."""
     kind, rate = parse_shift(shift)
     if kind != "typos":
         raise ConfigError(
             f"--shift {shift!r} has no clean counterpart to stay consistent with; robustify "
             "supports typos:RATE (e.g. typos:0.2)"
         )
+    return rate
+
+
+def perturb(texts: Sequence[str], shift: str, seed: int) -> list[str]:
+    """The perturbed copy of each text; only paired shifts (``typos:RATE``) have one."""
+    rate = typo_rate(shift)
     return [add_typos(t, rate, seed=hash_seed(seed, i)) for i, t in enumerate(texts)]
 
 
-def cut_continuations(texts: Sequence[str], shift: str, seed: int) -> Continuations:
+def cut_continuations(texts: Sequence[str], rate: float, seed: int) -> Continuations:
     """Prefix / continuation pairs of every text with at least ``PREFIX_WORDS +
-    CONTINUATION_WORDS`` words; the prefix gets its own typo seed (not the whole text's)."""
-    kind, rate = parse_shift(shift)
-    if kind != "typos":
-        raise ConfigError(f"--shift {shift!r}: continuations are cut only for typos:RATE")
+    CONTINUATION_WORDS`` words; the prefix gets typos at ``rate`` with its own seed (not the
+    whole text's)."""
     clean, perturbed, continuation = [], [], []
     for i, text in enumerate(texts):
         words = text.split()
@@ -115,31 +120,30 @@ def continuation_scores(
     targets are the same tokens whatever the prefix; a prefix too long for the context loses its
     start (the words next to the continuation stay)."""
     loaded = monitor.loaded
-    start = [monitor.reader.spec.start_id] if monitor.reader.spec.start_id is not None else []
+    reader = monitor.reader
+    start = [reader.spec.start_id] if reader.spec.start_id is not None else []
     room = monitor.ctx_len - len(start)
-    pad = monitor.rules.special_ids[0] if monitor.rules.special_ids else 0
-    sequences: list[tuple[list[int], int]] = []  # (ids, index of the first continuation token)
+    sequences: list[list[int]] = []
+    firsts: list[int] = []  # index of each sequence's first continuation token
     pre_ids = tokenize_documents(loaded.tokenizer, prefixes)
     cont_ids = tokenize_documents(loaded.tokenizer, [" " + c for c in continuations])
     for pre, cont in zip(pre_ids, cont_ids, strict=True):
         cont = cont[: room // 2]
         pre = pre[max(0, len(pre) - (room - len(cont))) :]
-        sequences.append((start + pre + cont, len(start) + len(pre)))
-    accuracy: list[float] = []
-    loss: list[float] = []
+        sequences.append(start + pre + cont)
+        firsts.append(len(start) + len(pre))
+    accuracy = [0.0] * len(sequences)
+    loss = [0.0] * len(sequences)
     with torch.inference_mode():
-        for b in range(0, len(sequences), CONTINUATION_BATCH):
-            batch = sequences[b : b + CONTINUATION_BATCH]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            for r, (seq, _) in enumerate(batch):  # right padding: a causal model ignores it
-                ids[r, : len(seq)] = torch.tensor(seq)
-            logits = loaded.model(input_ids=ids.to(loaded.device), use_cache=False).logits
-            for r, (seq, first) in enumerate(batch):
-                targets = ids[r, first : len(seq)].to(logits.device)
-                logp = torch.log_softmax(logits[r, first - 1 : len(seq) - 1].float(), dim=-1)
-                accuracy.append(float((logp.argmax(-1) == targets).float().mean()))
-                loss.append(float(-logp.gather(-1, targets[:, None]).mean()))
+        results = run_contexts(loaded, reader.hook, reader.rules, sequences,
+                               batch_size=CONTINUATION_BATCH, with_lm=True)  # fmt: skip
+        for res in results:
+            assert res.logits is not None  # with_lm=True
+            seq, first = sequences[res.index], firsts[res.index]
+            targets = torch.tensor(seq[first:], device=res.logits.device)
+            logp = torch.log_softmax(res.logits[first - 1 : len(seq) - 1].float(), dim=-1)
+            accuracy[res.index] = float((logp.argmax(-1) == targets).float().mean())
+            loss[res.index] = float(-logp.gather(-1, targets[:, None]).mean())
     return accuracy, loss
 
 
@@ -175,7 +179,7 @@ def held_out_pairs(
         other = pool[:other_n]
     return HeldOutPairs(
         clean, perturb(clean, shift, seed), [str(d.label) for d in docs], other,
-        cut_continuations(clean, shift, seed),
+        cut_continuations(clean, typo_rate(shift), seed),
     )  # fmt: skip
 
 

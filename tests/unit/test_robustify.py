@@ -177,7 +177,7 @@ def test_the_continuation_check_scores_the_clean_continuation_after_the_prefix(t
 
     cfg, _ = tiny_job
     words = [f"word{i}" for i in range(PREFIX_WORDS + CONTINUATION_WORDS + 5)]
-    cut = cut_continuations([" ".join(words), "too short"], "typos:0.5", seed=0)
+    cut = cut_continuations([" ".join(words), "too short"], 0.5, seed=0)
     assert cut.clean_prefix == [" ".join(words[:PREFIX_WORDS])]  # the short text is left out
     assert cut.continuation == [" ".join(words[PREFIX_WORDS : PREFIX_WORDS + CONTINUATION_WORDS])]
     assert cut.perturbed_prefix[0] != cut.clean_prefix[0]
