@@ -27,12 +27,11 @@ import tempfile
 import time
 
 import torch
-from timing import timed
+from timing import sae_train_step, timed
 
 from saeguard.devices import describe_device
-from saeguard.sae import SAEConfig, create_sae
+from saeguard.sae import SAEConfig, SparseAutoencoder, create_sae
 from saeguard.sae.registry import ARCHITECTURES, make_sae_config
-from saeguard.train.optim import SaeOptimizer, default_lr
 
 FP32_TOLERANCE = 1e-3
 """Relative loss difference GPU fp32 vs CPU float64 above which the check fails."""
@@ -40,7 +39,7 @@ BF16_TOLERANCE = 5e-2
 """The same under bfloat16 autocast."""
 
 
-def make(architecture: str, d: int, d_sae: int, k: int) -> torch.nn.Module:
+def make(architecture: str, d: int, d_sae: int, k: int) -> SparseAutoencoder:
     torch.manual_seed(0)
     cfg: SAEConfig = make_sae_config(architecture, strict=False, d_in=d, d_sae=d_sae, k=k)
     return create_sae(cfg)
@@ -48,21 +47,8 @@ def make(architecture: str, d: int, d_sae: int, k: int) -> torch.nn.Module:
 
 def step_fn(sae, x: torch.Tensor, autocast: bool):  # type: ignore[no-untyped-def]
     """One training step of the default optimiser (sign-SGD + schedule-free)."""
-    lr = default_lr("signsgd", sae.cfg.d_sae)
-    opt = SaeOptimizer(sae, "signsgd", lr, True)
-    kind = x.device.type
-
-    def step() -> torch.Tensor:
-        with torch.autocast(kind, dtype=torch.bfloat16, enabled=autocast):
-            out = sae.training_step(x, None, 1.0)
-        opt.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_decoder_grad_()
-        opt.step(lr)
-        sae.normalize_decoder_()
-        return out.loss.detach()
-
-    return step
+    step = sae_train_step(sae, x)
+    return lambda: step(autocast)
 
 
 def first_loss(sae, x: torch.Tensor, autocast: bool) -> tuple[float, bool]:  # type: ignore[no-untyped-def]

@@ -24,12 +24,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import timed
+from timing import sae_train_step, timed
 
-from saeguard.devices import autocast_device_type, describe_device, resolve_device
+from saeguard.devices import describe_device, resolve_device
 from saeguard.jobs.planning import cpu_flags
 from saeguard.sae import SAEConfig, create_sae
-from saeguard.train.optim import SaeOptimizer, default_lr
 
 
 def quality(acts: str, tokens: int, out: Path) -> dict[str, tuple[float, float]]:
@@ -86,20 +85,7 @@ def main() -> None:
     def saeguard_step(optimizer: str, schedule_free: bool, on=device):  # type: ignore[no-untyped-def]
         sae = create_sae(SAEConfig(architecture="topk", d_in=d, d_sae=d_sae, k=k, aux_coef=0))
         sae.to(on)
-        inputs = x if on == device else x_cpu
-        lr = default_lr(optimizer, d_sae)
-        opt = SaeOptimizer(sae, optimizer, lr, schedule_free)  # type: ignore[arg-type]
-
-        def step(autocast: bool = False) -> None:
-            with torch.autocast(autocast_device_type(on), dtype=torch.bfloat16, enabled=autocast):
-                out = sae.training_step(inputs, None, 1.0)
-            opt.zero_grad()
-            out.loss.backward()
-            sae.remove_parallel_decoder_grad_()
-            opt.step(lr)
-            sae.normalize_decoder_()
-
-        return step
+        return sae_train_step(sae, x if on == device else x_cpu, optimizer, schedule_free)
 
     default = saeguard_step("signsgd", True)
     adam = saeguard_step("adam", False)
