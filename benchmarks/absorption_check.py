@@ -133,8 +133,7 @@ def main() -> None:
 def plant(sae, acts, letters, test, details, cfg, fraction, base_values) -> None:  # noqa: ANN001
     # The metric's own probe (the same fit on the same activations: deterministic).
     x_train = acts[~test]
-    scale = float(x_train.norm(dim=-1).median().clamp_min(1e-12))
-    probe = fit_letter_probe((x_train / scale).numpy(), letters[~test], cfg.seed, cfg.probe_c)
+    probe = fit_letter_probe(x_train, letters[~test], cfg.seed, cfg.probe_c)
     classes = list(probe.classes_)
     counted = {string.ascii_lowercase.index(e["letter"]): e for e in details["letters"]
                if e["counted"]}  # fmt: skip

@@ -171,8 +171,7 @@ def test_planted_absorption_scores_above_its_controls() -> None:
     x_test, y_test = _letter_words(21, 0, d, seed=1)
     x, y = torch.cat([x_train, x_test]), np.concatenate([y_train, y_test])
     base = _letter_sae(d, planted=False)
-    scale = float(x_train.norm(dim=-1).median())
-    probe = fit_letter_probe((x_train / scale).numpy(), y_train, cfg.seed, cfg.probe_c)
+    probe = fit_letter_probe(x_train, y_train, cfg.seed, cfg.probe_c)
     directions = {c: probe.coef_[i] for i, c in enumerate(probe.classes_)}
     mains = {c: [c] for c in range(26)}
     chosen = np.flatnonzero(np.arange(len(y)) % 3 == 0)
