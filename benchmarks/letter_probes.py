@@ -39,8 +39,11 @@ def report(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
     probe = LogisticRegression(C=c, max_iter=5000, class_weight="balanced", random_state=0)
     predicted = probe.fit(x_train, y_train).predict(x_test)
     f1 = [f1_score(y_test == k, predicted == k, zero_division=0) for k in sorted(set(y_test))]
-    print(f"   {name:36s} letters with F1 > 0.6: {sum(f > 0.6 for f in f1):2d}/{len(f1)}   "
-          f"median F1 {np.median(f1):.2f}   accuracy {np.mean(predicted == y_test):.2f}")  # fmt: skip
+    passed, accuracy = sum(f > 0.6 for f in f1), np.mean(predicted == y_test)
+    print(
+        f"   {name:36s} letters with F1 > 0.6: {passed:2d}/{len(f1)}   "
+        f"median F1 {np.median(f1):.2f}   accuracy {accuracy:.2f}"
+    )
 
 
 def main() -> None:
@@ -53,7 +56,8 @@ def main() -> None:
     subject = load_subject(args.sae)
     tokenizer = subject.loaded.tokenizer
     words = vocabulary_words(tokenizer, cfg.words, cfg.seed)
-    prompts = word_prompts(tokenizer, words, cfg.icl_examples, cfg.seed, subject.source.spec.start_id)
+    start_id = subject.source.spec.start_id
+    prompts = word_prompts(tokenizer, words, cfg.icl_examples, cfg.seed, start_id)
     y = np.array([letter_of(w) for w, _ in words])
     test = held_out_words(len(words), cfg)
     hooks = [f"resid_post.{n}" for n in args.layers.split(",")] if args.layers else [subject.hook]
