@@ -341,3 +341,29 @@ def test_the_eval_schema_names_exactly_the_registered_evals() -> None:
     schema = json.loads(EVAL_SCHEMA.read_text(encoding="utf-8"))
     metric = schema["properties"]["metrics"]["additionalProperties"]["properties"]
     assert metric["eval"]["enum"] == list(EVALS)
+
+
+def test_the_letter_probe_is_fitted_centred_so_a_huge_constant_dimension_hides_nothing() -> None:
+    # Gemma-3-270M's residual has one near-constant dimension with ~95% of the norm. Divided by
+    # the median norm alone, the letter directions shrank ~300x against the regularisation and no
+    # letter's probe passed; the probe centres first, which leaves its directions unchanged.
+    from sklearn.linear_model import LogisticRegression
+
+    from saeguard.evals.absorption import fit_letter_probe
+
+    d = 32
+    x_train, y_train = _letter_words(8, 0, d, seed=0)
+    x_test, y_test = _letter_words(4, 0, d, seed=1)
+    offset = torch.zeros(d)
+    offset[d - 1] = 1000.0
+    probe = fit_letter_probe(x_train + offset, y_train, seed=0)
+    assert (probe.predict(x_test + offset) == y_test).mean() > 0.95
+    plain = fit_letter_probe(x_train, y_train, seed=0)
+    cosines = (probe.coef_ * plain.coef_).sum(1) / (
+        np.linalg.norm(probe.coef_, axis=1) * np.linalg.norm(plain.coef_, axis=1)
+    )
+    assert cosines.min() > 0.99  # the offset changes nothing about the letter directions
+    scale = float((x_train + offset).norm(dim=-1).median())  # the old frame: one number only
+    old = LogisticRegression(C=10.0, max_iter=5000, class_weight="balanced", random_state=0)
+    old.fit(((x_train + offset) / scale).numpy(), y_train)
+    assert (old.predict(((x_test + offset) / scale).numpy()) == y_test).mean() < 0.5
